@@ -1,0 +1,99 @@
+"""Store rows to API messages, and resource names to ids."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from orchestrator import store
+from roundhouse.v1 import job_pb2
+
+_JOB_NAME = re.compile(r"^(?:jobs/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
+
+
+def job_id_from_name(name: str) -> str | None:
+    """"jobs/{id}" or a bare id; None if it cannot name a job."""
+    match = _JOB_NAME.match(name or "")
+    return match.group(1) if match and len(match.group(1)) <= 63 else None
+
+
+def job_state_to_proto(state: str | None) -> int:
+    return job_pb2.JobState.Value(f"JOB_STATE_{state}") if state else job_pb2.JOB_STATE_UNSPECIFIED
+
+
+def job_state_from_proto(value: int) -> store.JobState:
+    return store.JobState(job_pb2.JobState.Name(value).removeprefix("JOB_STATE_"))
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def attempt_to_proto(attempt: store.Attempt) -> job_pb2.Attempt:
+    return job_pb2.Attempt(
+        number=attempt.number,
+        state=job_pb2.AttemptState.Value(f"ATTEMPT_STATE_{attempt.state}"),
+        layout=job_pb2.Layout(tp=attempt.tp, pp=attempt.pp, dp=attempt.dp),
+        world_size=attempt.world_size,
+        start_step=attempt.start_step,
+        create_time=timestamp(attempt.create_time),
+        end_time=timestamp(attempt.end_time),
+        end_reason=attempt.end_reason,
+    )
+
+
+def job_to_proto(job: store.Job) -> job_pb2.Job:
+    return job_pb2.Job(
+        name=job.resource_name,
+        uid=job.uid,
+        spec=json_format.ParseDict(job.spec, job_pb2.JobSpec()),
+        state=job_state_to_proto(job.state),
+        state_reason=job.state_reason,
+        state_message=job.state_message,
+        owner=job.owner,
+        current_step=job.current_step,
+        total_steps=job.total_steps,
+        last_loss=job.last_loss,
+        tokens_per_second=job.tokens_per_second,
+        restart_count=job.restart_count,
+        cancel_requested=job.cancel_requested,
+        attempts=[attempt_to_proto(a) for a in job.attempts],
+        create_time=timestamp(job.create_time),
+        update_time=timestamp(job.update_time),
+        start_time=timestamp(job.start_time),
+        end_time=timestamp(job.end_time),
+    )
+
+
+def event_to_proto(event: store.Event) -> job_pb2.Event:
+    return job_pb2.Event(
+        id=event.id,
+        attempt=event.attempt or 0,
+        type=event.type,
+        from_state=job_state_to_proto(event.from_state),
+        to_state=job_state_to_proto(event.to_state),
+        reason=event.reason,
+        message=event.message,
+        create_time=timestamp(event.create_time),
+    )
+
+
+def metric_to_proto(metric: store.Metric) -> job_pb2.MetricPoint:
+    return job_pb2.MetricPoint(
+        step=metric.step,
+        attempt=metric.attempt,
+        rank=metric.rank,
+        loss=metric.loss,
+        val_loss=metric.val_loss,
+        tokens_per_second=metric.tokens_per_second,
+        memory_bytes=metric.memory_bytes,
+        learning_rate=metric.learning_rate,
+        time=timestamp(metric.time),
+    )

@@ -1,0 +1,221 @@
+"""roundhouse.v1.JobService: what users call. Handlers validate at the edge, write durable intent, and
+wake the reconciler; they never launch or stop ranks themselves."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+
+import grpc
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.api import convert
+from orchestrator.api.errors import abort_field, abort_invalid
+from orchestrator.auth import UserTokens, bearer_token
+from orchestrator.launcher import AttemptRef, Launcher
+from orchestrator.lifecycle import record_event
+from orchestrator.spec import FieldViolation, SpecError, spec_from_proto
+from orchestrator.store import AttemptState, Database, Event, Job, JobLabel, JobState, Metric
+from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+WATCH_POLL_SECONDS = 0.25
+WATCH_BATCH = 1000
+
+
+class JobService(job_service_pb2_grpc.JobServiceServicer):
+    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[], None]):
+        self.db = db
+        self.users = users
+        self.launcher = launcher
+        self.wake_reconciler = wake_reconciler
+
+    # -- CreateJob ---------------------------------------------------------------------------------------
+
+    def CreateJob(self, request, context):
+        if not request.HasField("spec"):
+            abort_field(context, "spec", "required")
+        try:
+            spec = spec_from_proto(request.spec)
+        except SpecError as exc:
+            abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in exc.violations])
+        principal = self.users.lookup(bearer_token(context.invocation_metadata()))
+        job = Job(
+            name=spec.name, uid=str(uuid.uuid4()), spec=spec.model_dump(mode="json", exclude_none=True),
+            state=JobState.QUEUED, owner=principal.user if principal else "", total_steps=spec.training.steps,
+            max_restarts=spec.restart_policy.max_restarts,
+            labels=[JobLabel(key=k, value=v) for k, v in spec.labels.items()], attempts=[])
+        try:
+            with self.db.session() as session:
+                if session.get(Job, spec.name) is not None:
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
+                session.add(job)
+                session.flush()
+                session.add(Event(job_name=job.name, type="StateChanged", to_state=JobState.QUEUED,
+                                  reason="Created", message=f"submitted by {job.owner or 'unknown'}",
+                                  create_time=job.create_time))
+                created = convert.job_to_proto(job)
+        except IntegrityError:  # lost a race with a concurrent create of the same name
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
+        self.wake_reconciler()
+        return created
+
+    # -- GetJob / ListJobs -------------------------------------------------------------------------------
+
+    def GetJob(self, request, context):
+        with self.db.read() as session:
+            return convert.job_to_proto(self._get(session, request.name, context))
+
+    def ListJobs(self, request, context):
+        if request.page_size < 0:
+            abort_field(context, "page_size", "must not be negative")
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        filter_key = _filter_key(request)
+        query = select(Job).order_by(Job.create_time.desc(), Job.name.desc()).limit(page_size + 1)
+        if request.states:
+            query = query.where(Job.state.in_([convert.job_state_from_proto(s) for s in request.states]))
+        for key, value in sorted(request.labels.items()):
+            query = query.where(exists().where(and_(JobLabel.job_name == Job.name, JobLabel.key == key,
+                                                    JobLabel.value == value)))
+        if request.page_token:
+            after = _decode_page_token(request.page_token, filter_key)
+            if after is None:
+                abort_field(context, "page_token", "not a token from a ListJobs call with the same filter")
+            created, name = after
+            query = query.where(or_(Job.create_time < created, and_(Job.create_time == created, Job.name < name)))
+        with self.db.read() as session:
+            jobs = session.scalars(query).all()
+            response = job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs[:page_size]])
+        if len(jobs) > page_size:
+            last = jobs[page_size - 1]
+            response.next_page_token = _encode_page_token(last.create_time, last.name, filter_key)
+        return response
+
+    # -- CancelJob ---------------------------------------------------------------------------------------
+
+    def CancelJob(self, request, context):
+        with self.db.session() as session:
+            job = self._get(session, request.name, context)
+            if JobState(job.state).terminal:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"job {job.resource_name} already ended ({job.state}); nothing to cancel")
+            if not job.cancel_requested:
+                job.cancel_requested = True
+                attempt = job.current_attempt
+                record_event(session, job, "CancelRequested", "CancelRequested", "cancel requested by user",
+                             attempt=attempt.number if attempt else None)
+            result = convert.job_to_proto(job)
+        self.wake_reconciler()
+        return result
+
+    # -- WatchJob ----------------------------------------------------------------------------------------
+
+    def WatchJob(self, request, context):
+        with self.db.read() as session:
+            self._get(session, request.name, context)
+        name = convert.job_id_from_name(request.name)
+        last_event = request.after_event_id
+        last_metric = self._first_metric_id(name, request.after_step)
+        last_job_version = None
+        while context.is_active():
+            with self.db.read() as session:
+                job = session.get(Job, name)
+                events = session.scalars(select(Event).where(Event.job_name == name, Event.id > last_event)
+                                         .order_by(Event.id).limit(WATCH_BATCH)).all()
+                metrics = session.scalars(select(Metric).where(Metric.job_name == name, Metric.id > last_metric)
+                                          .order_by(Metric.id).limit(WATCH_BATCH)).all()
+                version = (job.update_time, job.current_step, job.state)
+                if events or metrics or version != last_job_version:
+                    yield job_service_pb2.JobUpdate(
+                        job=convert.job_to_proto(job),
+                        events=[convert.event_to_proto(e) for e in events],
+                        metrics=[convert.metric_to_proto(m) for m in metrics])
+                last_event = events[-1].id if events else last_event
+                last_metric = metrics[-1].id if metrics else last_metric
+                last_job_version = version
+                finished = JobState(job.state).terminal and len(events) < WATCH_BATCH and len(metrics) < WATCH_BATCH
+            if finished:
+                return
+            time.sleep(WATCH_POLL_SECONDS)
+
+    def _first_metric_id(self, name: str, after_step: int) -> int:
+        """Metric ids are the stream's cursor; start before the first point past `after_step`."""
+        with self.db.read() as session:
+            if after_step < 0:
+                return session.scalar(select(Metric.id).where(Metric.job_name == name)
+                                      .order_by(Metric.id.desc()).limit(1)) or 0
+            first = session.scalar(select(Metric.id).where(Metric.job_name == name, Metric.step > after_step)
+                                   .order_by(Metric.id).limit(1))
+            return first - 1 if first else (session.scalar(select(Metric.id).order_by(Metric.id.desc()).limit(1))
+                                            or 0)
+
+    # -- StreamLogs --------------------------------------------------------------------------------------
+
+    def StreamLogs(self, request, context):
+        with self.db.read() as session:
+            job = self._get(session, request.name, context)
+            if not job.attempts:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {job.resource_name} has not launched yet")
+            if request.attempt:
+                attempt = next((a for a in job.attempts if a.number == request.attempt), None)
+                if attempt is None:
+                    abort_field(context, "attempt", f"job has no attempt {request.attempt}")
+            else:
+                attempt = job.current_attempt
+            if not 0 <= request.rank < attempt.world_size:
+                abort_field(context, "rank", f"must be in [0, {attempt.world_size}) for attempt {attempt.number}")
+            ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
+
+        def attempt_ended() -> bool:
+            if not context.is_active():
+                return True
+            with self.db.read() as session:
+                job = session.get(Job, ref.job)
+                current = next(a for a in job.attempts if a.number == ref.attempt)
+                return AttemptState(current.state).terminal or JobState(job.state).terminal
+
+        for text in self.launcher.logs(ref, request.rank, request.follow, attempt_ended):
+            yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=text)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _get(self, session, name: str, context) -> Job:
+        job_id = convert.job_id_from_name(name)
+        if job_id is None:
+            abort_field(context, "name", f"{name!r} is not a job name (\"jobs/{{job_id}}\")")
+        job = session.get(Job, job_id)
+        if job is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job jobs/{job_id} not found")
+        return job
+
+
+def _join(prefix: str, field: str) -> str:
+    return f"{prefix}.{field}" if field else prefix
+
+
+def _filter_key(request: job_service_pb2.ListJobsRequest) -> str:
+    states = sorted(job_pb2.JobState.Name(s) for s in request.states)
+    text = json.dumps([states, sorted(request.labels.items()), request.page_size])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _encode_page_token(created: datetime, name: str, filter_key: str) -> str:
+    raw = json.dumps({"t": created.isoformat(), "n": name, "f": filter_key})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_page_token(token: str, filter_key: str) -> tuple[datetime, str] | None:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if data["f"] != filter_key:
+            return None
+        return datetime.fromisoformat(data["t"]), str(data["n"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,145 @@
+"""Bearer tokens. Users' tokens guard the JobService; each job has its own token for its ranks, which
+guards the TrainerService. Only SHA-256 digests are stored."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from sqlalchemy import select
+
+from orchestrator.config import token_file
+from orchestrator.store import ApiToken, Database, ServerSecret
+
+# Calls any client may make: health checks and reflection (what grpcurl and load balancers use).
+PUBLIC_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+TRAINER_SERVICE_PREFIX = "/roundhouse.v1.TrainerService/"
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def tokens_match(token: str, expected_digest: str) -> bool:
+    return hmac.compare_digest(digest(token), expected_digest)
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: str
+    role: str
+
+
+def bearer_token(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value.removeprefix("Bearer ").strip() or None
+    return None
+
+
+def rank_credential_key(db: Database) -> bytes:
+    """The key that derives every job's rank credential; made once, kept in the database."""
+    with db.session() as session:
+        row = session.get(ServerSecret, "rank-credential-key")
+        if row is None:
+            row = ServerSecret(name="rank-credential-key", value=secrets.token_hex(32))
+            session.add(row)
+        return bytes.fromhex(row.value)
+
+
+def job_token(key: bytes, job_uid: str, attempt: int) -> str:
+    """The credential the ranks of one attempt present. Derived, not stored: the launcher can hand it out
+    again after a control-plane restart, and it is worthless for any other job or attempt."""
+    return hmac.new(key, f"{job_uid}/{attempt}".encode(), hashlib.sha256).hexdigest()
+
+
+def ensure_admin_token(db: Database, home: Path) -> None:
+    """First start of the embedded default: create an admin token and leave it where the CLI looks.
+
+    Idempotent: a server restarted on the same database and home keeps the token it had."""
+    path = token_file(home)
+    with db.session() as session:
+        if session.scalar(select(ApiToken.id).limit(1)) is not None:
+            return
+        token = new_token()
+        session.add(ApiToken(user="admin", role="admin", token_hash=digest(token)))
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.replace(tmp, path)
+
+
+class UserTokens:
+    """Looks up which user a token belongs to. Known tokens are remembered for a few seconds, since every
+    call checks its token."""
+
+    CACHE_SECONDS = 10.0
+
+    def __init__(self, db: Database):
+        self._db = db
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    def lookup(self, token: str | None) -> Principal | None:
+        if not token:
+            return None
+        key = digest(token)
+        cached = self._cache.get(key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        with self._db.read() as session:
+            row = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
+            if row is None:
+                return None
+            principal = Principal(row.user, row.role)
+        self._cache[key] = (time.monotonic() + self.CACHE_SECONDS, principal)
+        return principal
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Rejects JobService calls without a valid user token before they reach a servicer.
+
+    TrainerService calls need a token too; the servicer checks it against the job named in the request."""
+
+    def __init__(self, users: UserTokens):
+        self._users = users
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(PUBLIC_SERVICE_PREFIXES):
+            return continuation(handler_call_details)
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if token is not None and method.startswith(TRAINER_SERVICE_PREFIX):
+            return continuation(handler_call_details)
+        if self._users.lookup(token) is not None:
+            return continuation(handler_call_details)
+        return _deny(continuation(handler_call_details))
+
+
+def _deny(handler):
+    message = "a valid bearer token is required (metadata 'authorization: Bearer <token>')"
+
+    def abort(_request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:
+        return None
+    if handler.request_streaming or handler.response_streaming:
+        if handler.response_streaming and not handler.request_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                abort, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        raise NotImplementedError("client-streaming methods are not part of the API")
+    return grpc.unary_unary_rpc_method_handler(
+        abort, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

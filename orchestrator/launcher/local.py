@@ -1,0 +1,221 @@
+"""Runs each rank of an attempt as a local process.
+
+Each rank runs under a small shell wrapper that writes the rank's pid when it starts and its exit code
+when it ends, in the attempt's run directory. The files, not this process's memory, are the record: a
+control plane killed with -9 and started again finds its ranks still running, or learns how they ended.
+Each rank leads its own process group, so stopping a rank also stops whatever it spawned."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
+
+# $1: pid file, $2: exit-code file, the rest: the rank's command.
+_WRAPPER = 'echo $$ > "$1"; p="$1"; e="$2"; shift 2; "$@"; c=$?; echo $c > "$e.tmp"; mv "$e.tmp" "$e"; exit $c'
+LOG_POLL_SECONDS = 0.2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a process (to tell it from a later process that reused its pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    if fields[0] == "Z":  # exited, not yet reaped
+        return None
+    return int(fields[19])
+
+
+class LocalLauncher:
+    def __init__(self, runs_dir: Path, python: str = sys.executable):
+        self.runs_dir = runs_dir
+        self.python = python
+        # Our own children, kept only to reap them; the files stay the record.
+        self._children: dict[int, subprocess.Popen] = {}
+
+    def attempt_dir(self, job: str, attempt: int) -> Path:
+        return self.runs_dir / job / f"attempt-{attempt}"
+
+    def log_path(self, job: str, attempt: int, rank: int) -> Path:
+        return self.attempt_dir(job, attempt) / f"rank-{rank}.log"
+
+    # -- Launcher protocol -------------------------------------------------------------------------------
+
+    def launch(self, request: LaunchRequest) -> dict[str, Any]:
+        directory = self.attempt_dir(request.job, request.attempt)
+        record = directory / "launch.json"
+        if record.exists():
+            info = json.loads(record.read_text())
+            if self._all_alive_or_ended(info):
+                return info  # already launched: adopt, never launch twice
+        # A launch interrupted half-way (or never started): clear what it left and start the gang afresh.
+        self._kill_recorded(directory, request.world_size)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("rank-*.*"):
+            stale.unlink()
+        spec_file = directory / "spec.json"
+        spec_file.write_text(request.spec.model_dump_json())
+        port = _free_port()
+        ranks = []
+        for rank in range(request.world_size):
+            env = self._rank_env(request, rank, port, spec_file, directory)
+            pid_file, exit_file = directory / f"rank-{rank}.pid", directory / f"rank-{rank}.exit"
+            with open(self.log_path(request.job, request.attempt, rank), "ab") as log:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", _WRAPPER, "rank-wrapper", str(pid_file), str(exit_file),
+                     self.python, "-m", "trainers"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, cwd=directory)
+            self._children[proc.pid] = proc
+            ranks.append({"rank": rank, "pid": proc.pid, "start_time": _process_start_time(proc.pid)})
+        info = {"dir": str(directory), "master_port": port, "ranks": ranks}
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, record)
+        return info
+
+    def status(self, ref: AttemptRef) -> AttemptStatus:
+        info = ref.launch_info
+        if not info.get("ranks"):
+            return AttemptStatus(Phase.PENDING)
+        directory = Path(info["dir"])
+        failures: list[tuple[float, str]] = []
+        running = 0
+        for rank in info["ranks"]:
+            # Liveness first: the wrapper writes the exit file before it exits, so a rank seen dead here
+            # either has its exit file or was killed.
+            alive = self._alive(rank)
+            exit_file = directory / f"rank-{rank['rank']}.exit"
+            if exit_file.exists():
+                code = int(exit_file.read_text().strip() or -1)
+                if code != 0:
+                    failures.append((exit_file.stat().st_mtime, f"rank {rank['rank']} exited with code {code}"))
+            elif alive:
+                running += 1
+            else:
+                failures.append((time.time(), f"rank {rank['rank']} is gone without an exit status (killed)"))
+        if failures:
+            # The rank that failed first is the cause; the others usually fail because it did.
+            return AttemptStatus(Phase.FAILED, "RankFailed", min(failures)[1])
+        if running:
+            return AttemptStatus(Phase.RUNNING)
+        return AttemptStatus(Phase.SUCCEEDED)
+
+    def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
+        ranks = [r for r in ref.launch_info.get("ranks", []) if self._alive(r)]
+        for rank in ranks:
+            self._signal_group(rank, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while ranks and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ranks = [r for r in ranks if self._alive(r)]
+        for rank in ranks:
+            self._signal_group(rank, signal.SIGKILL)
+        for rank in ref.launch_info.get("ranks", []):
+            self._reap(rank["pid"], wait=True)
+
+    def logs(self, ref: AttemptRef, rank: int, follow: bool,
+             attempt_ended: Callable[[], bool]) -> Iterator[str]:
+        path = self.log_path(ref.job, ref.attempt, rank)
+        position = 0
+        while True:
+            ended = attempt_ended()  # read before the file, so nothing written after is missed
+            if path.exists():
+                with open(path, "rb") as f:
+                    f.seek(position)
+                    data = f.read()
+                position += len(data)
+                if data:
+                    yield data.decode("utf-8", errors="replace")
+            if not follow or ended:
+                return
+            time.sleep(LOG_POLL_SECONDS)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _rank_env(self, request: LaunchRequest, rank: int, port: int, spec_file: Path,
+                  directory: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(request.spec.env)
+        env.update({
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(request.world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(request.world_size),
+            "ROUNDHOUSE_SERVER": request.server_address,
+            "ROUNDHOUSE_JOB": f"jobs/{request.job}",
+            "ROUNDHOUSE_ATTEMPT": str(request.attempt),
+            "ROUNDHOUSE_JOB_TOKEN": request.job_token,
+            "ROUNDHOUSE_SPEC_FILE": str(spec_file),
+            "ROUNDHOUSE_RUN_DIR": str(directory),
+            "ROUNDHOUSE_START_STEP": str(request.start_step),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def _alive(self, rank: dict[str, Any]) -> bool:
+        self._reap(rank["pid"])
+        started = _process_start_time(rank["pid"])
+        return started is not None and started == rank["start_time"]
+
+    def _all_alive_or_ended(self, info: dict[str, Any]) -> bool:
+        directory = Path(info["dir"])
+        return all(self._alive(r) or (directory / f"rank-{r['rank']}.exit").exists() for r in info["ranks"])
+
+    def _kill_recorded(self, directory: Path, world_size: int) -> None:
+        """Kills ranks whose wrapper recorded a pid but whose launch never finished being recorded."""
+        for rank in range(world_size):
+            pid_file = directory / f"rank-{rank}.pid"
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (FileNotFoundError, ValueError):
+                continue
+            if _process_start_time(pid) is not None and "rank-wrapper" in _cmdline(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _signal_group(self, rank: dict[str, Any], sig: int) -> None:
+        try:
+            os.killpg(rank["pid"], sig)  # the wrapper leads the group: pgid == its pid
+        except ProcessLookupError:
+            pass
+
+    def _reap(self, pid: int, wait: bool = False) -> None:
+        proc = self._children.get(pid)
+        if proc is None:
+            return
+        try:
+            done = proc.wait(timeout=5) if wait else proc.poll()
+        except subprocess.TimeoutExpired:
+            return
+        if done is not None:
+            del self._children[pid]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

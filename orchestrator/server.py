@@ -1,0 +1,131 @@
+"""The control plane process: gRPC API (with health and reflection), the status page over HTTP, and the
+reconciler, all over one database."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator import config
+from orchestrator.api.job_service import JobService
+from orchestrator.api.trainer_service import TrainerService
+from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
+from orchestrator.dashboard import create_app
+from orchestrator.launcher.local import LocalLauncher
+from orchestrator.reconciler import Reconciler, ReconcilerSettings
+from orchestrator.store import Database, migrate
+from roundhouse.v1 import job_service_pb2, job_service_pb2_grpc, trainer_service_pb2, trainer_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    home: Path
+    db_url: str | None = None
+    host: str = "127.0.0.1"
+    grpc_port: int = config.DEFAULT_GRPC_PORT
+    http_port: int = config.DEFAULT_HTTP_PORT
+    launcher: str = "local"
+    # Off only for benchmarks of the API alone: jobs are recorded but never launched.
+    reconcile: bool = True
+    reconciler: ReconcilerSettings = ReconcilerSettings()
+
+
+class ControlPlane:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.db_url or config.default_db_url(settings.home))
+        self.grpc_server: grpc.Server | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self.reconciler: Reconciler | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.settings.host}:{self.grpc_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.settings.host}:{self.http_port}/"
+
+    def start(self) -> None:
+        migrate(self.db)
+        ensure_admin_token(self.db, self.settings.home)
+        credential_key = rank_credential_key(self.db)
+        if self.settings.launcher != "local":
+            raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local)")
+        launcher = LocalLauncher(self.settings.home / "runs")
+        users = UserTokens(self.db)
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+                             interceptors=[AuthInterceptor(users)])
+        self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")
+        self.reconciler = Reconciler(self.db, launcher, credential_key, self.grpc_address, self.settings.reconciler)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(self.db, users, launcher, self.reconciler.wake), server)
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerService(self.db, credential_key), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        services = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+                    trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name)
+        reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.start()
+        self.grpc_server = server
+
+        self._start_http()
+        if self.settings.reconcile:
+            self.reconciler.start()
+        for name in ("", *services):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _start_http(self) -> None:
+        app = create_app(self.db)
+        self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
+                                                   log_level="warning", lifespan="off"))
+        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._http_thread.start()
+        while not self._http.started and self._http_thread.is_alive():
+            threading.Event().wait(0.02)
+        if not self._http.started:
+            raise OSError(f"cannot serve HTTP on {self.settings.host}:{self.settings.http_port}")
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        """Stops serving. Running jobs keep running: a control plane started later adopts them."""
+        if self.reconciler:
+            self.reconciler.stop()
+        if self.grpc_server:
+            self.grpc_server.stop(grace=2).wait()
+        if self._http:
+            self._http.should_exit = True
+            self._http_thread.join(timeout=5)
+        self.db.dispose()
+
+
+def run_server(settings: ServerSettings) -> None:
+    """Runs the control plane until SIGINT or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plane = ControlPlane(settings)
+    plane.start()
+    print(f"Roundhouse control plane: gRPC on {plane.grpc_address}, dashboard at {plane.dashboard_url}", flush=True)
+    print(f"Database: {plane.db.url.split('@')[-1]}; admin token in {config.token_file(settings.home)}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    plane.stop()

@@ -1,0 +1,239 @@
+"""The job spec: what users write as YAML and send as a `roundhouse.v1.JobSpec` message.
+
+`parse_spec` is the one gate every spec passes through (CLI, gRPC, tests). It returns a normalised spec with
+every default filled in, or raises `SpecError` listing each offending field by its path and a reason, so
+callers can reject a request before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from google.protobuf import json_format
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from roundhouse.v1 import job_pb2
+
+# RFC 1123 label: the name must also be usable for Kubernetes objects (Jobs, Services, pods).
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes label keys ("prefix/name") and values.
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set by the launcher for every rank; a job may not override them.
+RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+RESERVED_ENV_PREFIX = "ROUNDHOUSE_"
+
+# Upper bounds that no real job reaches; past them a number is a typo, not a plan.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 1 << 17
+MAX_HEADS = 1024
+MAX_SEQ = 1 << 20
+MAX_VOCAB = 1 << 21
+MAX_PARALLEL = 1 << 16
+MAX_STEPS = 10**8
+MAX_BATCH = 1 << 24
+MAX_RESTARTS = 1000
+BYTE_VOCAB = 256
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    layers: int = Field(2, ge=1, le=MAX_LAYERS)
+    hidden_size: int = Field(64, ge=1, le=MAX_HIDDEN)
+    heads: int = Field(4, ge=1, le=MAX_HEADS)
+    seq_length: int = Field(64, ge=1, le=MAX_SEQ)
+    vocab_size: int = Field(BYTE_VOCAB, ge=BYTE_VOCAB, le=MAX_VOCAB)
+
+
+class ParallelismSpec(_Section):
+    tp: int = Field(1, ge=1, le=MAX_PARALLEL)
+    pp: int = Field(1, ge=1, le=MAX_PARALLEL)
+    dp: int = Field(1, ge=1, le=MAX_PARALLEL)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class TrainingSpec(_Section):
+    steps: int = Field(100, ge=1, le=MAX_STEPS)
+    global_batch_size: int = Field(8, ge=1, le=MAX_BATCH)
+    micro_batch_size: int = Field(8, ge=1, le=MAX_BATCH)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    seed: int = Field(1234, ge=0, le=2**63 - 1)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    eval_interval: int = Field(0, ge=0, le=MAX_STEPS)
+
+
+class DataSpec(_Section):
+    path: str | None = Field(None, max_length=4096)
+
+
+class ResourcesSpec(_Section):
+    ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)
+
+
+class RestartPolicy(_Section):
+    max_restarts: int = Field(0, ge=0, le=MAX_RESTARTS)
+
+
+class CheckpointSpec(_Section):
+    directory: str | None = Field(None, max_length=4096)
+    interval: int = Field(0, ge=0, le=MAX_STEPS)
+
+
+class JobSpec(_Section):
+    name: str = Field(max_length=63)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError("must be an RFC 1123 label: lower-case letters, digits and '-', "
+                             "starting and ending with a letter or digit, at most 63 characters")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        return self.parallelism.world_size
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `violations` names each bad field (paths relative to the spec)."""
+
+    def __init__(self, violations: list[FieldViolation]):
+        self.violations = violations
+        super().__init__("; ".join(str(v) for v in violations))
+
+
+def parse_spec(data: dict[str, Any]) -> JobSpec:
+    """Validates a spec given as plain data (YAML or a proto turned to a dict) and fills its defaults."""
+    if not isinstance(data, dict):
+        raise SpecError([FieldViolation("", "a job spec must be a mapping")])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_violation_from_pydantic(err) for err in exc.errors()]) from None
+    violations = _cross_field_violations(spec)
+    if violations:
+        raise SpecError(violations)
+    if spec.resources.ranks is None:
+        spec.resources.ranks = spec.world_size
+    return spec
+
+
+def load_spec_file(path: str) -> JobSpec:
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise SpecError([FieldViolation("", f"not valid YAML: {exc}")]) from None
+    return parse_spec(data or {})
+
+
+def spec_from_proto(message: job_pb2.JobSpec) -> JobSpec:
+    unknown = _unknown_field_paths(message, "")
+    if unknown:
+        raise SpecError([FieldViolation(p, "unknown field") for p in unknown])
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return parse_spec(data)
+
+
+def spec_to_proto(spec: JobSpec) -> job_pb2.JobSpec:
+    return json_format.ParseDict(spec.model_dump(mode="json", exclude_none=True), job_pb2.JobSpec())
+
+
+def _violation_from_pydantic(err: dict[str, Any]) -> FieldViolation:
+    path = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return FieldViolation(path, "unknown field")
+    if err["type"] == "missing":
+        return FieldViolation(path, "required")
+    message = err["msg"].removeprefix("Value error, ")
+    return FieldViolation(path, message)
+
+
+def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
+    """The rules that relate fields to each other, each reported at the field a user would change."""
+    out: list[FieldViolation] = []
+    m, p, t = spec.model, spec.parallelism, spec.training
+    if m.hidden_size % m.heads:
+        out.append(FieldViolation("model.hidden_size", f"{m.hidden_size} is not divisible by model.heads={m.heads}"))
+    if m.heads % p.tp:
+        out.append(FieldViolation("model.heads", f"{m.heads} heads are not divisible by parallelism.tp={p.tp}"))
+    if m.vocab_size % p.tp:
+        out.append(FieldViolation("model.vocab_size", f"{m.vocab_size} is not divisible by parallelism.tp={p.tp}"))
+    if m.layers % p.pp:
+        out.append(FieldViolation("model.layers", f"{m.layers} layers are not divisible by parallelism.pp={p.pp}"))
+    if spec.resources.ranks is not None and spec.resources.ranks != p.world_size:
+        out.append(FieldViolation(
+            "resources.ranks",
+            f"{spec.resources.ranks} ranks, but tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {p.world_size}"))
+    if p.world_size > MAX_PARALLEL:
+        out.append(FieldViolation("parallelism", f"tp*pp*dp = {p.world_size} exceeds {MAX_PARALLEL} ranks"))
+    if t.global_batch_size % (t.micro_batch_size * p.dp):
+        out.append(FieldViolation(
+            "training.global_batch_size",
+            f"{t.global_batch_size} is not divisible by training.micro_batch_size*parallelism.dp = "
+            f"{t.micro_batch_size}*{p.dp}"))
+    if t.warmup_steps > t.steps:
+        out.append(FieldViolation("training.warmup_steps", f"{t.warmup_steps} exceeds training.steps={t.steps}"))
+    for key, value in spec.labels.items():
+        problem = _label_problem(key, value)
+        if problem:
+            out.append(FieldViolation(f"labels.{key}", problem))
+    for key in spec.env:
+        if not _ENV_NAME.match(key):
+            out.append(FieldViolation(f"env.{key}", "not a valid environment variable name"))
+        elif key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+            out.append(FieldViolation(f"env.{key}", "set by the launcher; a job may not override it"))
+    return out
+
+
+def _label_problem(key: str, value: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
+        return "label key prefix must be a DNS subdomain"
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+        return "label key must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    if value and (len(value) > 63 or not _LABEL_NAME.match(value)):
+        return "label value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    return None
+
+
+def _unknown_field_paths(message: Any, prefix: str) -> list[str]:
+    """Fields a newer client sent that this server does not know: rejected rather than silently dropped."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    paths = [f"{prefix}#{field.field_number}" for field in UnknownFieldSet(message)]
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is not None and not descriptor.message_type.GetOptions().map_entry:
+            paths += _unknown_field_paths(value, f"{prefix}{descriptor.name}.")
+    return paths

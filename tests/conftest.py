@@ -1,0 +1,77 @@
+"""Shared fixtures: a database of each kind (SQLite file; a fresh schema on the PostgreSQL server), and a
+control plane running in this process on free ports."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+
+from orchestrator.config import token_file
+from orchestrator.reconciler import ReconcilerSettings
+from orchestrator.server import ControlPlane, ServerSettings
+from roundhouse.v1 import job_service_pb2_grpc
+
+# The project's machines and CI run PostgreSQL here (trust auth, database "test").
+POSTGRES_URL = os.environ.get("ROUNDHOUSE_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: an SQLite file, or a new schema on PostgreSQL (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'roundhouse.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+class Client:
+    """The JobService stub with the admin token the control plane wrote at first start."""
+
+    def __init__(self, address: str, token: str):
+        self.address = address
+        self.token = token
+        self.channel = grpc.insecure_channel(address)
+        self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")]
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def start_plane(home: Path, db_url: str | None, reconcile: bool) -> ControlPlane:
+    plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=0, http_port=0, reconcile=reconcile,
+                                        reconciler=ReconcilerSettings(interval_seconds=0.2,
+                                                                      restart_backoff_seconds=0.2,
+                                                                      stop_grace_seconds=5)))
+    plane.start()
+    return plane
+
+
+@pytest.fixture
+def api_plane(db_url, tmp_path) -> Iterator[ControlPlane]:
+    """A control plane that records jobs but launches nothing (the reconciler is off)."""
+    plane = start_plane(tmp_path / "home", db_url, reconcile=False)
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def client(api_plane) -> Iterator[Client]:
+    c = Client(api_plane.grpc_address, token_file(api_plane.settings.home).read_text().strip())
+    yield c
+    c.close()

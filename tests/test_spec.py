@@ -1,0 +1,116 @@
+"""Validation of the job spec at the edge: every bad input is refused with the field's path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import SpecError, load_spec_file, parse_spec, spec_from_proto, spec_to_proto
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+VALID = {
+    "name": "tiny",
+    "labels": {"team": "infra", "roundhouse.io/purpose": "test"},
+    "model": {"layers": 4, "hidden_size": 64, "heads": 4, "seq_length": 32, "vocab_size": 256},
+    "parallelism": {"tp": 2, "pp": 2, "dp": 2},
+    "training": {"steps": 10, "global_batch_size": 16, "micro_batch_size": 2},
+    "resources": {"ranks": 8},
+}
+
+
+def with_change(path: str, value):
+    data = copy.deepcopy(VALID)
+    *parents, leaf = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return data
+
+
+# (a change to the valid spec, the field the error must name)
+BAD_INPUTS = [
+    pytest.param(with_change("resources.ranks", 6), "resources.ranks", id="tp*pp*dp != ranks"),
+    pytest.param(with_change("parallelism.tp", 8) | {"resources": {"ranks": 32}}, "model.heads",
+                 id="heads not divisible by tp"),
+    pytest.param(with_change("model.layers", 3), "model.layers", id="layers not divisible by pp"),
+    pytest.param(with_change("training.global_batch_size", 10), "training.global_batch_size",
+                 id="global batch not divisible by micro*dp"),
+    pytest.param(with_change("model.hidden_size", 0), "model.hidden_size", id="zero size"),
+    pytest.param(with_change("model.heads", -4), "model.heads", id="negative size"),
+    pytest.param(with_change("training.steps", 0), "training.steps", id="zero steps"),
+    pytest.param(with_change("training.learning_rate", -1.0), "training.learning_rate", id="negative lr"),
+    pytest.param(with_change("parallelism.dp", 0), "parallelism.dp", id="zero dp"),
+    pytest.param(with_change("training.steps", 10**12), "training.steps", id="absurd steps"),
+    pytest.param(with_change("model.layers", 10**12), "model.layers", id="absurd layers"),
+    pytest.param(with_change("model.hidden_size", 10**9), "model.hidden_size", id="absurd hidden size"),
+    pytest.param(with_change("model.dropout", 0.1), "model.dropout", id="unknown nested field"),
+    pytest.param(VALID | {"optimizer": "sgd"}, "optimizer", id="unknown top-level field"),
+    pytest.param(VALID | {"name": "Tiny_GPT"}, "name", id="name not a label (case, underscore)"),
+    pytest.param(VALID | {"name": "-tiny"}, "name", id="name starts with dash"),
+    pytest.param(VALID | {"name": "x" * 64}, "name", id="name too long"),
+    pytest.param({k: v for k, v in VALID.items() if k != "name"}, "name", id="name missing"),
+    pytest.param(with_change("training.lr_schedule", "exponential"), "training.lr_schedule", id="unknown schedule"),
+    pytest.param(with_change("env.RANK", "3"), "env.RANK", id="reserved env"),
+    pytest.param(with_change("labels.bad key", "x"), "labels.bad key", id="bad label key"),
+    pytest.param(with_change("training.warmup_steps", 11), "training.warmup_steps", id="warmup beyond steps"),
+]
+
+
+def test_valid_spec_is_accepted_and_filled_in():
+    spec = parse_spec(VALID)
+    assert spec.world_size == 8
+    assert spec.training.lr_schedule == "cosine"  # a default
+    assert spec.restart_policy.max_restarts == 0
+
+
+def test_ranks_default_to_layout_size():
+    spec = parse_spec({"name": "x", "parallelism": {"dp": 2}, "training": {"global_batch_size": 8,
+                                                                           "micro_batch_size": 4}})
+    assert spec.resources.ranks == 2
+
+
+@pytest.mark.parametrize(("data", "field"), BAD_INPUTS)
+def test_bad_input_names_the_field(data, field):
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert field in [v.field for v in info.value.violations], info.value.violations
+
+
+def test_every_violation_is_reported_at_once():
+    data = with_change("model.layers", 3)
+    data["training"]["global_batch_size"] = 10
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert {"model.layers", "training.global_batch_size"} <= {v.field for v in info.value.violations}
+
+
+def test_proto_round_trip_keeps_every_field():
+    spec = parse_spec(VALID)
+    assert spec_from_proto(spec_to_proto(spec)) == spec
+
+
+def test_explicit_zero_in_proto_is_rejected_not_defaulted():
+    message = spec_to_proto(parse_spec({"name": "x"}))
+    message.training.steps = 0
+    with pytest.raises(SpecError) as info:
+        spec_from_proto(message)
+    assert [v.field for v in info.value.violations] == ["training.steps"]
+
+
+def test_unknown_proto_fields_are_rejected():
+    message = spec_to_proto(parse_spec({"name": "x"}))
+    # Field 99 of ModelSpec does not exist in this server's schema: a newer client's field.
+    raw = message.SerializeToString() + b"\x1a\x03\xf8\x06\x01"  # model (3): { field 111, varint 1 }
+    parsed = type(message).FromString(raw)
+    with pytest.raises(SpecError) as info:
+        spec_from_proto(parsed)
+    assert [v.field for v in info.value.violations] == ["model.#111"]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(path):
+    load_spec_file(str(path))

@@ -1,0 +1,106 @@
+"""The store on both databases: migrations, the state machine, and events written with their change."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, select
+
+from orchestrator.lifecycle import IllegalTransition, transition
+from orchestrator.store import Database, Event, Job, JobLabel, JobState, migrate
+from orchestrator.store.models import Base
+
+
+@pytest.fixture
+def db(db_url):
+    database = Database(db_url)
+    migrate(database)
+    yield database
+    database.dispose()
+
+
+def make_job(name: str = "j1", **labels: str) -> Job:
+    return Job(name=name, uid=str(uuid.uuid4()), spec={"name": name}, state=JobState.QUEUED, total_steps=10,
+               labels=[JobLabel(key=k, value=v) for k, v in labels.items()], attempts=[])
+
+
+def test_migrations_create_exactly_the_models_schema(db):
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    tables = set(inspect(db.engine).get_table_names())
+    assert {"jobs", "attempts", "events", "metrics", "rank_status", "checkpoints", "api_tokens"} <= tables
+
+
+def test_migrate_is_idempotent(db):
+    migrate(db)  # a second server start on the same database
+    with db.read() as session:
+        assert session.scalars(select(Job)).all() == []
+
+
+def test_transition_writes_its_event_in_the_same_transaction(db):
+    with db.session() as session:
+        session.add(make_job())
+    with db.session() as session:
+        transition(session, session.get(Job, "j1"), JobState.LAUNCHING, "AttemptCreated", "attempt 1", attempt=1)
+    with db.read() as session:
+        job = session.get(Job, "j1")
+        events = session.scalars(select(Event).where(Event.job_name == "j1")).all()
+        assert job.state == JobState.LAUNCHING
+        assert [(e.from_state, e.to_state, e.reason, e.attempt) for e in events] == [
+            ("QUEUED", "LAUNCHING", "AttemptCreated", 1)]
+
+
+def test_rolled_back_transition_leaves_neither_state_nor_event(db):
+    with db.session() as session:
+        session.add(make_job())
+    with pytest.raises(RuntimeError):
+        with db.session() as session:
+            transition(session, session.get(Job, "j1"), JobState.LAUNCHING, "AttemptCreated")
+            raise RuntimeError("crash before commit")
+    with db.read() as session:
+        assert session.get(Job, "j1").state == JobState.QUEUED
+        assert session.scalars(select(Event)).all() == []
+
+
+@pytest.mark.parametrize(("start", "target"), [
+    (JobState.QUEUED, JobState.RUNNING),
+    (JobState.SUCCEEDED, JobState.RUNNING),
+    (JobState.CANCELLED, JobState.QUEUED),
+    (JobState.FAILED, JobState.RESTARTING),
+])
+def test_illegal_transitions_are_refused(db, start, target):
+    job = make_job()
+    job.state = start
+    with db.session() as session:
+        session.add(job)
+    with pytest.raises(IllegalTransition):
+        with db.session() as session:
+            transition(session, session.get(Job, "j1"), target, "Test")
+
+
+def test_terminal_transition_sets_end_time_and_running_sets_start_time(db):
+    with db.session() as session:
+        session.add(make_job())
+    with db.session() as session:
+        job = session.get(Job, "j1")
+        transition(session, job, JobState.LAUNCHING, "A")
+        transition(session, job, JobState.RUNNING, "B")
+        transition(session, job, JobState.SUCCEEDED, "C")
+    with db.read() as session:
+        job = session.get(Job, "j1")
+        assert job.start_time is not None and job.end_time is not None and job.start_time <= job.end_time
+
+
+def test_deleting_a_job_removes_its_labels_and_events(db):
+    with db.session() as session:
+        session.add(make_job(team="a"))
+    with db.session() as session:
+        transition(session, session.get(Job, "j1"), JobState.CANCELLED, "X")
+    with db.session() as session:
+        session.delete(session.get(Job, "j1"))
+    with db.read() as session:
+        assert session.scalars(select(JobLabel)).all() == []
+        assert session.scalars(select(Event)).all() == []
