@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator import store
+from orchestrator.spec import dict_to_message
 from roundhouse.v1 import job_pb2
 
 _JOB_NAME = re.compile(r"^(?:jobs/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
@@ -53,7 +53,7 @@ def job_to_proto(job: store.Job) -> job_pb2.Job:
     return job_pb2.Job(
         name=job.resource_name,
         uid=job.uid,
-        spec=json_format.ParseDict(job.spec, job_pb2.JobSpec()),
+        spec=dict_to_message(job.spec, job_pb2.JobSpec()),
         state=job_state_to_proto(job.state),
         state_reason=job.state_reason,
         state_message=job.state_message,

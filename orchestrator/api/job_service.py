@@ -13,15 +13,14 @@ from datetime import datetime
 
 import grpc
 from sqlalchemy import and_, exists, or_, select
-from sqlalchemy.exc import IntegrityError
 
 from orchestrator.api import convert
 from orchestrator.api.errors import abort_field, abort_invalid
 from orchestrator.auth import UserTokens, bearer_token
 from orchestrator.launcher import AttemptRef, Launcher
 from orchestrator.lifecycle import record_event
-from orchestrator.spec import FieldViolation, SpecError, spec_from_proto
-from orchestrator.store import AttemptState, Database, Event, Job, JobLabel, JobState, Metric
+from orchestrator.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
+from orchestrator.store import AttemptState, Database, Event, Job, JobLabel, JobState, Metric, NameTaken, NewJob, utcnow
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 50
@@ -47,25 +46,24 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in exc.violations])
         principal = self.users.lookup(bearer_token(context.invocation_metadata()))
-        job = Job(
-            name=spec.name, uid=str(uuid.uuid4()), spec=spec.model_dump(mode="json", exclude_none=True),
-            state=JobState.QUEUED, owner=principal.user if principal else "", total_steps=spec.training.steps,
-            max_restarts=spec.restart_policy.max_restarts,
-            labels=[JobLabel(key=k, value=v) for k, v in spec.labels.items()], attempts=[])
+        owner = principal.user if principal else ""
+        now = utcnow()
+        new_job = NewJob(
+            job={"name": spec.name, "uid": str(uuid.uuid4()), "spec": spec.model_dump(mode="json", exclude_none=True),
+                 "state": JobState.QUEUED, "state_reason": "Created", "owner": owner, "total_steps": spec.training.steps,
+                 "max_restarts": spec.restart_policy.max_restarts, "create_time": now, "update_time": now},
+            labels=spec.labels,
+            event={"job_name": spec.name, "type": "StateChanged", "to_state": JobState.QUEUED, "reason": "Created",
+                   "message": f"submitted by {owner or 'unknown'}", "create_time": now})
         try:
-            with self.db.session() as session:
-                if session.get(Job, spec.name) is not None:
-                    context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
-                session.add(job)
-                session.flush()
-                session.add(Event(job_name=job.name, type="StateChanged", to_state=JobState.QUEUED,
-                                  reason="Created", message=f"submitted by {job.owner or 'unknown'}",
-                                  create_time=job.create_time))
-                created = convert.job_to_proto(job)
-        except IntegrityError:  # lost a race with a concurrent create of the same name
+            self.db.create_job(new_job)
+        except NameTaken:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
         self.wake_reconciler()
-        return created
+        created = convert.timestamp(now)
+        return job_pb2.Job(name=f"jobs/{spec.name}", uid=new_job.job["uid"], spec=spec_to_proto(spec),
+                           state=job_pb2.JOB_STATE_QUEUED, state_reason="Created", owner=owner,
+                           total_steps=spec.training.steps, create_time=created, update_time=created)
 
     # -- GetJob / ListJobs -------------------------------------------------------------------------------
 

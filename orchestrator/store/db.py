@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.store.job_writer import JobWriter, NewJob
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _READ_ONLY = "roundhouse_read_only"
@@ -48,15 +51,26 @@ class Database:
     def __init__(self, url: str, engine: Engine | None = None):
         self.url = url
         self.engine = engine or _make_engine(url)
+        # SQLite has one writer at a time; waiting writers poll with growing sleeps (busy_timeout), which
+        # makes long tails. Writers of this process queue on a lock instead and never meet the busy handler.
+        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}),
                                            expire_on_commit=False)
+        self._job_writer: JobWriter | None = None
+        self._writer_lock = threading.Lock()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A read-write transaction."""
-        with self._sessions.begin() as session:
+        with self._write_lock, self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A read-write transaction on a Core connection (for bulk statements on hot paths)."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -64,7 +78,17 @@ class Database:
         with self._read_sessions.begin() as session:
             yield session
 
+    def create_job(self, new_job: NewJob) -> None:
+        """Inserts a job with its labels and first event (group-committed with concurrent creations);
+        raises NameTaken if the name is in use."""
+        with self._writer_lock:
+            if self._job_writer is None:
+                self._job_writer = JobWriter(self)
+        self._job_writer.create(new_job)
+
     def dispose(self) -> None:
+        if self._job_writer is not None:
+            self._job_writer.close()
         self.engine.dispose()
 
 

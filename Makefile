@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make demo   start the control plane (SQLite + local launcher), submit examples/tiny-gpt.yaml, watch it
+#               train to the end, print the dashboard address
+#   make test   the whole test suite (SQLite and the PostgreSQL at 127.0.0.1:5432)
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/create_job.py
+	$(PY) benchmarks/time_to_first_step.py
+
+proto: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) .roundhouse-demo *.egg-info

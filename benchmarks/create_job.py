@@ -1,0 +1,184 @@
+"""CreateJob throughput and latency under 16 concurrent clients, against a bare gRPC unary echo server
+measured the same way in the same run.
+
+Every CreateJob is durably committed (SQLite in WAL mode with synchronous=FULL; PostgreSQL with its
+default synchronous_commit) before it returns. The reconciler is off so the figures are the API's alone.
+
+    python benchmarks/create_job.py [--seconds 10] [--clients 16] [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from sqlalchemy import create_engine, text
+
+from orchestrator.config import token_file
+from orchestrator.process import spawn_server
+from orchestrator.spec import parse_spec, spec_to_proto
+from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def echo_server_main(port: int) -> None:
+    """A bare unary echo: the same gRPC stack and thread pool size as the control plane, no work."""
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(call, clients: int, seconds: float, server_pid: int) -> dict:
+    """`clients` threads call back-to-back for `seconds` (after a short warm-up); returns the figures."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    warmed_up = threading.Barrier(clients + 1)
+    go = threading.Event()
+    stop_at = [0.0]
+
+    def worker(i: int) -> None:
+        for j in range(20):  # warm-up: connections, caches
+            call(i, -j - 1)
+        warmed_up.wait()
+        go.wait()
+        n = 0
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            call(i, n)
+            latencies[i].append(time.perf_counter() - t0)
+            n += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    warmed_up.wait()
+    server_cpu = process_cpu_seconds(server_pid)
+    began = time.perf_counter()
+    stop_at[0] = began + seconds
+    go.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    server_cpu = process_cpu_seconds(server_pid) - server_cpu
+    flat = sorted(x for per in latencies for x in per)
+    return {
+        "requests": len(flat),
+        "throughput": len(flat) / elapsed,
+        "p50_ms": 1000 * flat[len(flat) // 2],
+        "p99_ms": 1000 * flat[min(len(flat) - 1, int(len(flat) * 0.99))],
+        "mean_ms": 1000 * statistics.fmean(flat),
+        "server_cpu_ms": 1000 * server_cpu / len(flat),
+    }
+
+
+def bench_echo(clients: int, seconds: float, payload: bytes) -> dict:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)])
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        echo = channel.unary_unary(ECHO_METHOD)
+        return run_load(lambda i, n: echo(payload, timeout=30), clients, seconds, proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_create_job(db_url: str | None, clients: int, seconds: float) -> dict:
+    with tempfile.TemporaryDirectory() as home:
+        port = free_port()
+        proc = spawn_server(Path(home), db_url, port, reconcile=False)
+        try:
+            token = token_file(Path(home)).read_text().strip()
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            metadata = [("authorization", f"Bearer {token}")]
+            base = spec_to_proto(parse_spec({"name": "bench", "labels": {"bench": "create-job"}}))
+            run_id = uuid.uuid4().hex[:6]
+
+            def create(i: int, n: int) -> None:
+                spec = js.CreateJobRequest(spec=base).spec
+                spec.name = f"b{run_id}-{i}-{n + 100}"
+                stub.CreateJob(js.CreateJobRequest(spec=spec), metadata=metadata, timeout=30)
+
+            return run_load(create, clients, seconds, proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def postgres_schema_url(base_url: str) -> tuple[str, callable]:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+    return f"{base_url}?options=-csearch_path%3D{schema}", drop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--postgres", default="postgresql+psycopg://root@127.0.0.1:5432/test",
+                        help="PostgreSQL URL ('' to skip)")
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        echo_server_main(args.echo_server)
+        return
+
+    payload = js.CreateJobRequest(spec=spec_to_proto(parse_spec({"name": "b-0-0"}))).SerializeToString()
+    results = {"echo (baseline)": bench_echo(args.clients, args.seconds, payload)}
+    results["CreateJob, SQLite"] = bench_create_job(None, args.clients, args.seconds)
+    if args.postgres:
+        url, drop = postgres_schema_url(args.postgres)
+        try:
+            results["CreateJob, PostgreSQL"] = bench_create_job(url, args.clients, args.seconds)
+        finally:
+            drop()
+
+    echo = results["echo (baseline)"]["throughput"]
+    print(f"# CreateJob benchmark: {args.clients} concurrent clients, {args.seconds:.0f} s each, "
+          f"{platform.node()} ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
+    print("| server | requests | req/s | vs echo | p50 ms | p99 ms | server CPU ms/request |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['requests']} | {r['throughput']:.0f} | {r['throughput'] / echo:.2f}x | "
+              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
