@@ -1,0 +1,120 @@
+"""What a rank learns from its environment: who it is, where its peers and the control plane are, and its spec.
+
+The launcher sets, for every rank:
+
+    RANK, WORLD_SIZE, LOCAL_RANK   the standard torch.distributed identity (defaults 0, 1, RANK)
+    MASTER_ADDR, MASTER_PORT       rendezvous of the gloo process group (defaults 127.0.0.1, 29500)
+    ROUNDHOUSE_SPEC_FILE           path to a JSON file holding JobSpec.model_dump(mode="json") (required)
+    ROUNDHOUSE_SERVER              host:port of the control plane's gRPC; unset or empty: no reporting at all
+    ROUNDHOUSE_JOB                 the job's resource name, "jobs/<name>"
+    ROUNDHOUSE_ATTEMPT             the attempt number (int, default 0)
+    ROUNDHOUSE_JOB_TOKEN           bearer token, sent as gRPC metadata ("authorization", "Bearer <token>")
+    ROUNDHOUSE_RUN_DIR             a writable directory for this attempt (may be unset)
+    ROUNDHOUSE_START_STEP          the step the attempt starts from (read, but nothing resumes yet: always 0)
+
+Test hooks (set through the spec's `env`, so tests can make a rank misbehave on purpose):
+
+    RH_FAULT_EXIT_AT_STEP=N        the rank RH_FAULT_RANK (default 0) exits at once with code 17 when it reaches
+                                   step N (steps count from 1), as if it crashed
+    RH_FAULT_RANK=R                which rank the fault hits
+    RH_TEST_STEP_SLEEP=seconds     sleep that long after every step, so a test can catch a job mid-run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator.spec import JobSpec, parse_spec
+
+
+class ConfigError(Exception):
+    """The rank cannot run as configured (bad environment, spec or layout); exits with code 2."""
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    spec_file: str
+    server: str | None
+    job: str
+    attempt: int
+    token: str
+    run_dir: str | None
+    start_step: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> RankEnv:
+        rank = _int(environ, "RANK", 0)
+        world_size = _int(environ, "WORLD_SIZE", 1)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"RANK={rank} is not within WORLD_SIZE={world_size}")
+        spec_file = environ.get("ROUNDHOUSE_SPEC_FILE", "")
+        if not spec_file:
+            raise ConfigError("ROUNDHOUSE_SPEC_FILE is not set: it must name the job's spec as a JSON file")
+        return cls(
+            rank=rank,
+            world_size=world_size,
+            local_rank=_int(environ, "LOCAL_RANK", rank),
+            master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=_int(environ, "MASTER_PORT", 29500),
+            spec_file=spec_file,
+            server=environ.get("ROUNDHOUSE_SERVER") or None,
+            job=environ.get("ROUNDHOUSE_JOB", ""),
+            attempt=_int(environ, "ROUNDHOUSE_ATTEMPT", 0),
+            token=environ.get("ROUNDHOUSE_JOB_TOKEN", ""),
+            run_dir=environ.get("ROUNDHOUSE_RUN_DIR") or None,
+            start_step=_int(environ, "ROUNDHOUSE_START_STEP", 0),
+        )
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    __test__ = False  # not a pytest class
+
+    fault_exit_at_step: int | None = None
+    fault_rank: int = 0
+    step_sleep: float = 0.0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> TestHooks:
+        at = environ.get("RH_FAULT_EXIT_AT_STEP")
+        sleep = environ.get("RH_TEST_STEP_SLEEP")
+        try:
+            return cls(fault_exit_at_step=int(at) if at else None,
+                       fault_rank=_int(environ, "RH_FAULT_RANK", 0),
+                       step_sleep=float(sleep) if sleep else 0.0)
+        except ValueError as exc:
+            raise ConfigError(f"bad test hook setting: {exc}") from None
+
+    def should_crash(self, rank: int, step: int) -> bool:
+        return self.fault_exit_at_step == step and self.fault_rank == rank
+
+
+def load_spec(path: str) -> JobSpec:
+    """The spec the launcher wrote, validated (and defaulted) by the control plane's own gate."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the spec file {path}: {exc}") from None
+    try:
+        return parse_spec(data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid spec in {path}: {exc}") from None
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
