@@ -98,9 +98,11 @@ class Reconciler:
         if cancel:
             self._cancel(name, ref)
         elif state is JobState.QUEUED:
-            self._start_attempt(name, from_state=JobState.QUEUED)
+            if self._start_attempt(name, from_state=JobState.QUEUED):
+                self.reconcile(name)  # launch it now rather than at the next tick
         elif state is JobState.RESTARTING:
-            self._restart_when_due(name, ref)
+            if self._restart_when_due(name, ref):
+                self.reconcile(name)
         elif ref is not None:
             self._observe(name, ref)
 
@@ -115,12 +117,12 @@ class Reconciler:
             transition(session, job, JobState.CANCELLED, "CancelRequested", "cancelled by user",
                        attempt=attempt.number if attempt else None)
 
-    def _start_attempt(self, name: str, from_state: JobState) -> None:
+    def _start_attempt(self, name: str, from_state: JobState) -> bool:
         """Records a new attempt (the launch itself follows in `_observe`, so a crash in between is safe)."""
         with self.db.session() as session:
             job = session.get(Job, name)
-            if JobState(job.state) is not from_state:
-                return
+            if JobState(job.state) is not from_state or job.cancel_requested:
+                return False
             spec = parse_spec(job.spec)
             number = (job.current_attempt.number if job.current_attempt else 0) + 1
             p = spec.parallelism
@@ -130,16 +132,17 @@ class Reconciler:
             transition(session, job, JobState.LAUNCHING, "AttemptCreated",
                        f"attempt {number}: tp={p.tp} pp={p.pp} dp={p.dp}, {p.world_size} ranks, from step 0",
                        attempt=number)
+        return True
 
-    def _restart_when_due(self, name: str, ref: AttemptRef | None) -> None:
+    def _restart_when_due(self, name: str, ref: AttemptRef | None) -> bool:
         with self.db.read() as session:
             job = session.get(Job, name)
             due = job.next_attempt_time is None or job.next_attempt_time <= utcnow()
         if not due:
-            return
+            return False
         if ref is not None:
             self.launcher.stop(ref, self.settings.stop_grace_seconds)  # no rank of the old gang survives
-        self._start_attempt(name, from_state=JobState.RESTARTING)
+        return self._start_attempt(name, from_state=JobState.RESTARTING)
 
     def _observe(self, name: str, ref: AttemptRef) -> None:
         if not ref.launch_info:
