@@ -171,7 +171,7 @@ def main() -> None:
             drop()
 
     echo = results["echo (baseline)"]["throughput"]
-    print(f"# CreateJob benchmark: {args.clients} concurrent clients, {args.seconds:.0f} s each, "
+    print(f"CreateJob benchmark: {args.clients} concurrent clients, {args.seconds:.0f} s each, "
           f"{platform.node()} ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
     print("| server | requests | req/s | vs echo | p50 ms | p99 ms | server CPU ms/request |")
     print("|---|---:|---:|---:|---:|---:|---:|")

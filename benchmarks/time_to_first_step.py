@@ -71,7 +71,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-    print(f"# Time from CreateJob to step 1 reported, {EXAMPLE.name} (2 ranks), median of {args.runs}, "
+    print(f"Time from CreateJob to step 1 reported, {EXAMPLE.name} (2 ranks), median of {args.runs}, "
           f"{platform.node()} ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
     print("| phase | seconds |")
     print("|---|---:|")
