@@ -30,10 +30,6 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def tokens_match(token: str, expected_digest: str) -> bool:
-    return hmac.compare_digest(digest(token), expected_digest)
-
-
 @dataclass(frozen=True)
 class Principal:
     user: str

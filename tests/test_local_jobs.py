@@ -7,7 +7,6 @@ started again adopts the running ranks and the job finishes, launched once."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
