@@ -11,7 +11,9 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
+	@# DeepSpeed compiles its CPU communication op on first use; do it once here, not in every rank.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 install: $(VENV)/.installed

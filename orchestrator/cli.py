@@ -1,310 +1,566 @@
 """`roundhouse`: run the control plane and talk to it.
 
-Exit codes: 0 ok; 1 the job failed or was cancelled, or the server refused; 2 bad input."""
+Exit codes: 0 ok; 1 the job failed or was cancelled, or the server refused or could not be reached; 2 bad
+input (an invalid spec, an unknown state, a malformed label)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import grpc
 import typer
 from google.protobuf import json_format
-from rich.console import Console
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
+from rich.text import Text
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
 from orchestrator import config
-from orchestrator.client import ClientError, JobClient, connect, describe, job_name
+from orchestrator.client import ClientError, JobClient, connect, short_name
 from orchestrator.spec import SpecError, load_spec_file, parse_spec, spec_to_proto
-from roundhouse.v1 import job_pb2, job_service_pb2 as js
+from roundhouse.v1 import job_pb2
 
-app = typer.Typer(help="Roundhouse: submit training jobs to the control plane and watch them.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
-errors = Console(stderr=True)
+app = typer.Typer(help="Roundhouse: run the control plane, submit training jobs to it and watch them.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
 
-Server = Annotated[str | None, typer.Option("--server", envvar="ROUNDHOUSE_SERVER",
-                                            help="control plane address [default: 127.0.0.1:50051]")]
-Token = Annotated[str | None, typer.Option("--token", envvar="ROUNDHOUSE_TOKEN", help="API bearer token",
-                                           show_default=False)]
-Output = Annotated[str, typer.Option("--output", "-o", help="table or json")]
-TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+TERMINAL = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "blue",
-               "RESTARTING": "magenta"}
+               "RESTARTING": "magenta", "LAUNCHING": "cyan", "QUEUED": "dim"}
+# How long `submit --wait` keeps trying to reach a control plane that went away (restarted, say).
+RECONNECT_SECONDS = 60.0
+POLL_SECONDS = 0.5
+EXIT_INTERRUPTED = 130
 
 
-def _client(server: str | None, token: str | None) -> JobClient:
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class LauncherKind(str, Enum):
+    local = "local"
+
+
+Server = Annotated[str | None, typer.Option("--server", envvar="ROUNDHOUSE_SERVER", show_default=False, metavar="HOST:PORT",
+                                            help=f"control plane address [default: {config.DEFAULT_SERVER}]")]
+Token = Annotated[str | None, typer.Option("--token", envvar="ROUNDHOUSE_TOKEN", show_default=False, metavar="TOKEN",
+                                           help="API bearer token [default: the admin token of a local server]")]
+Output = Annotated[OutputFormat, typer.Option("--output", "-o", case_sensitive=False, help="table or json")]
+JobName = Annotated[str, typer.Argument(help="job name: NAME or jobs/NAME", metavar="NAME", show_default=False)]
+
+
+# -- shared helpers ----------------------------------------------------------------------------------------
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    errors.print(Text.assemble(("error: ", "bold red"), message))
+    raise typer.Exit(code)
+
+
+def _connect(server: str | None, token: str | None) -> JobClient:
     try:
         return connect(server, token)
     except ClientError as exc:
         _fail(str(exc))
 
 
-def _fail(message: str, code: int = 1):
-    errors.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    raise typer.Exit(code)
-
-
 def state_name(value: int) -> str:
+    """JOB_STATE_RUNNING -> "RUNNING"."""
     return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
 
 
 def parse_state(text: str) -> int:
-    name = text.upper()
+    """A JobState from "running", "RUNNING" or "JOB_STATE_RUNNING"."""
+    name = text.strip().upper()
     name = name if name.startswith("JOB_STATE_") else f"JOB_STATE_{name}"
-    try:
-        return job_pb2.JobState.Value(name)
-    except ValueError:
-        valid = ", ".join(state_name(v) for v in job_pb2.JobState.values() if v).lower()
-        raise typer.BadParameter(f"{text!r} is not a job state ({valid})") from None
+    if name == "JOB_STATE_UNSPECIFIED" or name not in job_pb2.JobState.keys():  # noqa: SIM118 (an enum wrapper)
+        valid = ", ".join(state_name(v).lower() for v in job_pb2.JobState.values() if v)
+        raise typer.BadParameter(f"{text!r} is not a job state (one of: {valid})", param_hint="--state")
+    return job_pb2.JobState.Value(name)
+
+
+def parse_labels(items: Iterable[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--label")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def state_text(value: int) -> Text:
+    name = state_name(value)
+    return Text(name, style=STATE_STYLE.get(name, ""))
 
 
 def layout(job: job_pb2.Job) -> str:
-    if job.attempts:
-        p = job.attempts[-1].layout
-    else:
-        p = job.spec.parallelism
-    return f"{p.tp}×{p.pp}×{p.dp}"
+    """tp×pp×dp of the newest attempt, else of the spec."""
+    p = job.attempts[-1].layout if job.attempts else job.spec.parallelism
+    return f"{p.tp or 1}×{p.pp or 1}×{p.dp or 1}"
 
 
-def age(job: job_pb2.Job) -> str:
-    seconds = int(time.time() - job.create_time.ToDatetime(tzinfo=UTC).timestamp())
+def loss_text(job: job_pb2.Job) -> str:
+    return f"{job.last_loss:.4f}" if job.HasField("last_loss") else "—"
+
+
+def speed_text(tokens_per_second: float) -> str:
+    return f"{tokens_per_second:,.0f}" if tokens_per_second else "—"
+
+
+def local_time(ts: Timestamp, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return ts.ToDatetime(tzinfo=UTC).astimezone().strftime(fmt) if ts.seconds or ts.nanos else "—"
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
 
 
+def age(job: job_pb2.Job, now: float | None = None) -> str:
+    if not job.HasField("create_time"):
+        return "—"
+    return duration((now or time.time()) - job.create_time.ToDatetime(tzinfo=UTC).timestamp())
+
+
 def job_json(job: job_pb2.Job) -> dict:
     return json_format.MessageToDict(job, preserving_proto_field_name=True)
 
 
-def event_line(event: job_pb2.Event) -> str:
-    when = event.create_time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
-    if event.type == "StateChanged":
-        moved = f"{state_name(event.from_state) if event.from_state else '∅'} → {state_name(event.to_state)}"
-    else:
-        moved = event.type
-    return f"{when}  {moved:<24} {event.reason}  {event.message}"
+def print_json(data) -> None:
+    """Plain JSON on stdout: no markup, no wrapping, so that it pipes into jq."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
 
 
-# -- serve ---------------------------------------------------------------------------------------------------
+def event_line(event: job_pb2.Event) -> Text:
+    """`time  type  from → to  reason  message`, one line per event."""
+    moved = ""
+    if event.to_state:
+        before = state_name(event.from_state) if event.from_state else "—"
+        moved = f"{before} → {state_name(event.to_state)}"
+    line = Text.assemble((local_time(event.create_time, "%H:%M:%S"), "dim"), "  ", (f"{event.type:<16}", "bold"),
+                         " ", f"{moved:<25}", " ", (event.reason, "cyan"))
+    if event.message:
+        line.append(f"  {event.message}")
+    return line
+
+
+def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for header in ("NAME", "STATE", "STEP/TOTAL", "LOSS", "LAYOUT", "RESTARTS", "AGE"):
+        table.add_column(header, no_wrap=True, justify="right" if header in ("LOSS", "RESTARTS", "AGE") else "left")
+    now = time.time()
+    for job in jobs:
+        table.add_row(short_name(job.name), state_text(job.state), f"{job.current_step}/{job.total_steps}",
+                      loss_text(job), layout(job), str(job.restart_count), age(job, now))
+    return table
+
+
+def _ran_for(attempt: job_pb2.Attempt) -> str:
+    if not attempt.HasField("create_time"):
+        return "—"
+    end = attempt.end_time.ToDatetime(tzinfo=UTC).timestamp() if attempt.HasField("end_time") else time.time()
+    return duration(end - attempt.create_time.ToDatetime(tzinfo=UTC).timestamp())
+
+
+def job_details(job: job_pb2.Job) -> Group:
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column()
+    status = state_text(job.state)
+    if job.state_reason:
+        status.append(f"  {job.state_reason}", style="cyan")
+    if job.state_message:
+        status.append(f": {job.state_message}")
+    if job.cancel_requested and job.state not in TERMINAL:
+        status.append("  (cancel requested)", style="yellow")
+    spec = job.spec
+    rows = [
+        ("name", Text(job.name)),
+        ("state", status),
+        ("step", f"{job.current_step}/{job.total_steps}"),
+        ("loss", loss_text(job)),
+        ("tokens/s", speed_text(job.tokens_per_second)),
+        ("layout", f"{layout(job)} (tp×pp×dp), {spec.resources.ranks or 1} ranks"),
+        ("model", (f"{spec.model.layers} layers, hidden {spec.model.hidden_size}, {spec.model.heads} heads, "
+                   f"seq {spec.model.seq_length}, vocab {spec.model.vocab_size}")),
+        ("restarts", f"{job.restart_count}/{spec.restart_policy.max_restarts}"),
+        ("owner", job.owner or "—"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(spec.labels.items())) or "—"),
+        ("created", local_time(job.create_time)),
+        ("started", local_time(job.start_time)),
+        ("ended", local_time(job.end_time)),
+        ("uid", job.uid),
+    ]
+    for key, value in rows:
+        facts.add_row(key, value if isinstance(value, Text) else Text(value))
+    if not job.attempts:
+        return Group(facts, Text("\nno attempts yet", style="dim"))
+    attempts = Table(box=None, pad_edge=False, title="attempts", title_justify="left", title_style="bold")
+    for header in ("#", "STATE", "LAYOUT", "WORLD SIZE", "START STEP", "RAN FOR", "END REASON"):
+        attempts.add_column(header, no_wrap=header != "END REASON")
+    for a in job.attempts:
+        attempt_state = job_pb2.AttemptState.Name(a.state).removeprefix("ATTEMPT_STATE_")
+        attempts.add_row(str(a.number), Text(attempt_state, style=STATE_STYLE.get(attempt_state, "")),
+                         f"{a.layout.tp}×{a.layout.pp}×{a.layout.dp}", str(a.world_size), str(a.start_step),
+                         _ran_for(a), Text(a.end_reason or "—"))
+    return Group(facts, Text(""), attempts)
+
+
+# -- serve -------------------------------------------------------------------------------------------------
 
 @app.command()
 def serve(
-    db: Annotated[str | None, typer.Option(help="database URL [default: SQLite in the home directory]")] = None,
-    home: Annotated[Path | None, typer.Option(help="state directory [default: $ROUNDHOUSE_HOME or "
-                                                   "~/.roundhouse]")] = None,
+    db: Annotated[str | None, typer.Option(metavar="URL", show_default=False,
+                                           help="database URL, e.g. postgresql+psycopg://user@host/db "
+                                                "[default: SQLite in the home directory]")] = None,
+    home: Annotated[Path | None, typer.Option(metavar="DIR", show_default=False,
+                                              help="state directory: database, admin token, runs' logs "
+                                                   "[default: $ROUNDHOUSE_HOME or ~/.roundhouse]")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    grpc_port: Annotated[int, typer.Option(help="gRPC port")] = config.DEFAULT_GRPC_PORT,
-    http_port: Annotated[int, typer.Option(help="status page port")] = config.DEFAULT_HTTP_PORT,
-    launcher: Annotated[str, typer.Option(help="where ranks run: local")] = "local",
-    reconcile: Annotated[bool, typer.Option(hidden=True)] = True,
+    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC API port (0: any free port)")]
+    = config.DEFAULT_GRPC_PORT,
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="status page port (0: any free port)")]
+    = config.DEFAULT_HTTP_PORT,
+    launcher: Annotated[LauncherKind, typer.Option(help="where ranks run")] = LauncherKind.local,
+    reconcile: Annotated[bool, typer.Option("--reconcile/--no-reconcile", hidden=True,
+                                            help="run the reconciler (off: jobs are recorded, never launched)")]
+    = True,
 ) -> None:
-    """Run the control plane: gRPC API, status page and reconciler."""
+    """Run the control plane: gRPC API, status page and reconciler, until Ctrl-C."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from orchestrator.server import ServerSettings, run_server
 
-    run_server(ServerSettings(home=home or config.home_dir(), db_url=db, host=host, grpc_port=grpc_port,
-                              http_port=http_port, launcher=launcher, reconcile=reconcile))
+    settings = ServerSettings(home=(home or config.home_dir()).expanduser(), db_url=db, host=host,
+                              grpc_port=grpc_port, http_port=http_port, launcher=launcher.value, reconcile=reconcile)
+    try:
+        run_server(settings)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        _fail(f"cannot start the control plane: {exc}")
 
 
-# -- submit --------------------------------------------------------------------------------------------------
+# -- submit ------------------------------------------------------------------------------------------------
 
 @app.command()
 def submit(
-    file: Annotated[Path, typer.Argument(help="job spec (YAML)")],
-    wait: Annotated[bool, typer.Option("--wait", help="watch the job until it ends")] = False,
-    name: Annotated[str | None, typer.Option(help="override the spec's name")] = None,
+    file: Annotated[Path, typer.Argument(help="job spec (YAML)", metavar="FILE", show_default=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="show progress and events until the job ends; exit 0 "
+                                                      "only if it SUCCEEDED")] = False,
+    name: Annotated[str | None, typer.Option(help="submit under this name instead of the spec's",
+                                             show_default=False)] = None,
     server: Server = None,
     token: Token = None,
 ) -> None:
-    """Submit a job."""
+    """Validate a job spec, submit it, and optionally watch it to the end."""
     try:
         spec = load_spec_file(str(file))
         if name is not None:  # the same spec under another name, validated again
             spec = parse_spec({**spec.model_dump(mode="json", exclude_none=True), "name": name})
     except SpecError as exc:
-        errors.print(f"[red]{file}: the job spec is invalid[/red]")
+        errors.print(Text(f"{file}: invalid job spec", style="bold red"))
         for violation in exc.violations:
-            errors.print(f"  {violation.field or '(spec)'}: {violation.description}", markup=False)
+            errors.print(Text(f"  {violation.field or '(spec)'}: {violation.description}"))
         raise typer.Exit(2) from None
     except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror}", 2)
-    client = _client(server, token)
-    try:
-        job = client.call("CreateJob", js.CreateJobRequest(spec=spec_to_proto(spec)))
-    except ClientError as exc:
-        _fail(str(exc))
-    console.print(f"created [bold]{job.name}[/bold] ({spec.world_size} ranks, layout {layout(job)})")
-    if wait:
-        final = watch(client, job.name)
-        raise typer.Exit(0 if final.state == job_pb2.JOB_STATE_SUCCEEDED else 1)
+        _fail(f"cannot read {file}: {exc.strerror or exc}", 2)
+    with _connect(server, token) as client:
+        try:
+            job = client.create_job(spec_to_proto(spec))
+        except ClientError as exc:
+            _fail(str(exc))
+        console.print(Text.assemble((job.name, "bold"), f" created ({spec.world_size} ranks, layout {layout(job)}, "
+                                                         f"{spec.training.steps} steps)"))
+        if not wait:
+            return
+        try:
+            final = watch(client, job.name)
+        except KeyboardInterrupt:
+            errors.print(f"\nstopped watching; {job.name} keeps running "
+                         f"(`roundhouse cancel {short_name(job.name)}` stops it)")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(0 if final.state == job_pb2.JOB_STATE_SUCCEEDED else 1)
+
+
+class _StreamEnded(Exception):
+    """The watch stream closed before the job ended (a server shutting down): reconnect."""
 
 
 def _reconnectable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                             grpc.StatusCode.DEADLINE_EXCEEDED)
+    return isinstance(exc, _StreamEnded) or (
+        isinstance(exc, ClientError) and exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED))
 
 
 def watch(client: JobClient, name: str) -> job_pb2.Job:
-    """Shows progress and events until the job ends; survives a control-plane restart."""
+    """Shows a progress bar and each event until the job ends, and returns the job as it ended.
+
+    If the stream breaks (the control plane restarted), it reconnects from the last event seen, for up to
+    RECONNECT_SECONDS since the last news; then it gives up with an error (exit 1)."""
     last_event = 0
-    final: job_pb2.Job | None = None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("QUEUED", total=None, loss="—", speed="—")
+    last_news = time.monotonic()
+    job: job_pb2.Job | None = None
+    outage = False
+    progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tokens/s"),
+                        TimeRemainingColumn(), console=console)
+    task = progress.add_task("QUEUED", total=None, loss="—", speed="—")
 
-        @retry(retry=retry_if_exception(_reconnectable), stop=stop_after_delay(60),
-               wait=wait_exponential(multiplier=0.2, max=5), reraise=True)
-        def follow() -> None:
-            nonlocal last_event, final
-            for update in client.stream("WatchJob", js.WatchJobRequest(name=name, after_event_id=last_event,
-                                                                          after_step=-1)):
-                for event in update.events:
-                    progress.console.print(event_line(event), highlight=False, markup=False)
-                    last_event = event.id
-                job = update.job
-                final = job
-                loss = f"{job.last_loss:.4f}" if job.HasField("last_loss") else "—"
-                speed = f"{job.tokens_per_second:,.0f}" if job.tokens_per_second else "—"
-                progress.update(task, description=state_name(job.state), total=job.total_steps,
-                                completed=job.current_step, loss=loss, speed=speed)
+    def follow() -> job_pb2.Job:
+        nonlocal last_event, last_news, job, outage
+        for update in client.watch_job(name, after_event_id=last_event, after_step=-1):
+            last_news = time.monotonic()
+            if outage:
+                progress.console.print(Text("reconnected", style="yellow"))
+                outage = False
+            for event in update.events:
+                progress.console.print(event_line(event))
+                last_event = max(last_event, event.id)
+            for point in update.metrics:
+                if point.HasField("val_loss") and point.rank == 0:
+                    progress.console.print(Text(f"step {point.step}: validation loss {point.val_loss:.4f}",
+                                                style="dim"))
+            job = update.job
+            progress.update(task, description=state_name(job.state), total=job.total_steps or None,
+                            completed=job.current_step, loss=loss_text(job), speed=speed_text(job.tokens_per_second))
+            if job.state in TERMINAL:
+                return job
+        raise _StreamEnded("the watch stream ended before the job did")
 
+    def out_of_time(_: RetryCallState) -> bool:
+        return time.monotonic() - last_news > RECONNECT_SECONDS
+
+    def announce(state: RetryCallState) -> None:
+        nonlocal outage
+        if outage:
+            return
+        outage = True
+        exc = state.outcome.exception()
+        why = exc.code.name if isinstance(exc, ClientError) and exc.code else str(exc)
+        progress.console.print(Text(f"lost the control plane ({why}); reconnecting for up to "
+                                    f"{RECONNECT_SECONDS:.0f} s…", style="yellow"))
+
+    retrying = Retrying(retry=retry_if_exception(_reconnectable), stop=out_of_time,
+                        wait=wait_exponential(multiplier=0.25, max=4), before_sleep=announce, reraise=True)
+    with progress:
         try:
-            follow()
-        except grpc.RpcError as exc:
-            _fail(describe(exc))
-    if final is None:
-        _fail(f"{name}: the watch ended without news")
+            final = retrying(follow)
+        except ClientError as exc:
+            _fail(str(exc) if job is None else f"{exc}\n(gave up watching {name}; `roundhouse get "
+                                                f"{short_name(name)}` shows where it stands)")
+        except _StreamEnded as exc:
+            _fail(f"{exc}; gave up after {RECONNECT_SECONDS:.0f} s")
     style = STATE_STYLE.get(state_name(final.state), "")
-    console.print(f"{final.name}: [{style}]{state_name(final.state)}[/{style}] {final.state_message}")
+    summary = Text.assemble((final.name, "bold"), ": ", (state_name(final.state), f"bold {style}"))
+    if final.state_message:
+        summary.append(f"  {final.state_message}")
+    console.print(summary)
     return final
 
 
-# -- list / get ----------------------------------------------------------------------------------------------
+# -- list / get --------------------------------------------------------------------------------------------
 
 @app.command("list")
 def list_jobs(
-    state: Annotated[list[str] | None, typer.Option(help="only jobs in this state (repeatable)")] = None,
-    label: Annotated[list[str] | None, typer.Option(help="only jobs with this label, key=value (repeatable)")]
+    state: Annotated[list[str] | None, typer.Option(metavar="STATE", show_default=False,
+                                                    help="only jobs in this state, e.g. running or "
+                                                         "JOB_STATE_RUNNING (repeatable: any of them)")] = None,
+    label: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", show_default=False,
+                                                    help="only jobs with this label (repeatable: all of them)")]
     = None,
-    page_size: Annotated[int, typer.Option(help="jobs per page")] = 50,
-    all_pages: Annotated[bool, typer.Option("--all", help="follow every page")] = False,
-    output: Output = "table",
+    page_size: Annotated[int, typer.Option(min=1, max=1000, help="jobs per page")] = 50,
+    all_pages: Annotated[bool, typer.Option("--all", help="follow every page, not just the first")] = False,
+    output: Output = OutputFormat.table,
     server: Server = None,
     token: Token = None,
 ) -> None:
     """List jobs, newest first."""
-    labels = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{item!r}: labels are key=value", param_hint="--label")
-        labels[key] = value
-    request = js.ListJobsRequest(page_size=page_size, states=[parse_state(s) for s in state or []], labels=labels)
-    client = _client(server, token)
+    states = [parse_state(s) for s in state or []]
+    labels = parse_labels(label or [])
     jobs: list[job_pb2.Job] = []
-    try:
-        while True:
-            response = client.call("ListJobs", request)
-            jobs += response.jobs
-            if not (all_pages and response.next_page_token):
-                break
-            request.page_token = response.next_page_token
-    except ClientError as exc:
-        _fail(str(exc))
-    if output == "json":
-        print(json.dumps({"jobs": [job_json(j) for j in jobs], "next_page_token": response.next_page_token},
-                         indent=2))
+    page_token = ""
+    with _connect(server, token) as client:
+        try:
+            while True:
+                response = client.list_jobs(states=states, labels=labels, page_size=page_size, page_token=page_token)
+                jobs += response.jobs
+                page_token = response.next_page_token
+                if not (all_pages and page_token):
+                    break
+        except ClientError as exc:
+            _fail(str(exc))
+    if output is OutputFormat.json:
+        print_json({"jobs": [job_json(j) for j in jobs], "next_page_token": page_token})
         return
-    table = Table("NAME", "STATE", "STEP", "LOSS", "LAYOUT", "RESTARTS", "AGE", box=None)
-    for job in jobs:
-        state_text = state_name(job.state)
-        table.add_row(job.name.removeprefix("jobs/"), f"[{STATE_STYLE.get(state_text, '')}]{state_text}",
-                      f"{job.current_step}/{job.total_steps}",
-                      f"{job.last_loss:.4f}" if job.HasField("last_loss") else "—", layout(job),
-                      str(job.restart_count), age(job))
-    console.print(table)
-    if response.next_page_token and not all_pages:
-        console.print("[dim]more jobs: use --all[/dim]")
+    if not jobs:
+        console.print(Text("no jobs", style="dim"))
+        return
+    console.print(jobs_table(jobs))
+    if page_token:
+        console.print(Text(f"more jobs past these {len(jobs)}: use --all or a larger --page-size", style="dim"))
 
 
 @app.command()
-def get(name: Annotated[str, typer.Argument(help="job name")], output: Output = "table",
-        server: Server = None, token: Token = None) -> None:
-    """Show one job, its attempts and where it stands."""
-    client = _client(server, token)
-    try:
-        job = client.call("GetJob", js.GetJobRequest(name=job_name(name)))
-    except ClientError as exc:
-        _fail(str(exc))
-    if output == "json":
-        print(json.dumps(job_json(job), indent=2))
+def get(name: JobName, output: Output = OutputFormat.table, server: Server = None, token: Token = None) -> None:
+    """Show one job: its state, progress and attempts."""
+    with _connect(server, token) as client:
+        try:
+            job = client.get_job(name)
+        except ClientError as exc:
+            _fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(job_json(job))
         return
-    state_text = state_name(job.state)
-    console.print(f"[bold]{job.name}[/bold]  [{STATE_STYLE.get(state_text, '')}]{state_text}[/]  "
-                  f"{job.state_reason}: {job.state_message}", highlight=False)
-    loss = f", loss {job.last_loss:.4f}" if job.HasField("last_loss") else ""
-    console.print(f"step {job.current_step}/{job.total_steps}{loss}, {job.tokens_per_second:,.0f} tokens/s, "
-                  f"restarts {job.restart_count}/{job.spec.restart_policy.max_restarts}, owner {job.owner}, "
-                  f"created {job.create_time.ToDatetime(tzinfo=UTC).astimezone():%Y-%m-%d %H:%M:%S}",
-                  highlight=False)
-    if job.spec.labels:
-        console.print("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(job.spec.labels.items())),
-                      highlight=False)
-    table = Table("ATTEMPT", "STATE", "LAYOUT", "RANKS", "START STEP", "ENDED", box=None)
-    for attempt in job.attempts:
-        ended = (attempt.end_time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
-                 if attempt.HasField("end_time") else "")
-        table.add_row(str(attempt.number), job_pb2.AttemptState.Name(attempt.state).removeprefix("ATTEMPT_STATE_"),
-                      f"{attempt.layout.tp}×{attempt.layout.pp}×{attempt.layout.dp}", str(attempt.world_size),
-                      str(attempt.start_step), f"{ended} {attempt.end_reason}".strip())
-    if job.attempts:
-        console.print(table)
+    console.print(job_details(job))
 
 
-# -- cancel / logs -------------------------------------------------------------------------------------------
+# -- cancel / logs -----------------------------------------------------------------------------------------
 
 @app.command()
-def cancel(name: Annotated[str, typer.Argument(help="job name")],
-           wait: Annotated[bool, typer.Option(help="wait until the job's ranks are gone")] = True,
-           server: Server = None, token: Token = None) -> None:
+def cancel(
+    name: JobName,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until the job's ranks are gone and it is "
+                                                                "CANCELLED")] = True,
+    timeout: Annotated[float, typer.Option(min=0, help="give up waiting after this many seconds (0: never)")]
+    = 300.0,
+    server: Server = None,
+    token: Token = None,
+) -> None:
     """Cancel a job: its ranks are stopped and it ends CANCELLED."""
-    client = _client(server, token)
-    try:
-        job = client.call("CancelJob", js.CancelJobRequest(name=job_name(name)))
-        deadline = time.monotonic() + 120
-        while wait and job.state not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.3)
-            job = client.call("GetJob", js.GetJobRequest(name=job.name))
-    except ClientError as exc:
-        _fail(str(exc))
-    console.print(f"{job.name}: {state_name(job.state)}"
-                  + ("" if job.state in TERMINAL else " (cancel requested)"))
+    with _connect(server, token) as client:
+        try:
+            job = client.cancel_job(name)
+            if wait and job.state not in TERMINAL:
+                deadline = time.monotonic() + timeout if timeout else float("inf")
+                with errors.status(f"stopping {job.name}…"):
+                    while job.state not in TERMINAL and time.monotonic() < deadline:
+                        time.sleep(POLL_SECONDS)
+                        job = client.get_job(job.name)
+        except ClientError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            errors.print(f"\nstopped waiting; the cancel of {job.name} goes on")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if job.state not in TERMINAL:
+        message = "cancel requested" if not wait else f"cancel requested; still stopping after {timeout:.0f} s"
+        console.print(Text.assemble((job.name, "bold"), f": {state_name(job.state)} ({message})"))
+        raise typer.Exit(0 if not wait else 1)
+    console.print(Text.assemble((job.name, "bold"), ": ", state_text(job.state),
+                                f"  {job.state_message}" if job.state_message else ""))
+    if job.state != job_pb2.JOB_STATE_CANCELLED:  # it ended on its own before the cancel took effect
+        raise typer.Exit(1)
 
 
 @app.command()
-def logs(name: Annotated[str, typer.Argument(help="job name")],
-         rank: Annotated[int, typer.Option(help="which rank")] = 0,
-         attempt: Annotated[int, typer.Option(help="which attempt (0: the newest)")] = 0,
-         follow: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming until the attempt ends")]
-         = False,
-         server: Server = None, token: Token = None) -> None:
-    """Print a rank's log."""
-    client = _client(server, token)
-    request = js.StreamLogsRequest(name=job_name(name), rank=rank, attempt=attempt, follow=follow)
-    try:
-        for chunk in client.stream("StreamLogs", request):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-    except grpc.RpcError as exc:
-        _fail(describe(exc))
+def logs(
+    name: JobName,
+    rank: Annotated[int, typer.Option(min=0, help="which rank")] = 0,
+    attempt: Annotated[int, typer.Option(min=0, help="which attempt (0: the newest)")] = 0,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming until the attempt ends")] = False,
+    server: Server = None,
+    token: Token = None,
+) -> None:
+    """Print a rank's log (from the start; with --follow, until the attempt ends)."""
+    with _connect(server, token) as client:
+        try:
+            if follow:
+                _wait_for_launch(client, name)
+            for chunk in client.stream_logs(name, rank=rank, attempt=attempt, follow=follow):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except ClientError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:  # `roundhouse logs x | head`
+            _silence_stdout()
+            raise typer.Exit(0) from None
 
+
+def _wait_for_launch(client: JobClient, name: str) -> None:
+    """A job still queued has no log yet: with --follow, wait for its first attempt instead of failing."""
+    job = client.get_job(name)
+    if job.attempts or job.state in TERMINAL:
+        return
+    with errors.status(f"{job.name} is {state_name(job.state)}; waiting for it to launch…"):
+        while not job.attempts and job.state not in TERMINAL:
+            time.sleep(POLL_SECONDS)
+            job = client.get_job(name)
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so that Python's exit flush does not complain."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+data_app = typer.Typer(help="Prepare training data: tokenise text into a memory-mapped dataset.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="text files, or directories read recursively",
+                                                 metavar="INPUT", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="dataset prefix: writes PREFIX.bin and "
+                                                                  "PREFIX.idx", metavar="PREFIX",
+                                                    show_default=False)],
+    tokenizer: Annotated[str, typer.Option(help="bytes (vocab 256), bytes+eod (vocab 257), or the path of a "
+                                                "Hugging Face tokenizer.json")] = "bytes",
+) -> None:
+    """Tokenise text files into a dataset the trainer reads (set data.path to PREFIX.idx)."""
+    from trainers.data import DataError
+    from trainers.prepare import prepare
+    from trainers.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(tokenizer)
+    except TokenizerError as exc:
+        _fail(str(exc), 2)
+    try:
+        report = prepare(inputs, output, tok)
+    except DataError as exc:
+        _fail(str(exc), 2)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot prepare {output}: {exc}")
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in (
+        ("dataset", f"{report.index_path} + {report.data_path.name}"),
+        ("tokenizer", f"{report.tokenizer} (vocab {report.vocab_size:,}, {report.dtype})"),
+        ("files", f"{report.files:,}"),
+        ("documents", f"{report.documents:,}"),
+        ("tokens", f"{report.tokens:,}"),
+        ("bytes read", f"{report.bytes_read:,}"),
+        ("skipped", f"{report.skipped_undecodable:,} not UTF-8 text, {report.skipped_empty:,} empty"),
+        ("time", f"{report.seconds:.2f} s ({report.tokens_per_second:,.0f} tokens/s)"),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+    for path in report.skipped_examples:
+        console.print(f"[dim]skipped {escape(str(path))}[/dim]")
+
+
+if __name__ == "__main__":
+    app()

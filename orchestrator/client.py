@@ -1,66 +1,153 @@
-"""A small client of the JobService: finds the server and the token, and turns gRPC errors into messages a
-person can act on."""
+"""A small client of the JobService: finds the server and the token, sends the token with every call, and
+turns gRPC errors into messages a person can act on.
+
+Every failure surfaces as `ClientError`, whose text is meant to be shown as it is (no traceback) and whose
+`code` says which gRPC status it came from (None when no call was made)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Self
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from orchestrator import config
-from roundhouse.v1 import job_service_pb2_grpc
+from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc
+
+JOB_PREFIX = "jobs/"
+UNARY_TIMEOUT_SECONDS = 30.0
+# gRPC's own reconnect backoff grows to two minutes; a CLI waiting out a control-plane restart should notice
+# the new server within a few seconds.
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 class ClientError(Exception):
     """An error to show as it is, without a traceback."""
 
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
 
 class JobClient:
+    """Typed calls of roundhouse.v1.JobService. Job names may be given as "NAME" or "jobs/NAME"."""
+
     def __init__(self, address: str, token: str):
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = job_service_pb2_grpc.JobServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
-    def call(self, method: str, request, timeout: float | None = 30.0):
-        """A unary call; raises ClientError with the status code and details on failure."""
-        try:
-            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise ClientError(describe(exc)) from None
+    def __enter__(self) -> Self:
+        return self
 
-    def stream(self, method: str, request, timeout: float | None = None):
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.channel.close()
 
+    # -- unary calls ---------------------------------------------------------------------------------------
+
+    def create_job(self, spec: job_pb2.JobSpec) -> job_pb2.Job:
+        return self._call("CreateJob", js.CreateJobRequest(spec=spec))
+
+    def get_job(self, name: str) -> job_pb2.Job:
+        return self._call("GetJob", js.GetJobRequest(name=job_name(name)))
+
+    def list_jobs(self, states: Iterable[int] = (), labels: Mapping[str, str] | None = None, page_size: int = 0,
+                  page_token: str = "") -> js.ListJobsResponse:
+        return self._call("ListJobs", js.ListJobsRequest(states=list(states), labels=dict(labels or {}),
+                                                         page_size=page_size, page_token=page_token))
+
+    def cancel_job(self, name: str) -> job_pb2.Job:
+        return self._call("CancelJob", js.CancelJobRequest(name=job_name(name)))
+
+    # -- streams -------------------------------------------------------------------------------------------
+
+    def watch_job(self, name: str, after_event_id: int = 0, after_step: int = -1) -> Iterator[js.JobUpdate]:
+        """The job now, then each change until it ends. Past metric points are skipped by default."""
+        return self._stream("WatchJob", js.WatchJobRequest(name=job_name(name), after_event_id=after_event_id,
+                                                           after_step=after_step))
+
+    def stream_logs(self, name: str, rank: int = 0, attempt: int = 0, follow: bool = False) -> Iterator[js.LogChunk]:
+        return self._stream("StreamLogs", js.StreamLogsRequest(name=job_name(name), rank=rank, attempt=attempt,
+                                                               follow=follow))
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=UNARY_TIMEOUT_SECONDS)
+        except grpc.RpcError as exc:
+            raise ClientError(describe(exc, self.address), exc.code()) from None
+
+    def _stream(self, method: str, request) -> Iterator:
+        call = getattr(self.stub, method)(request, metadata=self.metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise ClientError(describe(exc, self.address), exc.code()) from None
+        finally:
+            call.cancel()  # a caller that stops reading early must not leave the stream open on the server
+
 
 def connect(server: str | None = None, token: str | None = None) -> JobClient:
+    """A client of the control plane at `server` (else $ROUNDHOUSE_SERVER, else the local default), with
+    `token` (else $ROUNDHOUSE_TOKEN, else the admin token a local `roundhouse serve` wrote)."""
     address = config.server_address(server)
-    token = config.user_token(token)
-    if not token:
+    resolved = config.user_token(token)
+    if not resolved:
         raise ClientError(
-            f"no API token: set ROUNDHOUSE_TOKEN or pass --token (a server started with `roundhouse serve` "
-            f"writes its admin token to {config.token_file(config.home_dir())})")
-    return JobClient(address, token)
+            f"no API token found. Start `roundhouse serve` once on this machine (it writes an admin token to "
+            f"{config.token_file(config.home_dir())}, where the CLI finds it), or set ROUNDHOUSE_TOKEN "
+            f"(or pass --token).")
+    return JobClient(address, resolved)
 
 
-def describe(exc: grpc.RpcError) -> str:
-    """`CODE: details`, plus one line per field violation for INVALID_ARGUMENT."""
-    code = exc.code()
+def describe(exc: grpc.RpcError, address: str | None = None) -> str:
+    """`CODE: details`; for INVALID_ARGUMENT, one `field: description` line per google.rpc.BadRequest
+    violation the server attached."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code is None:
+        return f"RPC failed: {details or exc!r}"
     if code is grpc.StatusCode.UNAVAILABLE:
-        return f"UNAVAILABLE: no control plane answers ({exc.details()})"
-    lines = [f"{code.name}: {exc.details()}"]
-    status = rpc_status.from_call(exc)
+        where = f" at {address}" if address else ""
+        return (f"UNAVAILABLE: no control plane answers{where} ({details}); start one with `roundhouse serve` "
+                f"or point --server / ROUNDHOUSE_SERVER at it")
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return f"UNAUTHENTICATED: {details} (check --token / ROUNDHOUSE_TOKEN)"
+    violations = field_violations(exc)
+    if violations:
+        return "\n".join([f"{code.name}: the server refused the request"]
+                         + [f"  {field}: {description}" for field, description in violations])
+    return f"{code.name}: {details}"
+
+
+def field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """The (field, description) pairs of a google.rpc.BadRequest in the error's rich status, if any."""
+    try:
+        status = rpc_status.from_call(exc)
+    except (ValueError, AttributeError, TypeError):  # no call attached, or a status that contradicts the code
+        return []
+    out = []
     for detail in status.details if status else ():
         bad_request = error_details_pb2.BadRequest()
         if detail.Unpack(bad_request):
-            lines = [f"{code.name}: the request was refused"]
-            lines += [f"  {v.field}: {v.description}" for v in bad_request.field_violations]
-    return "\n".join(lines)
+            out += [(v.field, v.description) for v in bad_request.field_violations]
+    return out
 
 
 def job_name(name: str) -> str:
-    """Accepts "NAME" or "jobs/NAME"."""
-    return name if name.startswith("jobs/") else f"jobs/{name}"
+    """The resource name of a job given as "NAME" or "jobs/NAME"."""
+    name = name.strip()
+    return name if name.startswith(JOB_PREFIX) else f"{JOB_PREFIX}{name}"
+
+
+def short_name(name: str) -> str:
+    """"jobs/NAME" -> "NAME"."""
+    return name.removeprefix(JOB_PREFIX)

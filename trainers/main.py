@@ -1,15 +1,16 @@
 """The rank's training loop: `python -m trainers`, one process per rank.
 
-This trainer handles single-rank and data-parallel jobs (tp = pp = 1) on CPU, with gloo between ranks. Each
-step trains on one global batch (trainers.data), split across the data-parallel ranks and, within a rank, into
-micro-batches whose gradients accumulate before one AdamW step. Rank 0 prints one line per step and queues
-one metric point per step for the control plane (trainers.reporting).
+Every job runs as tp × pp × dp ranks training one GPT together (trainers.parallel says how the world is
+split): megatron-core's tensor-parallel layers (trainers.model) in a DeepSpeed pipeline with ZeRO-1 over data
+parallelism (trainers.pipeline), on CPU with gloo or on GPUs with NCCL. Each step trains on one global batch
+(trainers.data), split across the data-parallel ranks and, within a rank, into micro-batches. Rank 0 prints
+one line per step and queues one metric point per step for the control plane (trainers.reporting).
 
 The environment contract, test hooks included, is in trainers.env. Exit codes:
 
     0   trained every step
     1   failed: the traceback is on stderr (bad data, a peer rank gone, any bug)
-    2   cannot run as configured: bad environment, unreadable spec, or a layout this trainer lacks
+    2   cannot run as configured: bad environment, unreadable spec, or a world size that is not tp*pp*dp
     3   the control plane said stop (cancelled, or a newer attempt): the reason is printed
     17  RH_FAULT_EXIT_AT_STEP fired (a simulated crash)
 """
@@ -20,18 +21,18 @@ import os
 import sys
 import time
 import traceback
-from contextlib import nullcontext
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.spec import JobSpec
-from trainers.data import Batch, TextData
+from trainers import parallel
+from trainers.data import TextData
+from trainers.indexed_dataset import TokenWindows, open_dataset
 from trainers.env import ConfigError, RankEnv, TestHooks, load_spec
-from trainers.model import GPT, build_model
-from trainers.optim import build_optimizer, set_lr
+from trainers.parallel import ParallelDims
+from trainers.optim import set_lr
+from trainers.pipeline import build_engine, micro_batches
 from trainers.reporting import make_reporter, metric_point
 from trainers.schedule import lr_at
 
@@ -40,7 +41,6 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 EXIT_FAULT = 17
-PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
 
 
 def main() -> int:
@@ -61,40 +61,31 @@ def main() -> int:
 
 
 def check_layout(spec: JobSpec, env: RankEnv) -> None:
-    p = spec.parallelism
-    if p.tp > 1 or p.pp > 1:
-        raise ConfigError(f"this job asks for tp={p.tp} pp={p.pp}, but this trainer runs data parallelism "
-                          f"only: tensor/pipeline parallel arrive with the 3D trainer")
     if env.world_size != spec.world_size:
         raise ConfigError(f"WORLD_SIZE={env.world_size}, but the spec's tp*pp*dp = {spec.world_size}")
 
 
 def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
-    t, dp = spec.training, spec.parallelism.dp
+    t, p = spec.training, spec.parallelism
+    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, rank=env.rank)
     rank0 = env.rank == 0
-    distributed = env.world_size > 1
+    if env.world_size > 1:
+        torch.set_num_threads(1)  # one core per rank; more threads only fight over the same cores
     reporter = make_reporter(env)
-    reporter.start()  # heartbeats begin before the rendezvous, which may wait for slow peers
+    reporter.start()  # heartbeats begin before the rendezvous: a rank waiting for its peers is alive
     try:
-        if distributed:
-            torch.set_num_threads(1)  # one core per rank; more threads only fight over the same cores
-            dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size, timeout=PROCESS_GROUP_TIMEOUT)
-        if env.start_step and rank0:
-            print(f"roundhouse trainer: ROUNDHOUSE_START_STEP={env.start_step}, but this trainer does not resume "
-                  f"from checkpoints yet: training from step 1", flush=True)
+        topology = parallel.setup(dims, env.master_addr, env.master_port, env.local_rank)
         torch.manual_seed(t.seed)
-        data = TextData.from_path(spec.data.path, spec.model.seq_length, t.seed)
-        model = build_model(spec.model, t.seed)
-        trained = DistributedDataParallel(model) if dp > 1 else model
-        optimizer = build_optimizer(model, t)
-        accumulation = t.global_batch_size // (t.micro_batch_size * dp)
+        data = open_dataset(spec.data.path, spec.model.seq_length, t.seed, vocab_size=spec.model.vocab_size)
+        engine = build_engine(spec, dims, topology)
         tokens_per_step = t.global_batch_size * spec.model.seq_length
+        parameters = count_parameters(engine, dims)  # a collective: every rank takes part
         if rank0:
-            print(f"roundhouse trainer: {env.job or spec.name} attempt {env.attempt}, {env.world_size} rank(s) "
-                  f"(dp={dp}), {model.num_parameters() / 1e6:.2f}M parameters, corpus "
-                  f"{len(data.train) + len(data.val)} bytes ({spec.data.path or 'built-in'}), "
-                  f"{accumulation} micro-batch(es) of {t.micro_batch_size} per rank per step", flush=True)
+            print(f"roundhouse trainer: {env.job or spec.name} attempt {env.attempt}, {env.world_size} rank(s), "
+                  f"layout tp={p.tp} pp={p.pp} dp={p.dp}, {parameters:,} parameters, corpus "
+                  f"{len(data.train) + len(data.val):,} tokens ({spec.data.path or 'built-in'}), "
+                  f"{engine.gradient_accumulation_steps()} micro-batch(es) of {t.micro_batch_size} per rank "
+                  "per step", flush=True)
 
         for step in range(1, t.steps + 1):
             if hooks.should_crash(env.rank, step):
@@ -103,16 +94,16 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                 os._exit(EXIT_FAULT)
             started = time.perf_counter()
             lr = lr_at(step, t)
-            set_lr(optimizer, lr)
-            batch = data.train_batch(step, t.global_batch_size, env.rank, dp)
-            local_loss = train_step(trained, optimizer, batch, t.micro_batch_size)
-            loss, stop = agree(local_loss, reporter.stop_reason is not None, distributed)
+            set_lr(engine.optimizer, lr)  # ZeRO's optimizer exposes the wrapped one's groups
+            batch = data.train_batch(step, t.global_batch_size, dims.dp_rank, dims.dp)
+            loss = engine.train_batch(micro_batches(batch.inputs, batch.targets, t.micro_batch_size)).item()
+            stop = any_rank(reporter.stop_reason is not None)
             tokens_per_second = tokens_per_step / (time.perf_counter() - started)
             reporter.set_step(step)
 
             val_loss = None
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
-                val_loss = evaluate(model, data, env.rank, dp, t.micro_batch_size, distributed)
+                val_loss = evaluate(engine, data, dims, t.global_batch_size, t.micro_batch_size)
             if rank0:
                 print(f"step {step}/{t.steps} loss {loss:.6f} lr {lr:.1e} tok/s {tokens_per_second:.0f}",
                       flush=True)
@@ -129,51 +120,37 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
         return EXIT_OK
     finally:
         reporter.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        parallel.teardown()
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, micro_batch_size: int) -> float:
-    """One optimizer step over this rank's share of the global batch; returns its mean loss.
-
-    Each micro-batch's loss is divided by the number of micro-batches, so the accumulated gradient is the mean
-    over the rank's share; DDP then averages across ranks: together, the mean over the global batch."""
-    optimizer.zero_grad(set_to_none=True)
-    micro_batches = list(zip(batch.inputs.split(micro_batch_size), batch.targets.split(micro_batch_size)))
-    total = 0.0
-    for i, (inputs, targets) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        # Gradients are all-reduced once, on the last micro-batch.
-        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
-        with no_sync:
-            loss = model(inputs, targets)
-            (loss / len(micro_batches)).backward()
-        total += loss.item()
-    optimizer.step()
-    return total / len(micro_batches)
+def any_rank(flag: bool) -> bool:
+    """Whether any rank saw `flag` (so that all ranks stop after the same step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
 
 
-def agree(local_loss: float, stop: bool, distributed: bool) -> tuple[float, bool]:
-    """The step's loss averaged over ranks, and whether any rank was told to stop (so all stop together)."""
-    if not distributed:
-        return local_loss, stop
-    values = torch.tensor([local_loss, float(stop)], dtype=torch.float64)
-    dist.all_reduce(values)
-    return values[0].item() / dist.get_world_size(), values[1].item() > 0
+def count_parameters(engine, dims: ParallelDims) -> int:
+    """Parameters of the whole model: this rank's, summed over tensor and pipeline ranks."""
+    local = torch.tensor([float(sum(p.numel() for p in engine.module.parameters()))], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(local)
+        local /= dims.dp
+    return int(local.item())
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: TextData, dp_rank: int, dp: int, micro_batch_size: int, distributed: bool) -> float:
-    """Mean loss per token over the fixed held-out windows, each rank taking its share."""
-    model.eval()
-    batch = data.val_batch(dp_rank, dp)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss summed over tokens, tokens
-    for inputs, targets in zip(batch.inputs.split(micro_batch_size), batch.targets.split(micro_batch_size)):
-        if not targets.numel():
-            continue  # more ranks than held-out windows: this rank has none
-        totals[0] += model(inputs, targets).item() * targets.numel()
-        totals[1] += targets.numel()
-    if distributed:
-        dist.all_reduce(totals)
-    model.train()
-    return (totals[0] / totals[1]).item()
+def evaluate(engine, data: TextData | TokenWindows, dims: ParallelDims, windows: int, micro_batch_size: int) -> float:
+    """Mean loss over a fixed global batch of held-out windows, shaped like a training batch (the pipeline's
+    buffers are sized for it), averaged over data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    batch = data.val_batch(dims.dp_rank, dims.dp, windows=windows)
+    loss = engine.eval_batch(micro_batches(batch.inputs, batch.targets, micro_batch_size))
+    loss = loss.detach().to(torch.float64).reshape(1)
+    if dims.dp > 1:
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        loss /= dims.dp
+    return loss.item()

@@ -1,11 +1,23 @@
-"""A small GPT: token + learned position embeddings, pre-norm transformer blocks (causal self-attention and a
-GELU MLP), a final LayerNorm and an untied output head. No dropout, so a step is a pure function of the
-weights and the batch (what makes data-parallel runs match single-rank ones).
+"""The GPT, tensor-parallel: the whole model in one file.
 
-`build_model` is the one place weights are created and initialised; the init depends only on the seed."""
+Token + learned position embeddings, pre-norm transformer blocks (causal self-attention on this rank's
+heads, a GELU MLP), a final LayerNorm and an untied output head, with megatron-core's tensor-parallel layers:
+
+    token embedding    VocabParallelEmbedding   vocabulary rows split over tp
+    qkv, mlp.fc        ColumnParallelLinear     output features split (whole heads for qkv)
+    attn.proj, mlp.proj RowParallelLinear       input features split, outputs summed over tp
+    head               ColumnParallelLinear     vocabulary split; the loss is vocab_parallel_cross_entropy
+
+The model comes in three kinds of pipeline layer (`Embedding`, `Block`, `Head`) so that DeepSpeed's
+PipelineModule can place them on stages. No dropout: a step is a pure function of weights and batch.
+
+Each layer initialises itself on creation (`init_parameters`, on the stage that owns it): it draws each parameter at its *global* shape from a generator seeded by
+(seed, global parameter name) and keeps this rank's slice, so the same seed gives the same model whatever
+the layout. Global names use global layer indices ("blocks.3.attn.qkv.weight"), never stage-local ones."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -31,87 +43,170 @@ class GPTConfig:
         return cls(layers=spec.layers, hidden_size=spec.hidden_size, heads=spec.heads,
                    seq_length=spec.seq_length, vocab_size=spec.vocab_size)
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.heads
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+
+def megatron_config(tp: int):
+    """What megatron-core's layers need to know: CPU-side creation, fp32. Megatron's own initialisation runs
+    (it marks each split parameter with its partition dimension) but draws nothing: `init_parameters` sets
+    the values afterwards."""
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=True, params_dtype=torch.float32,
+                               gradient_accumulation_fusion=False)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """The init method megatron calls on the global tensor: nothing; `init_parameters` sets the values."""
+
+
+class Embedding(nn.Module):
+    """First pipeline stage: tokens (B, T) -> hidden states (B, T, H)."""
+
+    def __init__(self, config: GPTConfig, tp: int, tp_rank: int, seed: int):
         super().__init__()
-        self.heads = config.heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        self.global_prefix = "embedding"
+        self.tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_method=_no_init,
+                                             config=megatron_config(tp))
+        self.positions = nn.Embedding(config.seq_length, config.hidden_size)
+        init_parameters(self, config.layers, seed, tp, tp_rank)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.tokens(tokens) + self.positions(positions)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, tp: int):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        mp = megatron_config(tp)
+        self.local_heads = config.heads // tp
+        self.head_dim = config.head_dim
+        # Output rows are ordered (head, q|k|v, head_dim), so each rank's contiguous slice holds whole heads.
+        self.qkv = ColumnParallelLinear(config.hidden_size, 3 * config.hidden_size, config=mp,
+                                        init_method=_no_init, bias=True, gather_output=False)
+        self.proj = RowParallelLinear(config.hidden_size, config.hidden_size, config=mp, init_method=_no_init,
+                                      bias=True, input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time, hidden = x.shape
-        # (B, T, 3H) -> three (B, heads, T, head_dim) tensors
-        q, k, v = self.qkv(x).view(batch, time, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        batch, time, _ = x.shape
+        qkv, _ = self.qkv(x)
+        # (B, T, local_heads * 3 * head_dim) -> three (B, local_heads, T, head_dim)
+        q, k, v = qkv.view(batch, time, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(batch, time, hidden))
+        out, _ = self.proj(y.transpose(1, 2).reshape(batch, time, self.local_heads * self.head_dim))
+        return out
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, tp: int):
         super().__init__()
-        self.fc = nn.Linear(config.hidden_size, 4 * config.hidden_size)
-        self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        mp = megatron_config(tp)
+        self.fc = ColumnParallelLinear(config.hidden_size, 4 * config.hidden_size, config=mp,
+                                       init_method=_no_init, bias=True, gather_output=False)
+        self.proj = RowParallelLinear(4 * config.hidden_size, config.hidden_size, config=mp, init_method=_no_init,
+                                      bias=True, input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        hidden, _ = self.fc(x)
+        out, _ = self.proj(F.gelu(hidden))
+        return out
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """One pre-norm transformer block: hidden states in, hidden states out."""
+
+    def __init__(self, config: GPTConfig, tp: int, tp_rank: int, seed: int, layer_index: int):
         super().__init__()
+        self.global_prefix = f"blocks.{layer_index}"
         self.ln_attn = nn.LayerNorm(config.hidden_size)
-        self.attn = CausalSelfAttention(config)
+        self.attn = Attention(config, tp)
         self.ln_mlp = nn.LayerNorm(config.hidden_size)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
+        init_parameters(self, config.layers, seed, tp, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x))
         return x + self.mlp(self.ln_mlp(x))
 
 
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+class Head(nn.Module):
+    """Last pipeline stage: hidden states -> this rank's slice of the vocabulary logits."""
+
+    def __init__(self, config: GPTConfig, tp: int, tp_rank: int, seed: int):
         super().__init__()
-        self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.pos_emb = nn.Embedding(config.seq_length, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        self.global_prefix = "head"
         self.ln_f = nn.LayerNorm(config.hidden_size)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.out = ColumnParallelLinear(config.hidden_size, config.vocab_size, config=megatron_config(tp),
+                                        init_method=_no_init, bias=False, gather_output=False)
+        init_parameters(self, config.layers, seed, tp, tp_rank)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for `tokens` (B, T); with `targets`, the mean cross-entropy instead."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.tok_emb(tokens) + self.pos_emb(positions)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.ln_f(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator) -> None:
-        """GPT-2 style: N(0, 0.02) everywhere, residual-stream output projections scaled down by
-        sqrt(2 * layers) so the residual variance does not grow with depth; biases 0, LayerNorms identity."""
-        residual_std = INIT_STD / math.sqrt(2 * self.config.layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = residual_std if name.endswith(".proj") else INIT_STD
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.out(self.ln_f(x))
+        return logits
 
 
-def build_model(spec: ModelSpec, seed: int) -> GPT:
-    """The model with its initial weights, identical on every rank for the same seed."""
-    model = GPT(GPTConfig.from_spec(spec))
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over tokens, computed on vocabulary shards without gathering the logits."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(logits.float(), targets).mean()
+
+
+# -- initialisation from global tensors ----------------------------------------------------------------------
+
+# How each parameter is split over tensor parallelism: the dimension of its global tensor that is sliced
+# (None: replicated on every tp rank). Keyed by the parameter's name within its pipeline layer.
+SHARD_DIM = {
+    "tokens.weight": 0,
+    "attn.qkv.weight": 0, "attn.qkv.bias": 0,
+    "mlp.fc.weight": 0, "mlp.fc.bias": 0,
+    "attn.proj.weight": 1,
+    "mlp.proj.weight": 1,
+    "out.weight": 0,
+}
+
+
+def global_shape(local: torch.Tensor, name: str, tp: int) -> tuple[int, ...]:
+    shape = list(local.shape)
+    dim = SHARD_DIM.get(name)
+    if dim is not None:
+        shape[dim] *= tp
+    return tuple(shape)
+
+
+def _generator(seed: int, global_name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{global_name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def initial_global_tensor(global_name: str, shape: tuple[int, ...], layers: int, seed: int) -> torch.Tensor:
+    """GPT-2 style: N(0, 0.02) for weights and embeddings, with the residual-stream output projections
+    scaled by 1/sqrt(2 * layers); biases 0; LayerNorm gains 1."""
+    if global_name.endswith(("ln_attn.weight", "ln_mlp.weight", "ln_f.weight")):
+        return torch.ones(shape)
+    if global_name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = INIT_STD / math.sqrt(2 * layers) if global_name.endswith("proj.weight") else INIT_STD
+    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, global_name))
+
+
+@torch.no_grad()
+def init_parameters(layer: nn.Module, layers: int, seed: int, tp: int, tp_rank: int) -> None:
+    """Sets every parameter of one pipeline layer to its slice of the seeded global tensor."""
+    for name, param in layer.named_parameters():
+        global_name = f"{layer.global_prefix}.{name}"
+        full = initial_global_tensor(global_name, global_shape(param, name, tp), layers, seed)
+        dim = SHARD_DIM.get(name)
+        param.copy_(full if dim is None else full.chunk(tp, dim=dim)[tp_rank])

@@ -1,0 +1,104 @@
+"""How the world is split: tensor × pipeline × data parallel, and this rank's place in it.
+
+Rank order, the same for megatron-core and DeepSpeed: tensor parallel varies fastest, then data parallel,
+then pipeline parallel:  rank = (pp_rank * dp + dp_rank) * tp + tp_rank.  `setup` checks at start-up that
+both libraries really agree, since a disagreement would silently train nonsense."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
+
+
+class LayoutError(RuntimeError):
+    """The libraries disagree on where this rank sits, or the world does not fit the layout."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int
+    pp: int
+    dp: int
+    rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def rank_of(self, tp_rank: int, pp_rank: int, dp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def describe(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} (rank {self.rank}: tp {self.tp_rank}, " \
+               f"pp {self.pp_rank}, dp {self.dp_rank})"
+
+
+def setup(dims: ParallelDims, master_addr: str, master_port: int, local_rank: int):
+    """Starts torch.distributed (gloo on CPU, NCCL on GPU), megatron-core's tensor-parallel groups and
+    DeepSpeed's topology; returns the topology after checking the two agree on this rank's coordinates."""
+    import deepspeed
+    import torch
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # DeepSpeed reads these from the environment rather than from the process group.
+    for name, value in (("MASTER_ADDR", master_addr), ("MASTER_PORT", master_port), ("RANK", dims.rank),
+                        ("WORLD_SIZE", dims.world_size), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=dims.rank,
+                            world_size=dims.world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
+                                             pipeline_model_parallel_size=dims.pp)
+    topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+    check_rank_order(dims, topology)
+    return topology
+
+
+def check_rank_order(dims: ParallelDims, topology) -> None:
+    from megatron.core import parallel_state
+
+    coordinate = topology.get_coord(dims.rank)
+    seen = {
+        "megatron": (parallel_state.get_tensor_model_parallel_rank(),
+                     parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()),
+        "deepspeed": (coordinate.model, coordinate.pipe, coordinate.data),
+        "roundhouse": (dims.tp_rank, dims.pp_rank, dims.dp_rank),
+    }
+    if len(set(seen.values())) != 1:
+        raise LayoutError(f"rank {dims.rank}: the libraries disagree on its (tp, pp, dp) coordinates: {seen}")
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
