@@ -121,13 +121,49 @@ def test_rank_failure_restarts_then_fails_when_the_budget_is_spent(client):
     assert job.state == job_pb2.JOB_STATE_FAILED
     assert job.restart_count == 1
     assert [a.state for a in job.attempts] == [job_pb2.ATTEMPT_STATE_FAILED] * 2
-    assert all("rank 1 exited with code 17" in a.end_reason for a in job.attempts)
+    assert all("rank 1 exited with code 17: rank 1: RH_FAULT_EXIT_AT_STEP=2" in a.end_reason for a in job.attempts)
     states = [e.to_state for e in events(client, "jobs/crashy") if e.type == "StateChanged"]
     assert states == [job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_LAUNCHING, job_pb2.JOB_STATE_RUNNING,
                       job_pb2.JOB_STATE_RESTARTING, job_pb2.JOB_STATE_LAUNCHING, job_pb2.JOB_STATE_RUNNING,
                       job_pb2.JOB_STATE_FAILED]
     assert "restart budget of 1 spent" in job.state_message
     assert processes_of("crashy") == []
+
+
+def test_a_failure_only_the_trainer_sees_fails_the_job_with_its_reason(client, tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    spec = tiny_spec("no-data", steps=3, dp=1)
+    spec.data.path = str(missing)
+    client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=client.metadata)
+    job = wait_for(client, "jobs/no-data", lambda j: j.state in TERMINAL)
+    assert job.state == job_pb2.JOB_STATE_FAILED
+    assert "rank 0 exited with code 1" in job.state_message and str(missing) in job.state_message
+
+
+def test_the_3d_example_trains_through_the_control_plane(tmp_path):
+    """8 ranks (tp=2 pp=2 dp=2): once, on the embedded default; the database does not matter here."""
+    plane = start_plane(tmp_path / "home", None, reconcile=True)
+    client = Client(plane.grpc_address, token_file(plane.settings.home).read_text().strip())
+    try:
+        _train_the_3d_example(client)
+    finally:
+        client.close()
+        plane.stop()
+
+
+def _train_the_3d_example(client):
+    from orchestrator.spec import load_spec_file
+
+    example = load_spec_file(str(Path(__file__).parent.parent / "examples" / "gpt-3d.yaml"))
+    example.training.steps, example.training.warmup_steps, example.training.eval_interval = 3, 0, 0
+    client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(example)), metadata=client.metadata)
+    job = wait_for(client, "jobs/gpt-3d", lambda j: j.state in TERMINAL, timeout=240)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.state_message
+    assert job.attempts[0].layout == job_pb2.Layout(tp=2, pp=2, dp=2) and job.attempts[0].world_size == 8
+    log = "".join(c.text for c in client.jobs.StreamLogs(js.StreamLogsRequest(name="jobs/gpt-3d", rank=0),
+                                                         metadata=client.metadata, timeout=30))
+    assert "layout tp=2 pp=2 dp=2" in log and "step 3/3" in log
+    assert processes_of("gpt-3d") == []
 
 
 # -- the control plane itself crashes ---------------------------------------------------------------------

@@ -106,7 +106,9 @@ class LocalLauncher:
             if exit_file.exists():
                 code = int(exit_file.read_text().strip() or -1)
                 if code != 0:
-                    failures.append((exit_file.stat().st_mtime, f"rank {rank['rank']} exited with code {code}"))
+                    said = last_line(directory / f"rank-{rank['rank']}.log")
+                    failures.append((exit_file.stat().st_mtime,
+                                     f"rank {rank['rank']} exited with code {code}" + (f": {said}" if said else "")))
             elif alive:
                 running += 1
             else:
@@ -211,6 +213,18 @@ class LocalLauncher:
             return
         if done is not None:
             del self._children[pid]
+
+
+def last_line(log: Path, limit: int = 300) -> str:
+    """The last thing a rank printed (its error, usually), shortened."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode("utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    text = next((line for line in reversed(lines) if line), "")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _cmdline(pid: int) -> str:
