@@ -34,7 +34,8 @@ from roundhouse.v1 import job_pb2
 app = typer.Typer(help="Roundhouse: run the control plane, submit training jobs to it and watch them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+# Messages and event lines are not wrapped at the terminal width: a log or a pipe gets them whole.
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 TERMINAL = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "blue",
@@ -329,12 +330,12 @@ def watch(client: JobClient, name: str) -> job_pb2.Job:
                 progress.console.print(Text("reconnected", style="yellow"))
                 outage = False
             for event in update.events:
-                progress.console.print(event_line(event))
+                progress.console.print(event_line(event), soft_wrap=True)
                 last_event = max(last_event, event.id)
             for point in update.metrics:
                 if point.HasField("val_loss") and point.rank == 0:
                     progress.console.print(Text(f"step {point.step}: validation loss {point.val_loss:.4f}",
-                                                style="dim"))
+                                                style="dim"), soft_wrap=True)
             job = update.job
             progress.update(task, description=state_name(job.state), total=job.total_steps or None,
                             completed=job.current_step, loss=loss_text(job), speed=speed_text(job.tokens_per_second))
@@ -369,7 +370,7 @@ def watch(client: JobClient, name: str) -> job_pb2.Job:
     summary = Text.assemble((final.name, "bold"), ": ", (state_name(final.state), f"bold {style}"))
     if final.state_message:
         summary.append(f"  {final.state_message}")
-    console.print(summary)
+    console.print(summary, soft_wrap=True)
     return final
 
 

@@ -70,8 +70,9 @@ class ControlPlane:
         launcher = LocalLauncher(self.settings.home / "runs")
         users = UserTokens(self.db)
 
+        # so_reuseport off: a second control plane on the same port must fail, not silently share it.
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
-                             interceptors=[AuthInterceptor(users)])
+                             interceptors=[AuthInterceptor(users)], options=[("grpc.so_reuseport", 0)])
         self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")

@@ -483,10 +483,16 @@ def test_the_real_client_turns_stream_errors_into_client_errors():
 
 # -- end to end: `roundhouse serve` in its own process -----------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct ports nobody listens on (all held open at once, so that they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def serving(address: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
@@ -516,7 +522,7 @@ class ServeProcess:
 
     def __init__(self, home: Path):
         self.home = home
-        self.grpc_port, self.http_port = free_port(), free_port()
+        self.grpc_port, self.http_port = free_ports(2)
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.log = home.parent / f"{home.name}-server.log"
         self.proc: subprocess.Popen | None = None
@@ -531,7 +537,7 @@ class ServeProcess:
                  "--http-port", str(self.http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             serving(self.address, process=self.proc)
-        except Exception:
+        except (RuntimeError, TimeoutError):
             self.stop()
             raise AssertionError(f"server did not start:\n{self.log.read_text()[-3000:]}") from None
         return self

@@ -1,0 +1,144 @@
+"""The 3D trainer's speed on this machine.
+
+1. Overhead: tokens/s of `python -m trainers` at layout (1, 1, 1) (megatron-core layers in a DeepSpeed pipeline
+   engine with ZeRO-1) against a plain single-process PyTorch GPT of the same size, batch and data
+   (benchmarks/plain_gpt.py, torch AdamW), measured in the same run. Goal: at least 0.85x.
+2. Scaling: tokens/s and peak memory (RSS) per rank for 1, 2, 4 and 8 ranks over the layouts
+   (1,1,1) (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,2,2), same model and global batch.
+
+Tokens/s is the median over the measured steps (the first steps, warm-up, are left out).
+
+    python benchmarks/trainer.py [--steps 12] [--skip-scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import plain_gpt  # noqa: E402
+
+from orchestrator.spec import parse_spec  # noqa: E402
+from trainers.data import TextData  # noqa: E402
+from trainers.optim import build_optimizer, set_lr  # noqa: E402
+from trainers.schedule import lr_at  # noqa: E402
+
+WARMUP_STEPS = 3
+STEP_LINE = re.compile(r"^step (\d+)/\d+ loss [\d.]+ lr \S+ tok/s (\d+)", re.M)
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 2, 2)]
+
+
+def spec_for(tp: int, pp: int, dp: int, steps: int, micro_batch_size: int):
+    return parse_spec({
+        "name": "bench", "model": {"layers": 4, "hidden_size": 256, "heads": 8, "seq_length": 128},
+        "parallelism": {"tp": tp, "pp": pp, "dp": dp},
+        "training": {"steps": steps, "global_batch_size": 16, "micro_batch_size": micro_batch_size,
+                     "learning_rate": 1e-3, "warmup_steps": 0, "seed": 5}})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_trainer(spec, directory: Path) -> tuple[float, list[int]]:
+    """Runs every rank of the spec's layout; returns rank 0's median tokens/s and each rank's peak RSS."""
+    spec_file = directory / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    port, world = free_port(), spec.world_size
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ROUNDHOUSE_", "RH_"))}
+    procs = []
+    for rank in range(world):
+        env = {**base, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ROUNDHOUSE_SPEC_FILE": str(spec_file)}
+        out = open(directory / f"rank-{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainers"], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT))
+    peaks = []
+    for rank, proc in enumerate(procs):
+        _, status, usage = os.wait4(proc.pid, 0)  # per-process rusage: ru_maxrss is this rank's peak, in KiB
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"rank {rank} failed: see {directory}/rank-{rank}.log")
+        peaks.append(usage.ru_maxrss * 1024)
+    rates = [int(m.group(2)) for m in STEP_LINE.finditer((directory / "rank-0.log").read_text())
+             if int(m.group(1)) > WARMUP_STEPS]
+    return statistics.median(rates), peaks
+
+
+def run_plain(spec) -> float:
+    """The same model, batch, data and optimizer in a plain PyTorch loop; median tokens/s."""
+    model = plain_gpt.build_model(spec.model, spec.training.seed)
+    optimizer = build_optimizer(model, spec.training)
+    data = TextData.from_path(None, spec.model.seq_length, spec.training.seed)
+    t = spec.training
+    micro = t.global_batch_size // t.micro_batch_size
+    rates = []
+    for step in range(1, t.steps + 1):
+        started = time.perf_counter()
+        set_lr(optimizer, lr_at(step, t))
+        batch = data.train_batch(step, t.global_batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        for inputs, targets in zip(batch.inputs.split(t.micro_batch_size), batch.targets.split(t.micro_batch_size),
+                                   strict=True):
+            (model(inputs, targets) / micro).backward()
+        optimizer.step()
+        if step > WARMUP_STEPS:
+            rates.append(t.global_batch_size * spec.model.seq_length / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--skip-scaling", action="store_true")
+    args = parser.parse_args()
+    machine = f"{platform.node()} ({platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch " \
+              f"{torch.__version__}, {torch.get_num_threads()} threads)"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = spec_for(1, 1, 1, args.steps, micro_batch_size=8)
+        plain = run_plain(spec)
+        trainer, peaks = run_trainer(spec, Path(tmp))
+        print(f"Trainer overhead at (1,1,1), layers 4, hidden 256, seq 128, global batch 16 (2 micro-batches), "
+              f"{machine}")
+        print()
+        print("| run | tokens/s | vs plain PyTorch |")
+        print("|---|---:|---:|")
+        print(f"| plain PyTorch GPT | {plain:,.0f} | 1.00x |")
+        print(f"| roundhouse trainer (1,1,1) | {trainer:,.0f} | {trainer / plain:.2f}x |")
+        if args.skip_scaling:
+            return
+
+        print()
+        print(f"Scaling over layouts, same model, global batch 16, micro-batch 2, {machine}")
+        print()
+        print("| layout (tp,pp,dp) | ranks | tokens/s | vs (1,1,1) | peak RSS per rank (MiB, max) |")
+        print("|---|---:|---:|---:|---:|")
+        base = None
+        for tp, pp, dp in LAYOUTS:
+            directory = Path(tmp) / f"{tp}{pp}{dp}"
+            directory.mkdir()
+            rate, peaks = run_trainer(spec_for(tp, pp, dp, args.steps, micro_batch_size=2), directory)
+            base = base or rate
+            print(f"| ({tp},{pp},{dp}) | {tp * pp * dp} | {rate:,.0f} | {rate / base:.2f}x | "
+                  f"{max(peaks) / 2**20:,.0f} |", flush=True)
+        print(json.dumps({"note": "peak RSS includes the Python interpreter, torch, DeepSpeed and megatron-core"}))
+
+
+if __name__ == "__main__":
+    main()
