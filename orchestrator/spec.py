@@ -49,6 +49,9 @@ class ModelSpec(_Section):
     heads: int = Field(4, ge=1, le=MAX_HEADS)
     seq_length: int = Field(64, ge=1, le=MAX_SEQ)
     vocab_size: int = Field(BYTE_VOCAB, ge=BYTE_VOCAB, le=MAX_VOCAB)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    positions: Literal["learned", "rotary"] = "learned"
 
 
 class ParallelismSpec(_Section):
@@ -213,6 +216,9 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
     m, p, t = spec.model, spec.parallelism, spec.training
     if m.hidden_size % m.heads:
         out.append(FieldViolation("model.hidden_size", f"{m.hidden_size} is not divisible by model.heads={m.heads}"))
+    if m.positions == "rotary" and m.hidden_size % m.heads == 0 and (m.hidden_size // m.heads) % 2:
+        out.append(FieldViolation("model.positions", f"rotary positions need an even head size; "
+                                                     f"hidden_size/heads = {m.hidden_size // m.heads}"))
     if m.heads % p.tp:
         out.append(FieldViolation("model.heads", f"{m.heads} heads are not divisible by parallelism.tp={p.tp}"))
     if m.vocab_size % p.tp:

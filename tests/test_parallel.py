@@ -39,12 +39,19 @@ def test_rank_order_is_the_same_in_roundhouse_megatron_and_deepspeed(tp, pp, dp)
         assert dims.rank_of(dims.tp_rank, dims.pp_rank, dims.dp_rank) == rank
 
 
-def test_every_layout_trains_the_same_losses(tmp_path):
+MODEL = {"layers": 4, "hidden_size": 32, "heads": 4, "seq_length": 32}
+VARIANT = {**MODEL, "norm": "rmsnorm", "mlp": "swiglu", "positions": "rotary"}
+
+
+@pytest.mark.parametrize(("model", "layouts"), [
+    pytest.param(MODEL, LAYOUTS, id="layernorm-gelu-learned"),
+    pytest.param(VARIANT, [(1, 1, 1), (2, 2, 2)], id="rmsnorm-swiglu-rotary"),
+])
+def test_every_layout_trains_the_same_losses(tmp_path, model, layouts):
     """Same seed, data and global batch: the loss of each step agrees across layouts to 1e-5 (fp32)."""
     results = {}
-    for tp, pp, dp in LAYOUTS:
-        spec = write_spec(tmp_path, model={"layers": 4, "hidden_size": 32, "heads": 4, "seq_length": 32},
-                          parallelism={"tp": tp, "pp": pp, "dp": dp},
+    for tp, pp, dp in layouts:
+        spec = write_spec(tmp_path, model=model, parallelism={"tp": tp, "pp": pp, "dp": dp},
                           training={"steps": PARITY_STEPS, "global_batch_size": 8, "micro_batch_size": 2,
                                     "learning_rate": 3e-3, "warmup_steps": 0, "eval_interval": PARITY_STEPS,
                                     "seed": 7})

@@ -57,6 +57,10 @@ BAD_INPUTS = [
     pytest.param(with_change("env.RANK", "3"), "env.RANK", id="reserved env"),
     pytest.param(with_change("labels.bad key", "x"), "labels.bad key", id="bad label key"),
     pytest.param(with_change("training.warmup_steps", 11), "training.warmup_steps", id="warmup beyond steps"),
+    pytest.param(with_change("model.positions", "rotary") | {"model": {**VALID["model"], "hidden_size": 36,
+                                                                         "positions": "rotary"}},
+                 "model.positions", id="rotary with an odd head size"),
+    pytest.param(with_change("model.norm", "batchnorm"), "model.norm", id="unknown norm"),
 ]
 
 

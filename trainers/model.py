@@ -1,10 +1,11 @@
 """The GPT, tensor-parallel: the whole model in one file.
 
-Token + learned position embeddings, pre-norm transformer blocks (causal self-attention on this rank's
-heads, a GELU MLP), a final LayerNorm and an untied output head, with megatron-core's tensor-parallel layers:
+Token embeddings (+ learned positions, or rotary positions applied to queries and keys), pre-norm
+transformer blocks (causal self-attention on this rank's heads, a GELU or SwiGLU MLP), LayerNorm or RMSNorm,
+a final norm and an untied output head, with megatron-core's tensor-parallel layers:
 
     token embedding    VocabParallelEmbedding   vocabulary rows split over tp
-    qkv, mlp.fc        ColumnParallelLinear     output features split (whole heads for qkv)
+    qkv, mlp.fc/gate/up ColumnParallelLinear    output features split (whole heads for qkv)
     attn.proj, mlp.proj RowParallelLinear       input features split, outputs summed over tp
     head               ColumnParallelLinear     vocabulary split; the loss is vocab_parallel_cross_entropy
 
@@ -37,15 +38,31 @@ class GPTConfig:
     heads: int
     seq_length: int
     vocab_size: int
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    positions: str = "learned"
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GPTConfig:
         return cls(layers=spec.layers, hidden_size=spec.hidden_size, heads=spec.heads,
-                   seq_length=spec.seq_length, vocab_size=spec.vocab_size)
+                   seq_length=spec.seq_length, vocab_size=spec.vocab_size, norm=spec.norm, mlp=spec.mlp,
+                   positions=spec.positions)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        """4H for GELU; for SwiGLU (three matrices) about 8H/3, rounded up to a multiple of the head count so
+        that every tensor-parallel size the heads allow also divides it."""
+        if self.mlp == "gelu":
+            return 4 * self.hidden_size
+        return -(-8 * self.hidden_size // (3 * self.heads)) * self.heads
+
+
+def norm_layer(config: GPTConfig) -> nn.Module:
+    return nn.RMSNorm(config.hidden_size) if config.norm == "rmsnorm" else nn.LayerNorm(config.hidden_size)
 
 
 def megatron_config(tp: int):
@@ -73,12 +90,29 @@ class Embedding(nn.Module):
         self.global_prefix = "embedding"
         self.tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_method=_no_init,
                                              config=megatron_config(tp))
-        self.positions = nn.Embedding(config.seq_length, config.hidden_size)
+        # Rotary positions live in attention instead.
+        self.positions = nn.Embedding(config.seq_length, config.hidden_size) if config.positions == "learned" \
+            else None
         init_parameters(self, config.layers, seed, tp, tp_rank)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.tokens(tokens) + self.positions(positions)
+        x = self.tokens(tokens)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+        return x
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: each pair of channels (i, i + d/2) turned by a position-dependent angle."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def rotary_tables(seq_length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
 
 
 class Attention(nn.Module):
@@ -89,6 +123,12 @@ class Attention(nn.Module):
         mp = megatron_config(tp)
         self.local_heads = config.heads // tp
         self.head_dim = config.head_dim
+        if config.positions == "rotary":
+            cos, sin = rotary_tables(config.seq_length, config.head_dim)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        else:
+            self.rotary_cos = self.rotary_sin = None
         # Output rows are ordered (head, q|k|v, head_dim), so each rank's contiguous slice holds whole heads.
         self.qkv = ColumnParallelLinear(config.hidden_size, 3 * config.hidden_size, config=mp,
                                         init_method=_no_init, bias=True, gather_output=False)
@@ -100,25 +140,42 @@ class Attention(nn.Module):
         qkv, _ = self.qkv(x)
         # (B, T, local_heads * 3 * head_dim) -> three (B, local_heads, T, head_dim)
         q, k, v = qkv.view(batch, time, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        if self.rotary_cos is not None:
+            cos, sin = self.rotary_cos[:time], self.rotary_sin[:time]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out, _ = self.proj(y.transpose(1, 2).reshape(batch, time, self.local_heads * self.head_dim))
         return out
 
 
 class MLP(nn.Module):
+    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x)); gate and up are separate column-parallel
+    layers so that each rank's slices of them belong together whatever the tensor-parallel size."""
+
     def __init__(self, config: GPTConfig, tp: int):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         mp = megatron_config(tp)
-        self.fc = ColumnParallelLinear(config.hidden_size, 4 * config.hidden_size, config=mp,
-                                       init_method=_no_init, bias=True, gather_output=False)
-        self.proj = RowParallelLinear(4 * config.hidden_size, config.hidden_size, config=mp, init_method=_no_init,
+
+        def column() -> ColumnParallelLinear:
+            return ColumnParallelLinear(config.hidden_size, config.ffn_size, config=mp, init_method=_no_init,
+                                        bias=True, gather_output=False)
+
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate, self.up = column(), column()
+        else:
+            self.fc = column()
+        self.proj = RowParallelLinear(config.ffn_size, config.hidden_size, config=mp, init_method=_no_init,
                                       bias=True, input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.fc(x)
-        out, _ = self.proj(F.gelu(hidden))
+        if self.swiglu:
+            hidden = F.silu(self.gate(x)[0]) * self.up(x)[0]
+        else:
+            hidden = F.gelu(self.fc(x)[0])
+        out, _ = self.proj(hidden)
         return out
 
 
@@ -128,9 +185,9 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, tp: int, tp_rank: int, seed: int, layer_index: int):
         super().__init__()
         self.global_prefix = f"blocks.{layer_index}"
-        self.ln_attn = nn.LayerNorm(config.hidden_size)
+        self.ln_attn = norm_layer(config)
         self.attn = Attention(config, tp)
-        self.ln_mlp = nn.LayerNorm(config.hidden_size)
+        self.ln_mlp = norm_layer(config)
         self.mlp = MLP(config, tp)
         init_parameters(self, config.layers, seed, tp, tp_rank)
 
@@ -147,7 +204,7 @@ class Head(nn.Module):
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         self.global_prefix = "head"
-        self.ln_f = nn.LayerNorm(config.hidden_size)
+        self.ln_f = norm_layer(config)
         self.out = ColumnParallelLinear(config.hidden_size, config.vocab_size, config=megatron_config(tp),
                                         init_method=_no_init, bias=False, gather_output=False)
         init_parameters(self, config.layers, seed, tp, tp_rank)
@@ -172,6 +229,8 @@ SHARD_DIM = {
     "tokens.weight": 0,
     "attn.qkv.weight": 0, "attn.qkv.bias": 0,
     "mlp.fc.weight": 0, "mlp.fc.bias": 0,
+    "mlp.gate.weight": 0, "mlp.gate.bias": 0,
+    "mlp.up.weight": 0, "mlp.up.bias": 0,
     "attn.proj.weight": 1,
     "mlp.proj.weight": 1,
     "out.weight": 0,
@@ -193,7 +252,7 @@ def _generator(seed: int, global_name: str) -> torch.Generator:
 
 def initial_global_tensor(global_name: str, shape: tuple[int, ...], layers: int, seed: int) -> torch.Tensor:
     """GPT-2 style: N(0, 0.02) for weights and embeddings, with the residual-stream output projections
-    scaled by 1/sqrt(2 * layers); biases 0; LayerNorm gains 1."""
+    scaled by 1/sqrt(2 * layers); biases 0; norm gains 1."""
     if global_name.endswith(("ln_attn.weight", "ln_mlp.weight", "ln_f.weight")):
         return torch.ones(shape)
     if global_name.endswith(".bias"):

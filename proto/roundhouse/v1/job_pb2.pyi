@@ -83,18 +83,24 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSpec, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("layers", "hidden_size", "heads", "seq_length", "vocab_size")
+    __slots__ = ("layers", "hidden_size", "heads", "seq_length", "vocab_size", "norm", "mlp", "positions")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    MLP_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     layers: int
     hidden_size: int
     heads: int
     seq_length: int
     vocab_size: int
-    def __init__(self, layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., heads: _Optional[int] = ..., seq_length: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    norm: str
+    mlp: str
+    positions: str
+    def __init__(self, layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., heads: _Optional[int] = ..., seq_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., norm: _Optional[str] = ..., mlp: _Optional[str] = ..., positions: _Optional[str] = ...) -> None: ...
 
 class ParallelismSpec(_message.Message):
     __slots__ = ("tp", "pp", "dp")
