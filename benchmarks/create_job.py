@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,17 +26,12 @@ import grpc
 from sqlalchemy import create_engine, text
 
 from orchestrator.config import token_file
+from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
 from orchestrator.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
 ECHO_METHOD = "/bench.Echo/Echo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def echo_server_main(port: int) -> None:

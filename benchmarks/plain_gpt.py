@@ -5,29 +5,15 @@ layers and no megatron-core or DeepSpeed: the baseline that the trainer's overhe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.spec import ModelSpec
+from trainers.model import GPTConfig
 
 INIT_STD = 0.02
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    layers: int
-    hidden_size: int
-    heads: int
-    seq_length: int
-    vocab_size: int
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec) -> GPTConfig:
-        return cls(layers=spec.layers, hidden_size=spec.hidden_size, heads=spec.heads,
-                   seq_length=spec.seq_length, vocab_size=spec.vocab_size)
 
 
 class CausalSelfAttention(nn.Module):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from orchestrator.config import token_file
+from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
 from orchestrator.spec import load_spec_file, spec_to_proto
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
@@ -24,12 +24,6 @@ from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 import grpc
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny-gpt.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_run(stub, metadata, name: str) -> dict[str, float]:

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import plain_gpt  # noqa: E402
 
+from orchestrator.launcher.local import free_port  # noqa: E402
 from orchestrator.spec import parse_spec  # noqa: E402
 from trainers.data import TextData  # noqa: E402
 from trainers.optim import build_optimizer, set_lr  # noqa: E402
@@ -47,12 +47,6 @@ def spec_for(tp: int, pp: int, dp: int, steps: int, micro_batch_size: int):
         "parallelism": {"tp": tp, "pp": pp, "dp": dp},
         "training": {"steps": steps, "global_batch_size": 16, "micro_batch_size": micro_batch_size,
                      "learning_rate": 1e-3, "warmup_steps": 0, "seed": 5}})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_trainer(spec, directory: Path) -> tuple[float, list[int]]:

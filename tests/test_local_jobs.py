@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import token_file
+from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
 from orchestrator.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
@@ -168,18 +168,12 @@ def _train_the_3d_example(client):
 
 # -- the control plane itself crashes ---------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(home: Path, db_url: str, grpc_port: int) -> subprocess.Popen:
     return spawn_server(home, db_url, grpc_port, log_path=home.parent / "server.log")
 
 
 def test_control_plane_killed_mid_run_adopts_its_ranks_and_the_job_finishes_once(db_url, tmp_path):
-    home, port = tmp_path / "home", _free_port()
+    home, port = tmp_path / "home", free_port()
     server = _serve(home, db_url, port)
     try:
         client = Client(f"127.0.0.1:{port}", token_file(home).read_text().strip())

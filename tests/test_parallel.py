@@ -10,9 +10,10 @@ import textwrap
 
 import pytest
 
+from orchestrator.launcher.local import free_port
 from trainers.parallel import ParallelDims
 
-from .test_trainer import free_port, losses, run_ranks, val_losses, write_spec
+from .test_trainer import losses, run_ranks, val_losses, write_spec
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ import codecs
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import grpc
 import pytest
 import torch
 
+from orchestrator.launcher.local import free_port
 from orchestrator.spec import load_spec_file, parse_spec
 from roundhouse.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc
 from trainers import data as data_module
@@ -39,12 +39,6 @@ TOKEN = "s3cret-job-token"
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def write_spec(directory: Path, **sections) -> Path:
     data = {"name": "trainer-test", "model": TINY_MODEL, **sections}

@@ -25,7 +25,8 @@ _WRAPPER = 'echo $$ > "$1"; p="$1"; e="$2"; shift 2; "$@"; c=$?; echo $c > "$e.t
 LOG_POLL_SECONDS = 0.2
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a rendezvous or a test server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +73,7 @@ class LocalLauncher:
             stale.unlink()
         spec_file = directory / "spec.json"
         spec_file.write_text(request.spec.model_dump_json())
-        port = _free_port()
+        port = free_port()
         ranks = []
         for rank in range(request.world_size):
             env = self._rank_env(request, rank, port, spec_file, directory)
