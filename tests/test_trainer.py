@@ -341,3 +341,22 @@ def test_missing_data_path_fails_clearly(tmp_path, monkeypatch, capsys):
 def test_missing_spec_file_is_a_configuration_error(tmp_path, monkeypatch, capsys):
     assert run_main(monkeypatch, tmp_path / "absent.json") == 2
     assert "cannot read the spec file" in capsys.readouterr().err
+
+
+def test_trains_on_a_prepared_token_dataset(tmp_path):
+    from trainers.prepare import prepare
+    from trainers.tokenizer import ByteTokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, path in enumerate(data_module.builtin_corpus_files()[:40]):
+        (corpus / f"{i:02d}-{path.name}").write_bytes(path.read_bytes())
+    report = prepare([corpus], tmp_path / "tokens", ByteTokenizer())
+    assert report.documents == 40
+    spec = write_spec(tmp_path, data={"path": str(report.index_path)},
+                      training={"steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 0,
+                                "eval_interval": 4})
+    [(code, out, err)] = run_ranks(spec, tmp_path)
+    assert code == 0, err
+    assert f"{report.tokens:,} tokens ({report.index_path})" in out
+    assert len(losses(out)) == 4 and len(val_losses(out)) == 1
