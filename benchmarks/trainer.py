@@ -14,7 +14,6 @@ Tokens/s is the median over the measured steps (the first steps, warm-up, are le
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -131,7 +130,8 @@ def main() -> None:
             base = base or rate
             print(f"| ({tp},{pp},{dp}) | {tp * pp * dp} | {rate:,.0f} | {rate / base:.2f}x | "
                   f"{max(peaks) / 2**20:,.0f} |", flush=True)
-        print(json.dumps({"note": "peak RSS includes the Python interpreter, torch, DeepSpeed and megatron-core"}))
+        print()
+        print("Peak RSS includes the Python interpreter, torch, DeepSpeed and megatron-core.")
 
 
 if __name__ == "__main__":

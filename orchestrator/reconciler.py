@@ -104,7 +104,7 @@ class Reconciler:
             if self._restart_when_due(name, ref):
                 self.reconcile(name)
         elif ref is not None:
-            self._observe(name, ref)
+            self._observe(name, ref, state)
 
     def _cancel(self, name: str, ref: AttemptRef | None) -> None:
         if ref is not None:
@@ -144,13 +144,13 @@ class Reconciler:
             self.launcher.stop(ref, self.settings.stop_grace_seconds)  # no rank of the old gang survives
         return self._start_attempt(name, from_state=JobState.RESTARTING)
 
-    def _observe(self, name: str, ref: AttemptRef) -> None:
+    def _observe(self, name: str, ref: AttemptRef, state: JobState) -> None:
         if not ref.launch_info:
             self._launch(name, ref)
             return
         status = self.launcher.status(ref)
-        if status.phase is Phase.PENDING:
-            return
+        if status.phase is Phase.PENDING or (status.phase is Phase.RUNNING and state is JobState.RUNNING):
+            return  # nothing new: no write transaction (on SQLite, no write lock) on every tick
         if status.phase is Phase.FAILED:
             # Stop the rest of the gang before deciding: a half-dead gang only hangs in collectives.
             self.launcher.stop(ref, self.settings.stop_grace_seconds)

@@ -53,6 +53,21 @@ class Client:
         self.channel.close()
 
 
+def processes_of(job: str) -> list[int]:
+    """Every live process on this machine that belongs to the job (its ranks carry ROUNDHOUSE_JOB)."""
+    marker = f"ROUNDHOUSE_JOB=jobs/{job}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes() and (entry / "stat").read_text().split()[2] != "Z":
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def start_plane(home: Path, db_url: str | None, reconcile: bool) -> ControlPlane:
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=0, http_port=0, reconcile=reconcile,
                                         reconciler=ReconcilerSettings(interval_seconds=0.2,

@@ -20,13 +20,15 @@ import pytest
 import typer
 from google.protobuf import any_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from orchestrator import cli
 from orchestrator.cli import app, parse_labels, parse_state
 from orchestrator.client import ClientError, JobClient, connect, describe, job_name, short_name
+from orchestrator.process import wait_healthy
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
+
+from .conftest import processes_of
 
 runner = CliRunner()
 # Whatever the developer's shell exports must not leak into a test.
@@ -495,23 +497,6 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def serving(address: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
-    """Waits for the gRPC health service at `address` to answer SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"`roundhouse serve` exited with code {process.returncode}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise TimeoutError(f"no healthy control plane at {address}")
-
-
 def roundhouse_command() -> list[str]:
     script = Path(sys.executable).with_name("roundhouse")
     return [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator.cli"]
@@ -536,7 +521,7 @@ class ServeProcess:
                 [*roundhouse_command(), "serve", "--home", str(self.home), "--grpc-port", str(self.grpc_port),
                  "--http-port", str(self.http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            serving(self.address, process=self.proc)
+            wait_healthy(self.address, process=self.proc)
         except (RuntimeError, TimeoutError):
             self.stop()
             raise AssertionError(f"server did not start:\n{self.log.read_text()[-3000:]}") from None
@@ -564,20 +549,6 @@ class ServeProcess:
         for job in json.loads(listed.stdout or '{"jobs": []}')["jobs"]:
             if job["state"] not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
                 run("cancel", job["name"], "--timeout", "60", env=self.env)
-
-
-def processes_of(job: str) -> list[int]:
-    """Live processes that belong to the job: its ranks carry ROUNDHOUSE_JOB in their environment."""
-    marker = f"ROUNDHOUSE_JOB=jobs/{job}\0".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker in (entry / "environ").read_bytes() and \
-                    (entry / "stat").read_text().split()[2] != "Z":
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from orchestrator.process import spawn_server
 from orchestrator.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
-from .conftest import Client, start_plane
+from .conftest import Client, processes_of, start_plane
 
 pytestmark = pytest.mark.slow
 
@@ -49,21 +49,6 @@ def events(client: Client, name: str) -> list[job_pb2.Event]:
     updates = client.jobs.WatchJob(js.WatchJobRequest(name=name, after_step=-1), metadata=client.metadata,
                                    timeout=30)
     return [e for u in updates for e in u.events]
-
-
-def processes_of(job: str) -> list[int]:
-    """Every live process on this machine that belongs to the job (its ranks carry ROUNDHOUSE_JOB)."""
-    marker = f"ROUNDHOUSE_JOB=jobs/{job}\0".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes() and (entry / "stat").read_text().split()[2] != "Z":
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture
