@@ -201,7 +201,10 @@ def job_details(job: job_pb2.Job) -> Group:
         ("layout", f"{layout(job)} (tp×pp×dp), {spec.resources.ranks or 1} ranks"),
         ("model", (f"{spec.model.layers} layers, hidden {spec.model.hidden_size}, {spec.model.heads} heads, "
                    f"seq {spec.model.seq_length}, vocab {spec.model.vocab_size}")),
-        ("restarts", f"{job.restart_count}/{spec.restart_policy.max_restarts}"),
+        ("restarts", (f"{job.restart_count}/{spec.restart_policy.max_restarts} after crashes, "
+                      f"{job.hang_restart_count}/{spec.restart_policy.max_hang_restarts} after hangs, "
+                      f"{job.preemption_count}/{spec.restart_policy.max_preemptions} preemptions")),
+        ("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none committed"),
         ("owner", job.owner or "—"),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(spec.labels.items())) or "—"),
         ("created", local_time(job.create_time)),
@@ -240,6 +243,10 @@ def serve(
     http_port: Annotated[int, typer.Option(min=0, max=65535, help="status page port (0: any free port)")]
     = config.DEFAULT_HTTP_PORT,
     launcher: Annotated[LauncherKind, typer.Option(help="where ranks run")] = LauncherKind.local,
+    max_ranks: Annotated[int | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                  help="the most ranks to run at once; a job asking for more "
+                                                       "runs reshaped to a smaller valid layout "
+                                                       "[default: no limit]")] = None,
     reconcile: Annotated[bool, typer.Option("--reconcile/--no-reconcile", hidden=True,
                                             help="run the reconciler (off: jobs are recorded, never launched)")]
     = True,
@@ -250,7 +257,8 @@ def serve(
     from orchestrator.server import ServerSettings, run_server
 
     settings = ServerSettings(home=(home or config.home_dir()).expanduser(), db_url=db, host=host,
-                              grpc_port=grpc_port, http_port=http_port, launcher=launcher.value, reconcile=reconcile)
+                              grpc_port=grpc_port, http_port=http_port, launcher=launcher.value, max_ranks=max_ranks,
+                              reconcile=reconcile)
     try:
         run_server(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:

@@ -36,6 +36,8 @@ class ServerSettings:
     grpc_port: int = config.DEFAULT_GRPC_PORT
     http_port: int = config.DEFAULT_HTTP_PORT
     launcher: str = "local"
+    # The most ranks the local launcher runs at once (None: no limit); jobs that ask for more are reshaped.
+    max_ranks: int | None = None
     # Off only for benchmarks of the API alone: jobs are recorded but never launched.
     reconcile: bool = True
     reconciler: ReconcilerSettings = ReconcilerSettings()
@@ -50,6 +52,7 @@ class ControlPlane:
         self.grpc_port = 0
         self.http_port = 0
         self.reconciler: Reconciler | None = None
+        self.launcher: LocalLauncher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -67,7 +70,7 @@ class ControlPlane:
         credential_key = rank_credential_key(self.db)
         if self.settings.launcher != "local":
             raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local)")
-        launcher = LocalLauncher(self.settings.home / "runs")
+        launcher = self.launcher = LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks)
         users = UserTokens(self.db)
 
         # so_reuseport off: a second control plane on the same port must fail, not silently share it.

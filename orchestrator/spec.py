@@ -81,16 +81,23 @@ class DataSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)
+    ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)  # the most; must equal tp*pp*dp
+    min_ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)  # the fewest a restart may reshape down to
 
 
 class RestartPolicy(_Section):
-    max_restarts: int = Field(0, ge=0, le=MAX_RESTARTS)
+    max_restarts: int = Field(0, ge=0, le=MAX_RESTARTS)  # after crashes
+    max_hang_restarts: int = Field(0, ge=0, le=MAX_RESTARTS)
+    max_preemptions: int = Field(10, ge=0, le=MAX_RESTARTS)  # not the job's fault: a generous default
+    hang_timeout_seconds: float = Field(300.0, gt=0, le=7 * 24 * 3600)
 
 
 class CheckpointSpec(_Section):
     directory: str | None = Field(None, max_length=4096)
     interval: int = Field(0, ge=0, le=MAX_STEPS)
+    keep_last: int = Field(2, ge=1, le=MAX_STEPS)
+    keep_every: int = Field(0, ge=0, le=MAX_STEPS)
+    async_save: bool = True
 
 
 class JobSpec(_Section):
@@ -148,6 +155,8 @@ def parse_spec(data: dict[str, Any]) -> JobSpec:
         raise SpecError(violations)
     if spec.resources.ranks is None:
         spec.resources.ranks = spec.world_size
+    if spec.resources.min_ranks is None:
+        spec.resources.min_ranks = spec.resources.ranks
     return spec
 
 
@@ -229,6 +238,9 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         out.append(FieldViolation(
             "resources.ranks",
             f"{spec.resources.ranks} ranks, but tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {p.world_size}"))
+    if spec.resources.min_ranks is not None and spec.resources.min_ranks > p.world_size:
+        out.append(FieldViolation("resources.min_ranks",
+                                  f"{spec.resources.min_ranks} exceeds the job's {p.world_size} ranks (tp*pp*dp)"))
     if p.world_size > MAX_PARALLEL:
         out.append(FieldViolation("parallelism", f"tp*pp*dp = {p.world_size} exceeds {MAX_PARALLEL} ranks"))
     if t.global_batch_size % (t.micro_batch_size * p.dp):

@@ -300,6 +300,17 @@ def test_labels_parse():
     assert parse_labels(["a=b", "c=", "k=v=w"]) == {"a": "b", "c": "", "k": "v=w"}
 
 
+def test_serve_passes_max_ranks_to_the_server(monkeypatch, tmp_path):
+    import orchestrator.server
+
+    started = []
+    monkeypatch.setattr(orchestrator.server, "run_server", started.append)
+    assert run("serve", "--home", str(tmp_path), "--max-ranks", "3").exit_code == 0
+    assert run("serve", "--home", str(tmp_path)).exit_code == 0
+    assert [s.max_ranks for s in started] == [3, None]
+    assert run("serve", "--home", str(tmp_path), "--max-ranks", "0").exit_code == 2
+
+
 # -- rendering ---------------------------------------------------------------------------------------------
 
 def test_get_json_is_the_job_message_as_a_dict(fake):

@@ -104,3 +104,29 @@ def test_deleting_a_job_removes_its_labels_and_events(db):
     with db.read() as session:
         assert session.scalars(select(JobLabel)).all() == []
         assert session.scalars(select(Event)).all() == []
+
+
+def test_migration_0002_gives_existing_jobs_zero_counts_and_checkpoint_step(db_url):
+    from alembic import command
+    from sqlalchemy import text
+
+    from orchestrator.store.db import alembic_config
+
+    database = Database(db_url)
+    try:
+        command.upgrade(alembic_config(database.engine), "0001")
+        with database.engine.begin() as conn:  # a job written by the previous version
+            conn.execute(text(
+                "INSERT INTO jobs (name, uid, spec, state, state_reason, state_message, owner, total_steps, "
+                "current_step, tokens_per_second, max_restarts, restart_count, cancel_requested, create_time, "
+                "update_time) VALUES ('old', 'u-1', '{}', 'RUNNING', '', '', '', 10, 3, 0, 2, 1, false, "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+        migrate(database)
+        with database.read() as session:
+            job = session.get(Job, "old")
+            counts = (job.restart_count, job.hang_restart_count, job.preemption_count, job.checkpoint_step)
+            assert counts == (1, 0, 0, 0)
+        command.downgrade(alembic_config(database.engine), "0001")  # and back
+        assert "checkpoint_step" not in {c["name"] for c in inspect(database.engine).get_columns("jobs")}
+    finally:
+        database.dispose()

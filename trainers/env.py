@@ -10,13 +10,20 @@ The launcher sets, for every rank:
     ROUNDHOUSE_ATTEMPT             the attempt number (int, default 0)
     ROUNDHOUSE_JOB_TOKEN           bearer token, sent as gRPC metadata ("authorization", "Bearer <token>")
     ROUNDHOUSE_RUN_DIR             a writable directory for this attempt (may be unset)
-    ROUNDHOUSE_START_STEP          the step the attempt starts from (read, but nothing resumes yet: always 0)
+    ROUNDHOUSE_START_STEP          the newest committed checkpoint the control plane knows of (informational: the
+                                   trainer resumes from the newest checkpoint in the directory that passes its checks)
+    ROUNDHOUSE_CHECKPOINT_DIR      the job's checkpoint directory, shared by all ranks and attempts (the spec's
+                                   checkpoint.directory when unset; no checkpoints when both are unset)
 
 Test hooks (set through the spec's `env`, so tests can make a rank misbehave on purpose):
 
     RH_FAULT_EXIT_AT_STEP=N        the rank RH_FAULT_RANK (default 0) exits at once with code 17 when it reaches
                                    step N (steps count from 1), as if it crashed
+    RH_FAULT_EXIT_IN_SAVE_AT_STEP=N  the fault rank exits with code 17 in the middle of writing step N's checkpoint
+                                   (its shards written, the manifest not yet)
+    RH_FAULT_HANG_AT_STEP=N        the fault rank stops its heartbeats and blocks forever at step N (a hang)
     RH_FAULT_RANK=R                which rank the fault hits
+    RH_FAULT_ATTEMPT=A             faults fire only in attempt A (default: in every attempt)
     RH_TEST_STEP_SLEEP=seconds     sleep that long after every step, so a test can catch a job mid-run
 """
 
@@ -48,6 +55,7 @@ class RankEnv:
     token: str
     run_dir: str | None
     start_step: int
+    checkpoint_dir: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> RankEnv:
@@ -71,6 +79,7 @@ class RankEnv:
             token=environ.get("ROUNDHOUSE_JOB_TOKEN", ""),
             run_dir=environ.get("ROUNDHOUSE_RUN_DIR") or None,
             start_step=_int(environ, "ROUNDHOUSE_START_STEP", 0),
+            checkpoint_dir=environ.get("ROUNDHOUSE_CHECKPOINT_DIR") or None,
         )
 
 
@@ -79,22 +88,40 @@ class TestHooks:
     __test__ = False  # not a pytest class
 
     fault_exit_at_step: int | None = None
+    fault_exit_in_save_at_step: int | None = None
+    fault_hang_at_step: int | None = None
     fault_rank: int = 0
+    fault_attempt: int | None = None
     step_sleep: float = 0.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> TestHooks:
-        at = environ.get("RH_FAULT_EXIT_AT_STEP")
+        def optional(name: str) -> int | None:
+            value = environ.get(name)
+            return int(value) if value else None
+
         sleep = environ.get("RH_TEST_STEP_SLEEP")
         try:
-            return cls(fault_exit_at_step=int(at) if at else None,
+            return cls(fault_exit_at_step=optional("RH_FAULT_EXIT_AT_STEP"),
+                       fault_exit_in_save_at_step=optional("RH_FAULT_EXIT_IN_SAVE_AT_STEP"),
+                       fault_hang_at_step=optional("RH_FAULT_HANG_AT_STEP"),
                        fault_rank=_int(environ, "RH_FAULT_RANK", 0),
+                       fault_attempt=optional("RH_FAULT_ATTEMPT"),
                        step_sleep=float(sleep) if sleep else 0.0)
         except ValueError as exc:
             raise ConfigError(f"bad test hook setting: {exc}") from None
 
-    def should_crash(self, rank: int, step: int) -> bool:
-        return self.fault_exit_at_step == step and self.fault_rank == rank
+    def _hits(self, at: int | None, rank: int, attempt: int, step: int) -> bool:
+        return at == step and self.fault_rank == rank and self.fault_attempt in (None, attempt)
+
+    def should_crash(self, rank: int, step: int, attempt: int = 0) -> bool:
+        return self._hits(self.fault_exit_at_step, rank, attempt, step)
+
+    def should_crash_in_save(self, rank: int, step: int, attempt: int = 0) -> bool:
+        return self._hits(self.fault_exit_in_save_at_step, rank, attempt, step)
+
+    def should_hang(self, rank: int, step: int, attempt: int = 0) -> bool:
+        return self._hits(self.fault_hang_at_step, rank, attempt, step)
 
 
 def load_spec(path: str) -> JobSpec:

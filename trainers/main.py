@@ -12,34 +12,45 @@ The environment contract, test hooks included, is in trainers.env. Exit codes:
     1   failed: the traceback is on stderr (bad data, a peer rank gone, any bug)
     2   cannot run as configured: bad environment, unreadable spec, or a world size that is not tp*pp*dp
     3   the control plane said stop (cancelled, or a newer attempt): the reason is printed
-    17  RH_FAULT_EXIT_AT_STEP fired (a simulated crash)
+    4   preempted: SIGTERM arrived, every rank finished its step, wrote a checkpoint and exited
+    17  a fault hook fired (a simulated crash)
+
+Checkpoints (trainers.checkpoint): with a checkpoint directory, a rank first resumes from the newest committed
+checkpoint there, whatever layout it was written at, then saves every `checkpoint.interval` steps and at the
+end (in the background when `checkpoint.async_save`), and on SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from orchestrator.spec import JobSpec
+from roundhouse.v1 import job_pb2, trainer_service_pb2 as ts
 from trainers import parallel
+from trainers.checkpoint import Checkpointer, Manifest
 from trainers.data import TextData
 from trainers.indexed_dataset import TokenWindows, open_dataset
 from trainers.env import ConfigError, RankEnv, TestHooks, load_spec
 from trainers.parallel import ParallelDims
 from trainers.optim import set_lr
 from trainers.pipeline import build_engine, micro_batches
-from trainers.reporting import make_reporter, metric_point
+from trainers.reporting import ReporterLike, make_reporter, metric_point
 from trainers.schedule import lr_at
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
+EXIT_PREEMPTED = 4
 EXIT_FAULT = 17
 
 
@@ -71,6 +82,8 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
     rank0 = env.rank == 0
     if env.world_size > 1:
         torch.set_num_threads(1)  # one core per rank; more threads only fight over the same cores
+    preemption = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: preemption.set())
     reporter = make_reporter(env)
     reporter.start()  # heartbeats begin before the rendezvous: a rank waiting for its peers is alive
     try:
@@ -78,6 +91,8 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
         torch.manual_seed(t.seed)
         data = open_dataset(spec.data.path, spec.model.seq_length, t.seed, vocab_size=spec.model.vocab_size)
         engine = build_engine(spec, dims, topology)
+        checkpointer = make_checkpointer(spec, env, hooks, engine, dims, reporter)
+        start = checkpointer.restore() if checkpointer else 0
         tokens_per_step = t.global_batch_size * spec.model.seq_length
         parameters = count_parameters(engine, dims)  # a collective: every rank takes part
         if rank0:
@@ -85,19 +100,26 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                   f"layout tp={p.tp} pp={p.pp} dp={p.dp}, {parameters:,} parameters, corpus "
                   f"{len(data.train) + len(data.val):,} tokens ({spec.data.path or 'built-in'}), "
                   f"{engine.gradient_accumulation_steps()} micro-batch(es) of {t.micro_batch_size} per rank "
-                  "per step", flush=True)
+                  f"per step, {f'resuming after step {start}' if start else 'from the start'}", flush=True)
+        reporter.set_step(start)
+        training_started = time.perf_counter()
 
-        for step in range(1, t.steps + 1):
-            if hooks.should_crash(env.rank, step):
+        for step in range(start + 1, t.steps + 1):
+            if hooks.should_crash(env.rank, step, env.attempt):
                 print(f"rank {env.rank}: RH_FAULT_EXIT_AT_STEP={step}: exiting with code {EXIT_FAULT}", flush=True)
                 sys.stderr.flush()
                 os._exit(EXIT_FAULT)
+            if hooks.should_hang(env.rank, step, env.attempt):
+                print(f"rank {env.rank}: RH_FAULT_HANG_AT_STEP={step}: no more heartbeats, blocking", flush=True)
+                reporter.stop_heartbeats()
+                while True:
+                    time.sleep(3600)
             started = time.perf_counter()
             lr = lr_at(step, t)
             set_lr(engine.optimizer, lr)  # ZeRO's optimizer exposes the wrapped one's groups
             batch = data.train_batch(step, t.global_batch_size, dims.dp_rank, dims.dp)
             loss = engine.train_batch(micro_batches(batch.inputs, batch.targets, t.micro_batch_size)).item()
-            stop = any_rank(reporter.stop_reason is not None)
+            stop, preempted = any_rank(reporter.stop_reason is not None, preemption.is_set())
             tokens_per_second = tokens_per_step / (time.perf_counter() - started)
             reporter.set_step(step)
 
@@ -105,31 +127,74 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 val_loss = evaluate(engine, data, dims, t.global_batch_size, t.micro_batch_size)
             if rank0:
-                print(f"step {step}/{t.steps} loss {loss:.6f} lr {lr:.1e} tok/s {tokens_per_second:.0f}",
+                print(f"step {step}/{t.steps} loss {loss:.9g} lr {lr:.1e} tok/s {tokens_per_second:.0f}",
                       flush=True)
                 if val_loss is not None:
                     print(f"step {step}/{t.steps} val_loss {val_loss:.6f}", flush=True)
                 reporter.add_point(metric_point(step, env.attempt, env.rank, loss=loss, val_loss=val_loss,
                                                 tokens_per_second=tokens_per_second, learning_rate=lr))
+            if checkpointer is not None:
+                interval = spec.checkpoint.interval
+                last = step == t.steps
+                if preempted or (interval and (step % interval == 0 or last)):
+                    blocked = checkpointer.save(step, blocking=preempted or last or not spec.checkpoint.async_save)
+                    if rank0:
+                        print(f"step {step}/{t.steps} checkpoint blocked training {blocked:.3f} s", flush=True)
+            if preempted:
+                print(f"rank {env.rank}: SIGTERM: stopped after step {step}"
+                      f"{', checkpoint committed' if checkpointer else ' (no checkpoint directory)'}", flush=True)
+                return EXIT_PREEMPTED
             if stop:
                 reason = reporter.stop_reason or "another rank was told to stop"
                 print(f"rank {env.rank}: stopping after step {step}: {reason}", flush=True)
+                if checkpointer is not None:
+                    checkpointer.wait()
                 return EXIT_STOPPED
             if hooks.step_sleep:
                 time.sleep(hooks.step_sleep)
+        if checkpointer is not None:
+            checkpointer.wait()
+        if rank0:
+            print(f"roundhouse trainer: trained steps {start + 1}-{t.steps} in "
+                  f"{time.perf_counter() - training_started:.3f} s", flush=True)
         return EXIT_OK
     finally:
-        reporter.close()
         parallel.teardown()
+        reporter.close()  # last: heartbeats go on while the process groups are torn down
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether any rank saw `flag` (so that all ranks stop after the same step)."""
+def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dims: ParallelDims,
+                      reporter: ReporterLike) -> Checkpointer | None:
+    root = env.checkpoint_dir or spec.checkpoint.directory
+    if not root:
+        return None
+
+    def report(event: str, step: int, manifest: Manifest | None, path: str, message: str) -> None:
+        layout = job_pb2.Layout(tp=manifest.tp, pp=manifest.pp, dp=manifest.dp) if manifest else None
+        reporter.add_checkpoint_report(ts.ReportCheckpointRequest(
+            event=ts.CheckpointEvent.Value(f"CHECKPOINT_EVENT_{event}"), step=step, layout=layout, path=path,
+            size_bytes=manifest.size_bytes if manifest else 0, message=message))
+        if event != "COMMITTED":
+            print(f"roundhouse trainer: checkpoint {event.lower()}: step {step} ({path}) {message}", flush=True)
+
+    def crash_in_save(step: int) -> None:
+        if hooks.should_crash_in_save(env.rank, step, env.attempt):
+            print(f"rank {env.rank}: RH_FAULT_EXIT_IN_SAVE_AT_STEP={step}: exiting with code {EXIT_FAULT} "
+                  "before the manifest", flush=True)
+            os._exit(EXIT_FAULT)
+
+    return Checkpointer(Path(root), engine, dims, global_batch_size=spec.training.global_batch_size,
+                        keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every,
+                        report=report, on_shards_written=crash_in_save)
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether any rank saw it (so that all ranks stop after the same step)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() > 0
+        return flags
+    values = torch.tensor([float(flag) for flag in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in values.tolist())
 
 
 def count_parameters(engine, dims: ParallelDims) -> int:

@@ -1,11 +1,11 @@
 """The rank's agent: talks to the control plane's TrainerService from a background thread.
 
 Every rank heartbeats about once a second with the step it has finished; rank 0 also queues one MetricPoint
-per step, sent in batches. Training never waits on the control plane and never sees its errors:
+per step, sent in batches, and one report per checkpoint event (committed, restored, rejected, removed). Training never waits on the control plane and never sees its errors:
 
 - A failed call is logged once per outage (from the first failure to the next success), then retried on the
   thread's own rhythm. Metric points stay queued until a ReportMetrics call carrying them succeeds; past
-  `max_pending` points the oldest are dropped.
+  `max_pending` points the oldest are dropped. Checkpoint reports are few and never dropped.
 - Any answer with stop=True sets `stop_reason`; the training loop checks it after every step.
 - `close()` waits a bounded time for the queue to drain, then stops the thread.
 
@@ -62,6 +62,8 @@ class ReporterLike(Protocol):
     def start(self) -> None: ...
     def set_step(self, step: int) -> None: ...
     def add_point(self, point: job_pb2.MetricPoint) -> None: ...
+    def add_checkpoint_report(self, request: ts.ReportCheckpointRequest) -> None: ...
+    def stop_heartbeats(self) -> None: ...
     def close(self, flush_timeout: float = FLUSH_TIMEOUT) -> None: ...
 
 
@@ -73,6 +75,8 @@ class NullReporter:
     def start(self) -> None: pass
     def set_step(self, step: int) -> None: pass
     def add_point(self, point: job_pb2.MetricPoint) -> None: pass
+    def add_checkpoint_report(self, request: ts.ReportCheckpointRequest) -> None: pass
+    def stop_heartbeats(self) -> None: pass
     def close(self, flush_timeout: float = FLUSH_TIMEOUT) -> None: pass
 
 
@@ -93,6 +97,8 @@ class Reporter:
         self._pending: deque[tuple[int, job_pb2.MetricPoint]] = deque(maxlen=max_pending)  # (sequence, point)
         self._sequence = itertools.count()
         self._dropped = 0
+        self._checkpoint_reports: deque[ts.ReportCheckpointRequest] = deque()
+        self._heartbeats_stopped = False
         self._step = 0
         self._stop_reason: str | None = None
         self._wake = threading.Event()
@@ -122,6 +128,16 @@ class Reporter:
                 self._dropped += 1
             self._pending.append((next(self._sequence), point))
 
+    def add_checkpoint_report(self, request: ts.ReportCheckpointRequest) -> None:
+        request.job, request.attempt, request.rank = self.job, self.attempt, self.rank
+        with self._lock:
+            self._checkpoint_reports.append(request)
+        self._wake.set()
+
+    def stop_heartbeats(self) -> None:
+        """What a hung rank looks like from outside (a test hook): no more heartbeats."""
+        self._heartbeats_stopped = True
+
     def close(self, flush_timeout: float = FLUSH_TIMEOUT) -> None:
         """Sends what is queued, waiting at most `flush_timeout` seconds (plus one RPC), then stops."""
         self._flush_deadline = time.monotonic() + flush_timeout
@@ -130,6 +146,8 @@ class Reporter:
             self._thread.join(flush_timeout + self.rpc_timeout + 1.0)
         if self._pending:
             self._log(f"{len(self._pending)} metric points were never delivered to {self.server}")
+        if self._checkpoint_reports:
+            self._log(f"{len(self._checkpoint_reports)} checkpoint reports were never delivered to {self.server}")
         self._channel.close()
 
     # -- the thread -------------------------------------------------------------------------------------
@@ -137,25 +155,37 @@ class Reporter:
     def _run(self) -> None:
         next_heartbeat = 0.0
         next_metrics = 0.0
+        final_heartbeat_sent = False
         while True:
             now = time.monotonic()
             closing = self._flush_deadline is not None
             delivered = True
-            if now >= next_heartbeat:
+            # Closing: one last heartbeat carries the final step (the control plane then allows for the
+            # silence of a rank that is shutting down).
+            if (now >= next_heartbeat or (closing and not final_heartbeat_sent)) and not self._heartbeats_stopped:
+                final_heartbeat_sent = closing
                 self._call("Heartbeat", ts.HeartbeatRequest(job=self.job, attempt=self.attempt, rank=self.rank,
                                                             step=self._step))
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
-            if now >= next_metrics or closing:
-                delivered = self._send_metrics()
+            if now >= next_metrics or closing or self._checkpoint_reports:
+                delivered = self._send_checkpoint_reports() and self._send_metrics()
                 next_metrics = time.monotonic() + (self.metrics_interval if delivered else self.heartbeat_interval)
             if closing:
-                if not self._pending or time.monotonic() >= self._flush_deadline:
+                if (not self._pending and not self._checkpoint_reports) or time.monotonic() >= self._flush_deadline:
                     return
                 if not delivered:
                     time.sleep(min(0.2, max(0.0, self._flush_deadline - time.monotonic())))
                 continue
             self._wake.wait(max(0.0, min(next_heartbeat, next_metrics) - time.monotonic()))
             self._wake.clear()
+
+    def _send_checkpoint_reports(self) -> bool:
+        while self._checkpoint_reports:
+            if self._call("ReportCheckpoint", self._checkpoint_reports[0]) is None:
+                return False
+            with self._lock:
+                self._checkpoint_reports.popleft()
+        return True
 
     def _send_metrics(self) -> bool:
         """Sends the queued points, oldest first; False when a call failed (the points stay queued)."""

@@ -63,12 +63,26 @@ def job_to_proto(job: store.Job) -> job_pb2.Job:
         last_loss=job.last_loss,
         tokens_per_second=job.tokens_per_second,
         restart_count=job.restart_count,
+        hang_restart_count=job.hang_restart_count,
+        preemption_count=job.preemption_count,
+        checkpoint_step=job.checkpoint_step,
         cancel_requested=job.cancel_requested,
         attempts=[attempt_to_proto(a) for a in job.attempts],
         create_time=timestamp(job.create_time),
         update_time=timestamp(job.update_time),
         start_time=timestamp(job.start_time),
         end_time=timestamp(job.end_time),
+    )
+
+
+def checkpoint_to_proto(checkpoint: store.Checkpoint) -> job_pb2.Checkpoint:
+    return job_pb2.Checkpoint(
+        step=checkpoint.step,
+        attempt=checkpoint.attempt,
+        layout=job_pb2.Layout(tp=checkpoint.tp, pp=checkpoint.pp, dp=checkpoint.dp),
+        path=checkpoint.path,
+        size_bytes=checkpoint.size_bytes,
+        commit_time=timestamp(checkpoint.commit_time),
     )
 
 

@@ -1,18 +1,27 @@
 """roundhouse.v1.TrainerService: what ranks call. Ranks never touch the database; this is their only way in.
 
 Each call must carry the credential of the attempt it names. Every answer tells a rank whether to stop:
-a rank of an attempt that is no longer current (or of a cancelled job) is told to exit."""
+a rank of an attempt that is no longer current (or of a cancelled job) is told to exit.
+
+Checkpoint reports are facts about files on disk, so they are recorded whichever attempt sends them (a
+rank may report late, after buffering while the control plane was down, from an attempt since replaced)."""
 
 from __future__ import annotations
 
 import hmac
 
 import grpc
+from sqlalchemy import delete, exists, func, select
 
 from orchestrator.api import convert
+from orchestrator.api.errors import abort_invalid
 from orchestrator.auth import bearer_token, job_token
-from orchestrator.store import Database, Job, JobState, Metric, RankStatus, utcnow
+from orchestrator.lifecycle import record_event
+from orchestrator.spec import FieldViolation
+from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
+
+_EVENTS = trainer_service_pb2.CheckpointEvent
 
 
 class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
@@ -54,14 +63,100 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
                     job.update_time = utcnow()
         return trainer_service_pb2.ReportMetricsResponse(stop=stop, stop_reason=reason)
 
-    def _authorized_job(self, session, name: str, attempt: int, context) -> Job:
+    def ReportCheckpoint(self, request, context):
+        with self.db.session() as session:
+            # Locked (PostgreSQL; SQLite writers queue anyway): one job's reports apply one at a time, so
+            # checkpoint_step is always the newest row's step.
+            job = self._authorized_job(session, request.job, request.attempt, context, lock=True)
+            violations = _checkpoint_report_violations(request)
+            if violations:
+                abort_invalid(context, violations)
+            if request.event == _EVENTS.CHECKPOINT_EVENT_COMMITTED:
+                _record_commit(session, job, request)
+            elif request.event == _EVENTS.CHECKPOINT_EVENT_RESTORED:
+                _record_restore(session, job, request)
+            elif request.event == _EVENTS.CHECKPOINT_EVENT_REJECTED:
+                _forget_checkpoint(session, job, request.step)
+                _record_event_once(session, job, "CheckpointCorrupt", request.attempt,
+                                   f"checkpoint at step {request.step} failed its checks and was skipped"
+                                   + (f": {request.message}" if request.message else ""))
+            else:  # REMOVED by the retention policy: nothing to tell a user
+                _forget_checkpoint(session, job, request.step)
+            stop, reason = _should_stop(job, request.attempt)
+        return trainer_service_pb2.ReportCheckpointResponse(stop=stop, stop_reason=reason)
+
+    def _authorized_job(self, session, name: str, attempt: int, context, lock: bool = False) -> Job:
         job_id = convert.job_id_from_name(name)
-        job = session.get(Job, job_id) if job_id else None
+        job = session.get(Job, job_id, with_for_update=lock) if job_id else None
         token = bearer_token(context.invocation_metadata())
         # One answer for "no such job" and "wrong credential": a rank's token proves which job it is.
         if job is None or token is None or not hmac.compare_digest(token, job_token(self.credential_key, job.uid, attempt)):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential does not match this job and attempt")
         return job
+
+
+def _checkpoint_report_violations(request) -> list[FieldViolation]:
+    out = []
+    if request.event not in _EVENTS.values() or request.event == _EVENTS.CHECKPOINT_EVENT_UNSPECIFIED:
+        out.append(FieldViolation("event", "required: COMMITTED, RESTORED, REJECTED or REMOVED"))
+    if request.step < 0:
+        out.append(FieldViolation("step", "must not be negative"))
+    if request.size_bytes < 0:
+        out.append(FieldViolation("size_bytes", "must not be negative"))
+    if request.event in (_EVENTS.CHECKPOINT_EVENT_COMMITTED, _EVENTS.CHECKPOINT_EVENT_RESTORED):
+        for name in ("tp", "pp", "dp"):
+            if getattr(request.layout, name) < 1:
+                out.append(FieldViolation(f"layout.{name}", "required: the layout the checkpoint was written at"))
+    return out
+
+
+def _record_commit(session, job: Job, request) -> None:
+    """Upserts the checkpoint's row: a report sent twice (a retry) changes nothing."""
+    row = session.scalar(select(Checkpoint).where(Checkpoint.job_name == job.name, Checkpoint.step == request.step))
+    if row is not None and row.attempt > request.attempt:
+        return  # a newer attempt wrote this step again; what is on disk is its
+    if row is None:
+        row = Checkpoint(job_name=job.name, step=request.step, commit_time=utcnow())
+        session.add(row)
+    row.attempt = request.attempt
+    row.tp, row.pp, row.dp = request.layout.tp, request.layout.pp, request.layout.dp
+    row.path = request.path
+    row.size_bytes = request.size_bytes
+    if request.step > job.checkpoint_step:
+        job.checkpoint_step = request.step
+        job.update_time = utcnow()
+
+
+def _record_restore(session, job: Job, request) -> None:
+    """The attempt resumed from this checkpoint: that is its start step, and worth an event."""
+    layout = request.layout
+    written = f"tp={layout.tp} pp={layout.pp} dp={layout.dp}"
+    attempt = next((a for a in job.attempts if a.number == request.attempt), None)
+    if attempt is None:
+        how = f"written at {written}"
+    else:
+        attempt.start_step = request.step
+        loaded = f"tp={attempt.tp} pp={attempt.pp} dp={attempt.dp}"
+        how = f"written at {written}, reshaped to {loaded}" if loaded != written else f"written and loaded at {written}"
+    _record_event_once(session, job, "CheckpointRestored", request.attempt,
+                       f"attempt {request.attempt} resumed from the checkpoint at step {request.step}, {how}")
+
+
+def _forget_checkpoint(session, job: Job, step: int) -> None:
+    """Deletes the step's row (if any); checkpoint_step becomes the newest remaining one."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_name == job.name, Checkpoint.step == step))
+    newest = session.scalar(select(func.coalesce(func.max(Checkpoint.step), 0)).where(Checkpoint.job_name == job.name))
+    if newest != job.checkpoint_step:
+        job.checkpoint_step = newest
+        job.update_time = utcnow()
+
+
+def _record_event_once(session, job: Job, reason: str, attempt: int, message: str) -> None:
+    """A retried report must not log the same event twice."""
+    seen = session.scalar(select(exists().where(Event.job_name == job.name, Event.reason == reason,
+                                                Event.attempt == attempt, Event.message == message)))
+    if not seen:
+        record_event(session, job, "Checkpoint", reason, message, attempt=attempt)
 
 
 def _should_stop(job: Job, attempt: int) -> tuple[bool, str]:

@@ -35,6 +35,8 @@ class LaunchRequest:
     job: str
     job_uid: str
     attempt: int
+    # The spec the ranks run: the job's spec at this attempt's layout (planner.spec_at_layout), so its
+    # parallelism is (tp, pp, dp) below and resources.ranks their product.
     spec: JobSpec
     tp: int
     pp: int
@@ -44,6 +46,12 @@ class LaunchRequest:
     # How ranks reach the control plane's TrainerService.
     server_address: str
 
+    def __post_init__(self) -> None:
+        p = self.spec.parallelism
+        if (p.tp, p.pp, p.dp) != (self.tp, self.pp, self.dp) or self.spec.resources.ranks != self.world_size:
+            raise ValueError(f"the spec's layout tp={p.tp} pp={p.pp} dp={p.dp} ({self.spec.resources.ranks} ranks) "
+                             f"is not the attempt's tp={self.tp} pp={self.pp} dp={self.dp}")
+
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
@@ -52,7 +60,7 @@ class LaunchRequest:
 @dataclass(frozen=True)
 class AttemptStatus:
     phase: Phase
-    reason: str = ""
+    reason: str = ""  # for FAILED: "Preempted" (the ranks were told to stop and checkpointed) or why it failed
     message: str = ""
 
 
@@ -63,7 +71,11 @@ class Launcher(Protocol):
     def status(self, ref: AttemptRef) -> AttemptStatus: ...
 
     def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
-        """Stops every rank of the attempt (the whole gang); a no-op once they are gone."""
+        """Stops every rank of the attempt (the whole gang); a no-op once they are gone. SIGTERM first (a
+        rank then checkpoints and exits), SIGKILL for what is left after the grace; a grace of 0 kills at once."""
+
+    def capacity(self) -> int | None:
+        """How many ranks it could start now (None: no limit); the planner fits the next attempt to it."""
 
     def logs(self, ref: AttemptRef, rank: int, follow: bool,
              attempt_ended: Callable[[], bool]) -> Iterator[str]:

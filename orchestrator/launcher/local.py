@@ -3,7 +3,11 @@
 Each rank runs under a small shell wrapper that writes the rank's pid when it starts and its exit code
 when it ends, in the attempt's run directory. The files, not this process's memory, are the record: a
 control plane killed with -9 and started again finds its ranks still running, or learns how they ended.
-Each rank leads its own process group, so stopping a rank also stops whatever it spawned."""
+Each rank leads its own process group, so stopping a rank also stops whatever it spawned.
+
+A rank that exits with PREEMPTED_EXIT_CODE got SIGTERM, checkpointed and left: the attempt ended
+"Preempted", which has its own restart budget. Checkpoints go to one directory per job, shared by every
+attempt, so the next attempt resumes from them (reshaped if it runs at another layout)."""
 
 from __future__ import annotations
 
@@ -20,8 +24,13 @@ from typing import Any
 
 from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
 
-# $1: pid file, $2: exit-code file, the rest: the rank's command.
-_WRAPPER = 'echo $$ > "$1"; p="$1"; e="$2"; shift 2; "$@"; c=$?; echo $c > "$e.tmp"; mv "$e.tmp" "$e"; exit $c'
+# $1: pid file, $2: exit-code file, the rest: the rank's command. The wrapper is in the rank's process group,
+# so a SIGTERM to the group reaches it too: it traps TERM (sh runs the trap only once the rank has exited)
+# and so lives to record how the rank ended. A trap, not an ignore: the rank itself keeps the default.
+_WRAPPER = ('trap : TERM; echo $$ > "$1"; p="$1"; e="$2"; shift 2; "$@"; c=$?; '
+            'echo $c > "$e.tmp"; mv "$e.tmp" "$e"; exit $c')
+# The trainer's exit code after SIGTERM once it has checkpointed (trainers/main.py).
+PREEMPTED_EXIT_CODE = 4
 LOG_POLL_SECONDS = 0.2
 
 
@@ -45,9 +54,14 @@ def _process_start_time(pid: int) -> int | None:
 
 
 class LocalLauncher:
-    def __init__(self, runs_dir: Path, python: str = sys.executable):
-        self.runs_dir = runs_dir
+    def __init__(self, runs_dir: Path, python: str = sys.executable, max_ranks: int | None = None,
+                 rank_command: list[str] | None = None):
+        self.runs_dir = runs_dir.absolute()  # ranks run in their attempt's directory: no relative paths
         self.python = python
+        # How many ranks this machine may run (None: no limit). Mutable: tests lower it to play lost nodes.
+        self.max_ranks = max_ranks
+        # What each rank runs (tests put a small script here instead of the trainer).
+        self.rank_command = rank_command or [python, "-m", "trainers"]
         # Our own children, kept only to reap them; the files stay the record.
         self._children: dict[int, subprocess.Popen] = {}
 
@@ -57,7 +71,17 @@ class LocalLauncher:
     def log_path(self, job: str, attempt: int, rank: int) -> Path:
         return self.attempt_dir(job, attempt) / f"rank-{rank}.log"
 
+    def checkpoint_dir(self, request: LaunchRequest) -> Path:
+        """The spec's checkpoint.directory (a relative one is under the job's run directory), else
+        <runs>/<job>/checkpoints: one per job, shared by all its attempts."""
+        job_dir = self.runs_dir / request.job
+        configured = request.spec.checkpoint.directory
+        return job_dir / Path(configured).expanduser() if configured else job_dir / "checkpoints"
+
     # -- Launcher protocol -------------------------------------------------------------------------------
+
+    def capacity(self) -> int | None:
+        return self.max_ranks
 
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
         directory = self.attempt_dir(request.job, request.attempt)
@@ -72,16 +96,17 @@ class LocalLauncher:
         for stale in directory.glob("rank-*.*"):
             stale.unlink()
         spec_file = directory / "spec.json"
-        spec_file.write_text(request.spec.model_dump_json())
+        spec_file.write_text(request.spec.model_dump_json())  # at the attempt's layout (see LaunchRequest)
+        checkpoints = self.checkpoint_dir(request)
+        checkpoints.mkdir(parents=True, exist_ok=True)
         port = free_port()
         ranks = []
         for rank in range(request.world_size):
-            env = self._rank_env(request, rank, port, spec_file, directory)
+            env = self._rank_env(request, rank, port, spec_file, directory, checkpoints)
             pid_file, exit_file = directory / f"rank-{rank}.pid", directory / f"rank-{rank}.exit"
             with open(self.log_path(request.job, request.attempt, rank), "ab") as log:
                 proc = subprocess.Popen(
-                    ["/bin/sh", "-c", _WRAPPER, "rank-wrapper", str(pid_file), str(exit_file),
-                     self.python, "-m", "trainers"],
+                    ["/bin/sh", "-c", _WRAPPER, "rank-wrapper", str(pid_file), str(exit_file), *self.rank_command],
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, cwd=directory)
             self._children[proc.pid] = proc
@@ -97,7 +122,7 @@ class LocalLauncher:
         if not info.get("ranks"):
             return AttemptStatus(Phase.PENDING)
         directory = Path(info["dir"])
-        failures: list[tuple[float, str]] = []
+        failures: list[tuple[float, str, str]] = []  # (when, reason, message)
         running = 0
         for rank in info["ranks"]:
             # Liveness first: the wrapper writes the exit file before it exits, so a rank seen dead here
@@ -108,23 +133,28 @@ class LocalLauncher:
                 code = int(exit_file.read_text().strip() or -1)
                 if code != 0:
                     said = last_line(directory / f"rank-{rank['rank']}.log")
-                    failures.append((exit_file.stat().st_mtime,
-                                     f"rank {rank['rank']} exited with code {code}" + (f": {said}" if said else "")))
+                    reason = "Preempted" if code == PREEMPTED_EXIT_CODE else "RankFailed"
+                    what = f"was preempted (exit code {code})" if reason == "Preempted" else f"exited with code {code}"
+                    failures.append((exit_file.stat().st_mtime, reason,
+                                     f"rank {rank['rank']} {what}" + (f": {said}" if said else "")))
             elif alive:
                 running += 1
             else:
-                failures.append((time.time(), f"rank {rank['rank']} is gone without an exit status (killed)"))
+                failures.append((time.time(), "RankFailed",
+                                 f"rank {rank['rank']} is gone without an exit status (killed)"))
         if failures:
             # The rank that failed first is the cause; the others usually fail because it did.
-            return AttemptStatus(Phase.FAILED, "RankFailed", min(failures)[1])
+            _, reason, message = min(failures)
+            return AttemptStatus(Phase.FAILED, reason, message)
         if running:
             return AttemptStatus(Phase.RUNNING)
         return AttemptStatus(Phase.SUCCEEDED)
 
     def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
         ranks = [r for r in ref.launch_info.get("ranks", []) if self._alive(r)]
-        for rank in ranks:
-            self._signal_group(rank, signal.SIGTERM)
+        if grace_seconds > 0:  # no grace: no SIGTERM either, so no rank starts a checkpoint it cannot finish
+            for rank in ranks:
+                self._signal_group(rank, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
         while ranks and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -154,7 +184,7 @@ class LocalLauncher:
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _rank_env(self, request: LaunchRequest, rank: int, port: int, spec_file: Path,
-                  directory: Path) -> dict[str, str]:
+                  directory: Path, checkpoints: Path) -> dict[str, str]:
         env = dict(os.environ)
         env.update(request.spec.env)
         env.update({
@@ -171,6 +201,7 @@ class LocalLauncher:
             "ROUNDHOUSE_SPEC_FILE": str(spec_file),
             "ROUNDHOUSE_RUN_DIR": str(directory),
             "ROUNDHOUSE_START_STEP": str(request.start_step),
+            "ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints),
             "PYTHONUNBUFFERED": "1",
         })
         return env

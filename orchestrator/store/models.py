@@ -7,7 +7,9 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -63,7 +65,13 @@ class Job(Base):
     last_loss: Mapped[float | None] = mapped_column(Float)
     tokens_per_second: Mapped[float] = mapped_column(Float, default=0.0)
     max_restarts: Mapped[int] = mapped_column(default=0)
-    restart_count: Mapped[int] = mapped_column(default=0)
+    restart_count: Mapped[int] = mapped_column(default=0)  # restarts after crashes (max_restarts)
+    # Separate budgets (restart_policy.max_hang_restarts, max_preemptions); the server defaults fill rows
+    # written before these columns existed.
+    hang_restart_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    preemption_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # The newest committed checkpoint's step (0: none): where the next attempt resumes.
+    checkpoint_step: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Earliest time the reconciler may start the next attempt (restart backoff).
     next_attempt_time: Mapped[datetime | None] = mapped_column(DateTime)
@@ -174,7 +182,7 @@ class RankStatus(Base):
 
 
 class Checkpoint(Base):
-    """A committed checkpoint (its manifest is on disk); written by the checkpoint issue's commit path."""
+    """A committed checkpoint (its manifest is on disk), as rank 0 reported it through ReportCheckpoint."""
 
     __tablename__ = "checkpoints"
 

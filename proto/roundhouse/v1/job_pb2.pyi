@@ -141,24 +141,38 @@ class DataSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class ResourcesSpec(_message.Message):
-    __slots__ = ("ranks",)
+    __slots__ = ("ranks", "min_ranks")
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    MIN_RANKS_FIELD_NUMBER: _ClassVar[int]
     ranks: int
-    def __init__(self, ranks: _Optional[int] = ...) -> None: ...
+    min_ranks: int
+    def __init__(self, ranks: _Optional[int] = ..., min_ranks: _Optional[int] = ...) -> None: ...
 
 class RestartPolicy(_message.Message):
-    __slots__ = ("max_restarts",)
+    __slots__ = ("max_restarts", "max_hang_restarts", "max_preemptions", "hang_timeout_seconds")
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_HANG_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    HANG_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     max_restarts: int
-    def __init__(self, max_restarts: _Optional[int] = ...) -> None: ...
+    max_hang_restarts: int
+    max_preemptions: int
+    hang_timeout_seconds: float
+    def __init__(self, max_restarts: _Optional[int] = ..., max_hang_restarts: _Optional[int] = ..., max_preemptions: _Optional[int] = ..., hang_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class CheckpointSpec(_message.Message):
-    __slots__ = ("directory", "interval")
+    __slots__ = ("directory", "interval", "keep_last", "keep_every", "async_save")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_SAVE_FIELD_NUMBER: _ClassVar[int]
     directory: str
     interval: int
-    def __init__(self, directory: _Optional[str] = ..., interval: _Optional[int] = ...) -> None: ...
+    keep_last: int
+    keep_every: int
+    async_save: bool
+    def __init__(self, directory: _Optional[str] = ..., interval: _Optional[int] = ..., keep_last: _Optional[int] = ..., keep_every: _Optional[int] = ..., async_save: _Optional[bool] = ...) -> None: ...
 
 class Layout(_message.Message):
     __slots__ = ("tp", "pp", "dp")
@@ -191,7 +205,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., state: _Optional[_Union[AttemptState, str]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("name", "uid", "spec", "state", "state_reason", "state_message", "owner", "current_step", "total_steps", "last_loss", "tokens_per_second", "restart_count", "cancel_requested", "attempts", "create_time", "update_time", "start_time", "end_time")
+    __slots__ = ("name", "uid", "spec", "state", "state_reason", "state_message", "owner", "current_step", "total_steps", "last_loss", "tokens_per_second", "restart_count", "cancel_requested", "attempts", "create_time", "update_time", "start_time", "end_time", "checkpoint_step", "hang_restart_count", "preemption_count")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +224,9 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    HANG_RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     uid: str
     spec: JobSpec
@@ -228,7 +245,10 @@ class Job(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., uid: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., state_reason: _Optional[str] = ..., state_message: _Optional[str] = ..., owner: _Optional[str] = ..., current_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., restart_count: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    checkpoint_step: int
+    hang_restart_count: int
+    preemption_count: int
+    def __init__(self, name: _Optional[str] = ..., uid: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., state_reason: _Optional[str] = ..., state_message: _Optional[str] = ..., owner: _Optional[str] = ..., current_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., restart_count: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checkpoint_step: _Optional[int] = ..., hang_restart_count: _Optional[int] = ..., preemption_count: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("id", "attempt", "type", "from_state", "to_state", "reason", "message", "create_time")
@@ -271,3 +291,19 @@ class MetricPoint(_message.Message):
     learning_rate: float
     time: _timestamp_pb2.Timestamp
     def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., learning_rate: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("step", "attempt", "layout", "path", "size_bytes", "commit_time")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    attempt: int
+    layout: Layout
+    path: str
+    size_bytes: int
+    commit_time: _timestamp_pb2.Timestamp
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

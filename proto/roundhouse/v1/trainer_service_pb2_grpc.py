@@ -44,6 +44,11 @@ class TrainerServiceStub:
                 request_serializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.ReportCheckpoint = channel.unary_unary(
+                '/roundhouse.v1.TrainerService/ReportCheckpoint',
+                request_serializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportCheckpointRequest.SerializeToString,
+                response_deserializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -61,6 +66,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportCheckpoint(self, request, context):
+        """Rank 0 tells what happened to checkpoints: committed, restored from, rejected as corrupt, removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportMetricsRequest.FromString,
                     response_serializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'ReportCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCheckpoint,
+                    request_deserializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportCheckpointRequest.FromString,
+                    response_serializer=roundhouse_dot_v1_dot_trainer__service__pb2.ReportCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class TrainerService:
             '/roundhouse.v1.TrainerService/ReportMetrics',
             roundhouse_dot_v1_dot_trainer__service__pb2.ReportMetricsRequest.SerializeToString,
             roundhouse_dot_v1_dot_trainer__service__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.TrainerService/ReportCheckpoint',
+            roundhouse_dot_v1_dot_trainer__service__pb2.ReportCheckpointRequest.SerializeToString,
+            roundhouse_dot_v1_dot_trainer__service__pb2.ReportCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

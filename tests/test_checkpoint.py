@@ -1,0 +1,138 @@
+"""Checkpoints on their own (the trainer's ranks as real processes, no control plane): a resumed run repeats
+the uninterrupted one's losses bit for bit at the same layout and to 1e-5 at another layout; the manifest is
+the commit (checksums verified on load, a corrupt checkpoint falls back to an older one); SIGTERM makes every
+rank finish its step, checkpoint and exit 4; retention keeps the last K and every M-th."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from trainers.checkpoint import MANIFEST, Manifest, committed_steps, retained, step_dir
+
+from .test_trainer import finish, losses, run_ranks, start_rank, write_spec
+from orchestrator.launcher.local import free_port
+
+MODEL = {"layers": 4, "hidden_size": 32, "heads": 4, "seq_length": 32}
+TRAINING = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "learning_rate": 3e-3, "seed": 7,
+            "weight_decay": 0.1, "warmup_steps": 2}
+SAVED_AT = 3
+
+
+def train(tmp_path: Path, layout: tuple[int, int, int], checkpoints: Path, name: str,
+          checkpoint: dict | None = None, training: dict | None = None) -> tuple[list[float], str]:
+    tp, pp, dp = layout
+    spec = write_spec(tmp_path, model=MODEL, parallelism={"tp": tp, "pp": pp, "dp": dp},
+                      training=training or TRAINING, checkpoint=checkpoint or {"interval": SAVED_AT})
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    outcomes = run_ranks(spec, run_dir, world_size=tp * pp * dp,
+                         extra_env={"ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints)})
+    for code, _, err in outcomes:
+        assert code == 0, f"{name} at {layout}: {err[-3000:]}"
+    return losses(outcomes[0][1]), outcomes[0][1]
+
+
+def only_step(source: Path, step: int, target: Path) -> Path:
+    """A checkpoint directory holding just `source`'s checkpoint of `step` (as if the run had died after it)."""
+    shutil.copytree(step_dir(source, step), step_dir(target, step))
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("written", "resumed"), [
+    pytest.param((2, 2, 2), [(2, 2, 2), (1, 2, 2), (2, 1, 1)], id="from-2x2x2"),
+    pytest.param((1, 1, 4), [(1, 1, 4), (2, 2, 1)], id="from-1x1x4"),
+])
+def test_resume_repeats_the_uninterrupted_run(tmp_path, written, resumed):
+    """Bit for bit at the layout it was written at; to a relative 1e-5 at another (tensor parallelism sums
+    in another order)."""
+    uninterrupted, _ = train(tmp_path, written, tmp_path / "full", "full")
+    assert len(uninterrupted) == TRAINING["steps"]
+    manifest = Manifest.read(step_dir(tmp_path / "full", SAVED_AT))
+    assert (manifest.step, manifest.layout) == (SAVED_AT, written)
+    assert manifest.samples == SAVED_AT * TRAINING["global_batch_size"]
+    for layout in resumed:
+        name = "resume-{}x{}x{}".format(*layout)
+        checkpoints = only_step(tmp_path / "full", SAVED_AT, tmp_path / f"{name}-ckpt")
+        after, out = train(tmp_path, layout, checkpoints, name)
+        assert f"resuming after step {SAVED_AT}" in out
+        if layout == written:
+            assert after == uninterrupted[SAVED_AT:], "same layout: bit for bit"
+            assert "(same layout)" in out
+        else:
+            assert after == pytest.approx(uninterrupted[SAVED_AT:], rel=1e-5), layout
+            assert "(reshaped)" in out
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    training = {**TRAINING, "steps": 4}
+    full, _ = train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "full", checkpoint={"interval": 2},
+                    training=training)
+    assert committed_steps(tmp_path / "ckpt") == [4, 2]
+    # Flip a byte in the middle of the newest checkpoint's shard: same size, wrong checksum.
+    shard = next(step_dir(tmp_path / "ckpt", 4).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    # A torn save (no manifest) at a newer step is not a checkpoint at all.
+    step_dir(tmp_path / "ckpt", 6).mkdir()
+    (step_dir(tmp_path / "ckpt", 6) / "__0_0.distcp").write_bytes(b"half")
+
+    after, out = train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "resumed", checkpoint={"interval": 2},
+                       training={**training, "steps": 5})
+    assert "checkpoint rejected: step 4" in out and "fails its SHA-256 check" in out
+    assert "resuming after step 2" in out
+    assert after[:2] == full[2:4]  # steps 3 and 4 again, exactly
+
+
+def test_a_truncated_shard_is_rejected(tmp_path):
+    train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "full", checkpoint={"interval": 2},
+          training={**TRAINING, "steps": 2})
+    shard = next(step_dir(tmp_path / "ckpt", 2).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    after, out = train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "resumed", checkpoint={"interval": 2},
+                       training={**TRAINING, "steps": 3})
+    assert "has 100 bytes, the manifest says" in out
+    assert "from the start" in out and len(after) == 3
+
+
+@pytest.mark.slow
+def test_sigterm_makes_every_rank_checkpoint_its_step_and_exit_4(tmp_path):
+    spec = write_spec(tmp_path, model=MODEL, parallelism={"dp": 2}, training={**TRAINING, "steps": 200},
+                      checkpoint={"interval": 0})
+    port = free_port()
+    env = {"ROUNDHOUSE_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "RH_TEST_STEP_SLEEP": "0.2"}
+    ranks = [start_rank(spec, tmp_path, rank, 2, port, extra_env=env) for rank in range(2)]
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first step has run once the trainer created the directory (at start-up)
+    time.sleep(3)
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    outcomes = [finish(rank) for rank in ranks]
+    assert [code for code, _, _ in outcomes] == [4, 4], outcomes[0][2][-2000:]
+    trained = losses(outcomes[0][1])
+    assert 0 < len(trained) < 200
+    assert committed_steps(tmp_path / "ckpt") == [len(trained)]
+    assert "SIGTERM: stopped after step" in outcomes[0][1]
+
+
+def test_retention_keeps_the_last_k_and_every_mth():
+    assert retained([2, 4, 6, 8, 10], keep_last=2, keep_every=0) == {8, 10}
+    assert retained([2, 4, 6, 8, 10], keep_last=1, keep_every=4) == {4, 8, 10}
+
+
+def test_retention_deletes_older_checkpoints_only_after_a_newer_commit(tmp_path):
+    train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "run", checkpoint={"interval": 1, "keep_last": 2,
+                                                                     "keep_every": 3})
+    assert committed_steps(tmp_path / "ckpt") == [6, 5, 3]
+    manifest = json.loads((step_dir(tmp_path / "ckpt", 6) / MANIFEST).read_text())
+    assert manifest["step"] == 6 and set(manifest["files"]) >= {".metadata"}
+    for name, entry in manifest["files"].items():
+        assert (step_dir(tmp_path / "ckpt", 6) / name).stat().st_size == entry["size"]

@@ -1,0 +1,144 @@
+"""The local launcher with a tiny stand-in for the trainer (no torch): how a rank's end is recorded after
+SIGTERM to its process group, what each rank is given (layout, checkpoint directory), stop and capacity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
+from orchestrator.launcher.local import LocalLauncher
+from orchestrator.planner import spec_at_layout
+from orchestrator.spec import parse_spec
+
+# Behaves like the trainer where it matters here: SIGTERM -> exit 4 ("preempted"); RH_CHILD_CRASH_RANK exits 17.
+RANK_SCRIPT = """\
+import json, os, signal, sys, time
+from pathlib import Path
+
+run, rank = Path(os.environ["ROUNDHOUSE_RUN_DIR"]), os.environ["RANK"]
+
+def preempted(*_):
+    (run / f"term-{rank}").write_text("")
+    sys.exit(4)
+
+signal.signal(signal.SIGTERM, preempted)
+(run / f"env-{rank}.json").write_text(json.dumps(dict(os.environ)))
+if os.environ.get("RH_CHILD_CRASH_RANK") == rank:
+    sys.exit(17)
+(run / f"ready-{rank}").write_text("")
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def launcher(tmp_path) -> LocalLauncher:
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    return LocalLauncher(tmp_path / "runs", rank_command=[sys.executable, str(script)])
+
+
+def request(job: str = "j", tp: int = 1, pp: int = 1, dp: int = 2, **sections) -> LaunchRequest:
+    """Attempt 1 of a tp=2 pp=1 dp=2 job (4 ranks, down to 1), at the layout asked for."""
+    spec = parse_spec({"name": job, "parallelism": {"tp": 2, "dp": 2}, "resources": {"min_ranks": 1},
+                       "training": {"global_batch_size": 8, "micro_batch_size": 2}, **sections})
+    return LaunchRequest(job=job, job_uid="uid", attempt=1, spec=spec_at_layout(spec, tp, pp, dp), tp=tp, pp=pp,
+                         dp=dp, start_step=7, job_token="token", server_address="127.0.0.1:1")
+
+
+def wait_until(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def launch_and_wait_ready(launcher: LocalLauncher, req: LaunchRequest) -> AttemptRef:
+    ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
+    run = launcher.attempt_dir(req.job, req.attempt)
+    wait_until(lambda: all((run / f"ready-{r}").exists() for r in range(req.world_size)))
+    return ref
+
+
+def test_sigterm_to_the_group_is_recorded_as_preempted(launcher):
+    ref = launch_and_wait_ready(launcher, request())
+    assert launcher.status(ref).phase is Phase.RUNNING
+    for rank in ref.launch_info["ranks"]:
+        os.killpg(rank["pid"], signal.SIGTERM)  # what a node's shutdown does: the wrapper gets it too
+    status = wait_until(lambda: (s := launcher.status(ref)).phase is not Phase.RUNNING and s)
+    run = Path(ref.launch_info["dir"])
+    assert [(run / f"rank-{r}.exit").read_text().strip() for r in range(2)] == ["4", "4"]
+    assert status.phase is Phase.FAILED and status.reason == "Preempted"
+    assert "was preempted (exit code 4)" in status.message
+    launcher.stop(ref, 1)
+
+
+def test_a_crash_before_the_others_are_stopped_stays_a_crash(launcher):
+    req = request(env={"RH_CHILD_CRASH_RANK": "1"})
+    ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
+    run = Path(ref.launch_info["dir"])
+    wait_until(lambda: (run / "rank-1.exit").exists() and (run / "ready-0").exists())
+    time.sleep(0.05)  # the exit files' times order the failures
+    launcher.stop(ref, 5)  # rank 0 gets SIGTERM and exits 4, after rank 1 crashed
+    assert (run / "rank-0.exit").read_text().strip() == "4"
+    status = launcher.status(ref)
+    assert status.phase is Phase.FAILED and status.reason == "RankFailed"
+    assert status.message.startswith("rank 1 exited with code 17")
+
+
+def test_ranks_run_the_spec_at_the_attempts_layout_with_the_jobs_checkpoint_dir(launcher, tmp_path):
+    req = request(tp=2, dp=1)  # reshaped from the spec's 4 ranks to 2
+    ref = launch_and_wait_ready(launcher, req)
+    run = Path(ref.launch_info["dir"])
+    spec = parse_spec(json.loads((run / "spec.json").read_text()))
+    assert (spec.parallelism.tp, spec.parallelism.pp, spec.parallelism.dp) == (2, 1, 1)
+    assert spec.resources.ranks == 2 and spec.resources.min_ranks == 1
+    env = json.loads((run / "env-1.json").read_text())
+    checkpoints = tmp_path / "runs" / "j" / "checkpoints"
+    assert env["WORLD_SIZE"] == "2" and env["ROUNDHOUSE_START_STEP"] == "7"
+    assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == str(checkpoints) and checkpoints.is_dir()
+    launcher.stop(ref, 5)
+
+
+def test_the_specs_checkpoint_directory_wins(launcher, tmp_path):
+    ref = launch_and_wait_ready(launcher, request(checkpoint={"directory": str(tmp_path / "shared")}))
+    env = json.loads((Path(ref.launch_info["dir"]) / "env-0.json").read_text())
+    assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == str(tmp_path / "shared") and (tmp_path / "shared").is_dir()
+    launcher.stop(ref, 5)
+
+
+def test_stop_without_grace_kills_at_once_without_sigterm(launcher):
+    ref = launch_and_wait_ready(launcher, request())
+    started = time.monotonic()
+    launcher.stop(ref, 0)
+    assert time.monotonic() - started < 5
+    run = Path(ref.launch_info["dir"])
+    assert not list(run.glob("term-*")), "a rank got SIGTERM"
+    status = launcher.status(ref)
+    assert status.phase is Phase.FAILED and "killed" in status.message
+
+
+def test_capacity_is_max_ranks_and_follows_changes(tmp_path):
+    assert LocalLauncher(tmp_path).capacity() is None
+    launcher = LocalLauncher(tmp_path, max_ranks=8)
+    assert launcher.capacity() == 8
+    launcher.max_ranks = 4  # nodes lost
+    assert launcher.capacity() == 4
+
+
+def test_a_request_whose_spec_is_not_at_its_layout_is_refused():
+    spec = parse_spec({"name": "j", "parallelism": {"dp": 2}, "training": {"global_batch_size": 8,
+                                                                            "micro_batch_size": 2}})
+    with pytest.raises(ValueError, match="not the attempt's"):
+        LaunchRequest(job="j", job_uid="u", attempt=1, spec=spec, tp=1, pp=1, dp=1, start_step=0, job_token="t",
+                      server_address="x")

@@ -1,0 +1,257 @@
+"""The reconciler over a fake launcher (no processes) on both databases: layouts fitted to the ranks
+available, waiting for ranks, separate restart budgets for crashes, preemptions and hangs, hang detection."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
+from orchestrator.reconciler import Reconciler, ReconcilerSettings
+from orchestrator.spec import parse_spec
+from orchestrator.store import Database, Event, Job, JobState, RankStatus, migrate, utcnow
+
+RUNNING = AttemptStatus(Phase.RUNNING)
+SETTINGS = ReconcilerSettings(restart_backoff_seconds=0, stop_grace_seconds=10, failed_stop_grace_seconds=1,
+                              hang_start_end_grace_seconds=30)
+
+
+class FakeLauncher:
+    """The Launcher protocol in memory: every launch 'runs' until a test sets another status."""
+
+    def __init__(self):
+        self.max_ranks: int | None = None
+        self.launched: list[LaunchRequest] = []
+        self.status_of: dict[int, AttemptStatus] = {}  # by attempt number
+        self.stops: list[tuple[int, float]] = []  # (attempt, grace)
+
+    def capacity(self) -> int | None:
+        return self.max_ranks
+
+    def launch(self, request: LaunchRequest) -> dict:
+        self.launched.append(request)
+        self.status_of.setdefault(request.attempt, RUNNING)
+        return {"fake": request.attempt}
+
+    def status(self, ref: AttemptRef) -> AttemptStatus:
+        return self.status_of.get(ref.attempt, AttemptStatus(Phase.PENDING))
+
+    def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
+        self.stops.append((ref.attempt, grace_seconds))
+
+    def logs(self, ref, rank, follow, attempt_ended):
+        return iter(())
+
+
+@pytest.fixture
+def db(db_url):
+    database = Database(db_url)
+    migrate(database)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def launcher() -> FakeLauncher:
+    return FakeLauncher()
+
+
+@pytest.fixture
+def reconciler(db, launcher) -> Reconciler:
+    return Reconciler(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+
+
+def add_job(db: Database, name: str = "j", **sections) -> None:
+    """A tp=2 pp=2 dp=2 job that accepts down to 2 ranks."""
+    spec = parse_spec({"name": name, "parallelism": {"tp": 2, "pp": 2, "dp": 2},
+                       "training": {"global_batch_size": 8, "micro_batch_size": 2},
+                       "resources": {"min_ranks": 2}, **sections})
+    with db.session() as session:
+        session.add(Job(name=name, uid=str(uuid.uuid4()), spec=spec.model_dump(mode="json", exclude_none=True),
+                        state=JobState.QUEUED, total_steps=spec.training.steps,
+                        max_restarts=spec.restart_policy.max_restarts, attempts=[], labels=[]))
+
+
+def job(db: Database, name: str = "j") -> Job:
+    with db.read() as session:
+        return session.get(Job, name)
+
+
+def events(db: Database, reason: str) -> list[Event]:
+    with db.read() as session:
+        return session.scalars(select(Event).where(Event.reason == reason).order_by(Event.id)).all()
+
+
+def run_attempt(reconciler: Reconciler, db: Database, name: str = "j") -> Job:
+    """Passes until the current attempt is launched and the job RUNNING."""
+    for _ in range(3):
+        reconciler.reconcile(name)
+    assert job(db, name).state == JobState.RUNNING, job(db, name).state_message
+    return job(db, name)
+
+
+def fail_current(reconciler: Reconciler, launcher: FakeLauncher, db: Database, reason: str, message: str) -> Job:
+    launcher.status_of[job(db).current_attempt.number] = AttemptStatus(Phase.FAILED, reason, message)
+    reconciler.reconcile("j")
+    return job(db)
+
+
+def test_crashes_preemptions_and_hangs_spend_separate_budgets(db, launcher, reconciler):
+    add_job(db, restart_policy={"max_restarts": 1, "max_preemptions": 2, "max_hang_restarts": 0})
+    run_attempt(reconciler, db)
+
+    after = fail_current(reconciler, launcher, db, "Preempted", "rank 0 was preempted (exit code 4)")
+    assert after.state == JobState.RESTARTING and after.state_reason == "Preempted"
+    assert after.state_message.endswith("preemption 1 of 2, next attempt in 0 s")
+    assert (after.preemption_count, after.restart_count, after.hang_restart_count) == (1, 0, 0)
+    assert launcher.stops[-1] == (1, 10)  # preempted ranks leave by themselves: the full grace
+
+    run_attempt(reconciler, db)
+    after = fail_current(reconciler, launcher, db, "RankFailed", "rank 1 exited with code 17")
+    assert after.state == JobState.RESTARTING and "restart 1 of 1" in after.state_message
+    assert (after.preemption_count, after.restart_count) == (1, 1)
+    assert launcher.stops[-1] == (2, 1)  # a half-dead gang gets the short grace
+
+    run_attempt(reconciler, db)
+    after = fail_current(reconciler, launcher, db, "Preempted", "rank 3 was preempted (exit code 4)")
+    assert after.state == JobState.RESTARTING and "preemption 2 of 2" in after.state_message
+
+    run_attempt(reconciler, db)
+    after = fail_current(reconciler, launcher, db, "RankFailed", "rank 0 exited with code 1")
+    assert after.state == JobState.FAILED
+    assert after.state_message == "rank 0 exited with code 1; restart budget of 1 spent"
+    assert len(after.attempts) == 4
+
+
+def test_a_hang_with_no_hang_restarts_fails_the_job(db, launcher, reconciler):
+    add_job(db, restart_policy={"max_restarts": 5, "hang_timeout_seconds": 5})
+    run_attempt(reconciler, db)
+    reconciler.started_at = time.monotonic() - 3600
+    with db.session() as session:
+        session.add(RankStatus(job_name="j", attempt=1, rank=0, last_heartbeat=utcnow() - timedelta(seconds=30)))
+        for rank in range(1, 8):
+            session.add(RankStatus(job_name="j", attempt=1, rank=rank, last_heartbeat=utcnow()))
+    reconciler.reconcile("j")
+    after = job(db)
+    assert after.state == JobState.FAILED and after.state_reason == "Hung"
+    assert after.restart_count == 0 and after.state_message.endswith("no hang restarts allowed")
+    assert "rank 0 (last heartbeat 30 s ago, at step 0)" in after.state_message
+
+
+def set_attempt_start(db: Database, seconds_ago: float) -> None:
+    with db.session() as session:
+        session.get(Job, "j").current_attempt.start_time = utcnow() - timedelta(seconds=seconds_ago)
+
+
+def test_a_silent_rank_is_a_hang_only_after_the_timeout_and_this_control_plane_was_up_that_long(
+        db, launcher, reconciler):
+    add_job(db, restart_policy={"max_hang_restarts": 1, "hang_timeout_seconds": 5})
+    run_attempt(reconciler, db)
+    set_attempt_start(db, 90)
+    with db.session() as session:  # ranks 0-6 beat now, rank 7 never did
+        for rank in range(7):
+            session.add(RankStatus(job_name="j", attempt=1, rank=rank, last_heartbeat=utcnow()))
+
+    reconciler.reconcile("j")  # this control plane just started: heartbeats may not have reached it yet
+    assert job(db).state == JobState.RUNNING and launcher.stops == []
+
+    reconciler.started_at = time.monotonic() - 10
+    reconciler.reconcile("j")
+    after = job(db)
+    assert after.state == JobState.RESTARTING and after.state_reason == "Hung"
+    assert after.hang_restart_count == 1 and after.restart_count == 0
+    assert "rank 7 (no heartbeat in the 90 s since the attempt started)" in after.state_message
+    assert "hang restart 1 of 1" in after.state_message
+    assert launcher.stops == [(1, 1)]
+    assert after.attempts[0].state == "FAILED"
+
+
+def test_a_restart_with_fewer_ranks_reshapes_and_resumes_from_the_newest_checkpoint(db, launcher, reconciler):
+    add_job(db, restart_policy={"max_preemptions": 3})
+    run_attempt(reconciler, db)
+    first = launcher.launched[-1]
+    assert (first.tp, first.pp, first.dp, first.start_step) == (2, 2, 2, 0)
+    with db.session() as session:
+        session.get(Job, "j").checkpoint_step = 40  # what ReportCheckpoint(COMMITTED) records
+
+    launcher.max_ranks = 5  # nodes lost
+    fail_current(reconciler, launcher, db, "Preempted", "rank 0 was preempted (exit code 4)")
+    after = run_attempt(reconciler, db)
+    second = launcher.launched[-1]
+    assert (second.tp, second.pp, second.dp, second.start_step) == (2, 2, 1, 40)
+    p = second.spec.parallelism
+    assert (p.tp, p.pp, p.dp, second.spec.resources.ranks, second.spec.resources.min_ranks) == (2, 2, 1, 4, 2)
+    attempt = after.attempts[-1]
+    assert (attempt.tp, attempt.pp, attempt.dp, attempt.world_size, attempt.start_step) == (2, 2, 1, 4, 40)
+    created = events(db, "AttemptCreated")[-1].message
+    assert created.startswith("attempt 2: tp=2 pp=2 dp=1, 4 ranks, from step 40 (the newest committed checkpoint); "
+                              "5 of 8 ranks available")
+    [reshaped] = events(db, "Reshaped")
+    assert reshaped.attempt == 2 and "keeps tp=2 and pp=2" in reshaped.message
+
+    launcher.max_ranks = None  # the nodes are back: the next restart grows to the job's own layout
+    fail_current(reconciler, launcher, db, "Preempted", "rank 0 was preempted (exit code 4)")
+    run_attempt(reconciler, db)
+    third = launcher.launched[-1]
+    assert (third.tp, third.pp, third.dp) == (2, 2, 2) and len(events(db, "Reshaped")) == 1
+
+
+def test_too_few_ranks_waits_and_says_so_once_then_starts_when_they_are_back(db, launcher, reconciler):
+    add_job(db)
+    launcher.max_ranks = 1  # min_ranks is 2
+    for _ in range(3):
+        reconciler.reconcile("j")
+    waiting = job(db)
+    assert waiting.state == JobState.QUEUED and waiting.state_reason == "WaitingForRanks"
+    assert waiting.state_message == "1 of 8 ranks available; the job needs at least 2 (resources.min_ranks)"
+    assert len(events(db, "WaitingForRanks")) == 1 and launcher.launched == []
+
+    launcher.max_ranks = 2
+    run_attempt(reconciler, db)
+    assert (launcher.launched[-1].tp, launcher.launched[-1].pp, launcher.launched[-1].dp) == (2, 1, 1)
+
+
+def test_a_restart_that_finds_too_few_ranks_waits_in_restarting(db, launcher, reconciler):
+    add_job(db, restart_policy={"max_preemptions": 1})
+    run_attempt(reconciler, db)
+    launcher.max_ranks = 0
+    fail_current(reconciler, launcher, db, "Preempted", "rank 0 was preempted (exit code 4)")
+    reconciler.reconcile("j")
+    waiting = job(db)
+    assert waiting.state == JobState.RESTARTING and waiting.state_reason == "WaitingForRanks"
+    assert len(waiting.attempts) == 1
+    launcher.max_ranks = 8
+    assert len(run_attempt(reconciler, db).attempts) == 2
+
+
+def test_a_rank_still_starting_gets_the_startup_grace_not_the_hang_timeout(db, launcher, reconciler):
+    add_job(db, restart_policy={"max_hang_restarts": 1, "hang_timeout_seconds": 5})
+    run_attempt(reconciler, db)
+    reconciler.started_at = time.monotonic() - 3600
+    set_attempt_start(db, 20)  # past the 5 s timeout, within the 30 s grace: no rank has beaten yet
+    reconciler.reconcile("j")
+    assert job(db).state == JobState.RUNNING and launcher.stops == []
+    set_attempt_start(db, 40)
+    reconciler.reconcile("j")
+    assert job(db).state_reason == "Hung" and "rank 0 (no heartbeat in the 40 s" in job(db).state_message
+
+
+def test_a_rank_past_its_final_step_gets_the_grace_to_finish(db, launcher, reconciler):
+    add_job(db, training={"steps": 10, "global_batch_size": 8, "micro_batch_size": 2},
+            restart_policy={"max_hang_restarts": 1, "hang_timeout_seconds": 5})
+    run_attempt(reconciler, db)
+    reconciler.started_at = time.monotonic() - 3600
+    with db.session() as session:  # every rank trained step 10 of 10 and is writing its last checkpoint
+        for rank in range(8):
+            session.add(RankStatus(job_name="j", attempt=1, rank=rank, step=10,
+                                   last_heartbeat=utcnow() - timedelta(seconds=20)))
+    reconciler.reconcile("j")
+    assert job(db).state == JobState.RUNNING
+    with db.session() as session:
+        session.get(RankStatus, ("j", 1, 5)).last_heartbeat = utcnow() - timedelta(seconds=40)
+    reconciler.reconcile("j")
+    assert job(db).state_reason == "Hung" and "rank 5 (last heartbeat 40 s ago, at step 10)" in job(db).state_message

@@ -1,0 +1,154 @@
+"""TrainerService.ReportCheckpoint over real gRPC on both databases: what rank 0 tells about checkpoints
+becomes rows, the job's checkpoint step and events; reports from stale attempts still count."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from orchestrator.auth import job_token, rank_credential_key
+from orchestrator.spec import parse_spec, spec_to_proto
+from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job
+from roundhouse.v1 import job_pb2, job_service_pb2 as js, trainer_service_pb2 as ts, trainer_service_pb2_grpc
+
+COMMITTED = ts.CHECKPOINT_EVENT_COMMITTED
+RESTORED = ts.CHECKPOINT_EVENT_RESTORED
+REJECTED = ts.CHECKPOINT_EVENT_REJECTED
+REMOVED = ts.CHECKPOINT_EVENT_REMOVED
+LAYOUT_222 = job_pb2.Layout(tp=2, pp=2, dp=2)
+
+
+class Ranks:
+    """A job with attempts 1 (tp=2 pp=2 dp=2, failed) and 2 (tp=2 pp=2 dp=1, current), and rank 0's stub."""
+
+    def __init__(self, client, plane):
+        spec = parse_spec({"name": "ckpt", "parallelism": {"tp": 2, "pp": 2, "dp": 2},
+                           "training": {"global_batch_size": 8, "micro_batch_size": 2},
+                           "resources": {"min_ranks": 4}})
+        self.client, self.plane = client, plane
+        self.uid = client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=client.metadata).uid
+        with plane.db.session() as session:
+            job = session.get(Job, "ckpt")
+            job.attempts.append(Attempt(job_name="ckpt", number=1, state=AttemptState.FAILED, tp=2, pp=2, dp=2,
+                                        world_size=8))
+            job.attempts.append(Attempt(job_name="ckpt", number=2, state=AttemptState.RUNNING, tp=2, pp=2, dp=1,
+                                        world_size=4))
+        self.key = rank_credential_key(plane.db)
+        self.stub = trainer_service_pb2_grpc.TrainerServiceStub(client.channel)
+
+    def report(self, event: int, step: int, attempt: int = 2, layout: job_pb2.Layout = LAYOUT_222,
+               token: str | None = None, **fields) -> ts.ReportCheckpointResponse:
+        token = token or job_token(self.key, self.uid, attempt)
+        request = ts.ReportCheckpointRequest(job="jobs/ckpt", attempt=attempt, rank=0, event=event, step=step,
+                                             layout=layout, **fields)
+        return self.stub.ReportCheckpoint(request, metadata=[("authorization", f"Bearer {token}")])
+
+    def job(self) -> job_pb2.Job:
+        return self.client.jobs.GetJob(js.GetJobRequest(name="jobs/ckpt"), metadata=self.client.metadata)
+
+    def checkpoints(self) -> list[tuple[int, int, int, int, int, str, int]]:
+        with self.plane.db.read() as session:
+            rows = session.scalars(select(Checkpoint).order_by(Checkpoint.step))
+            return [(c.step, c.attempt, c.tp, c.pp, c.dp, c.path, c.size_bytes) for c in rows]
+
+    def events(self, reason: str) -> list[Event]:
+        with self.plane.db.read() as session:
+            return session.scalars(select(Event).where(Event.reason == reason).order_by(Event.id)).all()
+
+
+@pytest.fixture
+def ranks(client, api_plane) -> Ranks:
+    return Ranks(client, api_plane)
+
+
+def test_committed_records_the_checkpoint_once_and_moves_the_checkpoint_step(ranks):
+    answer = ranks.report(COMMITTED, 10, path="/ck/step-10", size_bytes=1234)
+    ranks.report(COMMITTED, 10, path="/ck/step-10", size_bytes=1234)  # a retry: nothing changes
+    assert answer.stop is False
+    assert ranks.checkpoints() == [(10, 2, 2, 2, 2, "/ck/step-10", 1234)]
+    assert ranks.job().checkpoint_step == 10
+
+    ranks.report(COMMITTED, 20, path="/ck/step-20")
+    ranks.report(COMMITTED, 15, path="/ck/step-15")  # late, out of order: recorded, never lowers the step
+    assert [c[0] for c in ranks.checkpoints()] == [10, 15, 20]
+    assert ranks.job().checkpoint_step == 20
+
+
+def test_a_stale_attempts_commit_is_recorded_and_told_to_stop(ranks):
+    answer = ranks.report(COMMITTED, 30, attempt=1, path="/ck/step-30")
+    assert answer.stop is True and "attempt 1 is not the job's current attempt" in answer.stop_reason
+    assert ranks.checkpoints() == [(30, 1, 2, 2, 2, "/ck/step-30", 0)]
+    assert ranks.job().checkpoint_step == 30
+
+
+def test_a_late_report_from_an_older_attempt_does_not_overwrite_a_newer_write(ranks):
+    ranks.report(COMMITTED, 10, attempt=2, layout=job_pb2.Layout(tp=2, pp=2, dp=1), path="/ck/new")
+    ranks.report(COMMITTED, 10, attempt=1, path="/ck/old")
+    assert ranks.checkpoints() == [(10, 2, 2, 2, 1, "/ck/new", 0)]
+
+
+def test_restored_sets_the_attempts_start_step_and_says_it_reshaped(ranks):
+    ranks.report(RESTORED, 10)
+    ranks.report(RESTORED, 10)  # a retry logs nothing new
+    job = ranks.job()
+    assert [a.start_step for a in job.attempts] == [0, 10]
+    [event] = ranks.events("CheckpointRestored")
+    assert event.type == "Checkpoint" and event.attempt == 2
+    assert event.message == ("attempt 2 resumed from the checkpoint at step 10, written at tp=2 pp=2 dp=2, "
+                             "reshaped to tp=2 pp=2 dp=1")
+
+
+def test_restored_at_the_same_layout_is_not_called_reshaped(ranks):
+    ranks.report(RESTORED, 10, layout=job_pb2.Layout(tp=2, pp=2, dp=1))
+    [event] = ranks.events("CheckpointRestored")
+    assert event.message.endswith("written and loaded at tp=2 pp=2 dp=1")
+
+
+def test_rejected_forgets_the_checkpoint_and_falls_back_to_the_newest_left(ranks):
+    ranks.report(COMMITTED, 10, path="/ck/step-10")
+    ranks.report(COMMITTED, 20, path="/ck/step-20")
+    ranks.report(REJECTED, 20, path="/ck/step-20", message="shard 3: sha256 mismatch")
+    assert [c[0] for c in ranks.checkpoints()] == [10]
+    assert ranks.job().checkpoint_step == 10
+    [event] = ranks.events("CheckpointCorrupt")
+    assert event.message == "checkpoint at step 20 failed its checks and was skipped: shard 3: sha256 mismatch"
+
+    ranks.report(REJECTED, 10, message="manifest unreadable")
+    assert ranks.checkpoints() == [] and ranks.job().checkpoint_step == 0
+
+
+def test_removed_deletes_the_row_without_lowering_the_step_below_newer_ones(ranks):
+    for step in (10, 20, 30):
+        ranks.report(COMMITTED, step, path=f"/ck/step-{step}")
+    ranks.report(REMOVED, 10)
+    ranks.report(REMOVED, 10)  # twice: still fine
+    assert [c[0] for c in ranks.checkpoints()] == [20, 30]
+    assert ranks.job().checkpoint_step == 30
+    ranks.report(REMOVED, 30)
+    assert ranks.job().checkpoint_step == 20
+    assert ranks.events("CheckpointCorrupt") == []
+
+
+def test_a_wrong_credential_is_unauthenticated_and_writes_nothing(ranks):
+    with pytest.raises(grpc.RpcError) as info:
+        ranks.report(COMMITTED, 10, token="not-the-token")
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:  # attempt 1's credential does not vouch for attempt 2
+        ranks.report(COMMITTED, 10, attempt=2, token=job_token(ranks.key, ranks.uid, 1))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ranks.checkpoints() == []
+
+
+@pytest.mark.parametrize(("fields", "bad"), [
+    ({"event": ts.CHECKPOINT_EVENT_UNSPECIFIED, "step": 10}, "event"),
+    ({"event": COMMITTED, "step": -1}, "step"),
+    ({"event": COMMITTED, "step": 10, "layout": job_pb2.Layout(tp=2, pp=0, dp=1)}, "layout.pp"),
+    ({"event": COMMITTED, "step": 10, "size_bytes": -5}, "size_bytes"),
+])
+def test_a_malformed_report_is_invalid_argument_and_writes_nothing(ranks, fields, bad):
+    with pytest.raises(grpc.RpcError) as info:
+        ranks.report(**fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad in info.value.details()
+    assert ranks.checkpoints() == [] and ranks.job().checkpoint_step == 0

@@ -1,0 +1,421 @@
+"""Checkpoints that reshape: save at one (tp, pp, dp) layout, load at any other valid one, resume exactly.
+
+Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>/`, plus `manifest.json`.
+
+- Every tensor is stored at its global name and global shape. A tensor-parallel parameter is a DTensor on
+  this pipeline stage's (dp, tp) mesh, `Shard(dim)` over tp and `Replicate()` over dp, so DCP writes each
+  slice once (data-parallel replicas are deduplicated) and a reader at another tp reads the slices it needs.
+  Pipeline layers are keyed by their global index ("blocks.3...."), so a reader at another pp simply asks
+  for the layers its stage holds.
+- Contents: `model.<name>` (the fp32 master weights), `optim.exp_avg.<name>` and `optim.exp_avg_sq.<name>`
+  (Adam's moments, gathered over ZeRO's data-parallel partitions by DeepSpeed's `safe_get_full_*`),
+  `optim.step`, and each rank's RNG state (`rng.rank<r>`, restored only at the same layout). The learning
+  rate and the data position are functions of the step (trainers.schedule, trainers.data), so the step is
+  all they need.
+- The manifest (step, samples consumed, layout, every file's size and SHA-256) is written last, atomically:
+  a temporary name, fsync, rename, fsync of the directory. A directory without a manifest is not a
+  checkpoint: no reader looks at it, and the next save at that step replaces it.
+
+Saving gathers the state on the training thread (collectives over the data-parallel groups), then writes it
+from a background thread over a process group of its own, so training goes on during the write. At most one
+save is in flight: its snapshot is the only extra copy of the state in memory.
+
+Loading verifies the checksums of the newest committed checkpoint (each rank hashes a share of the files); a
+torn or corrupt one is reported and the next older one is tried."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainers.model import SHARD_DIM
+from trainers.parallel import ParallelDims
+
+MANIFEST = "manifest.json"
+FORMAT = "roundhouse-dcp-1"
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+HASH_BLOCK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing or failing a check)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    samples: int
+    tp: int
+    pp: int
+    dp: int
+    files: dict[str, dict[str, int | str]]  # relative path -> {"size": bytes, "sha256": hex}
+    format: str = FORMAT
+    commit_time: float = 0.0
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return self.tp, self.pp, self.dp
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.files.values())
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        try:
+            data = json.loads((directory / MANIFEST).read_text())
+            manifest = cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{directory / MANIFEST}: unreadable manifest: {exc}") from None
+        if manifest.format != FORMAT:
+            raise CheckpointError(f"{directory}: format {manifest.format!r}, expected {FORMAT!r}")
+        return manifest
+
+    def write(self, directory: Path) -> None:
+        """Commits the checkpoint: after this returns, the manifest (and so the checkpoint) is on disk."""
+        tmp = directory / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+        fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps with a manifest, newest first (the manifest's contents are checked when loading)."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for entry in root.iterdir():
+        if entry.name.startswith("step-") and (entry / MANIFEST).is_file():
+            try:
+                steps.append(int(entry.name.removeprefix("step-")))
+            except ValueError:
+                continue
+    return sorted(steps, reverse=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file(directory: Path, name: str, expected: dict[str, int | str]) -> str | None:
+    """Why the file fails the manifest's size or checksum, or None when it holds."""
+    path = directory / name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"{name} is missing"
+    if size != int(expected["size"]):
+        return f"{name} has {size} bytes, the manifest says {expected['size']}"
+    if sha256_file(path) != expected["sha256"]:
+        return f"{name} fails its SHA-256 check"
+    return None
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The committed steps the retention policy keeps: the newest `keep_last`, and multiples of `keep_every`."""
+    newest_first = sorted(steps, reverse=True)
+    keep = set(newest_first[:keep_last])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return keep
+
+
+# -- the parameters, by global name ---------------------------------------------------------------------------
+
+def named_parameters(module: torch.nn.Module) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """(global name, name within its pipeline layer, parameter) for every parameter this rank holds."""
+    out = []
+    for layer in module.modules():
+        prefix = getattr(layer, "global_prefix", None)
+        if prefix is None:
+            continue
+        for name, param in layer.named_parameters():
+            out.append((f"{prefix}.{name}", name, param))
+    return sorted(out, key=lambda item: item[0])  # every rank of a stage walks them in the same order
+
+
+@dataclass
+class PendingSave:
+    step: int
+    thread: threading.Thread
+    error: BaseException | None = None
+
+
+class Checkpointer:
+    """Saves and restores one rank's part of the training state. Every method is collective: all ranks call
+    it, in the same order."""
+
+    def __init__(self, root: Path, engine, dims: ParallelDims, *, global_batch_size: int, keep_last: int = 2,
+                 keep_every: int = 0, report: Callable[..., None] | None = None,
+                 on_shards_written: Callable[[int], None] | None = None):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.root = root
+        self.engine = engine
+        self.dims = dims
+        self.global_batch_size = global_batch_size
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.report = report or (lambda *args, **kwargs: None)
+        self.on_shards_written = on_shards_written or (lambda step: None)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The whole world as (pp, dp, tp), in the rank order of trainers.parallel; each stage's tensors live
+        # on its (dp, tp) slice.
+        world = init_device_mesh(device, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.stage_mesh = world["dp", "tp"]
+        # Saves run in a background thread: their collectives need a group that training never uses.
+        self.group = dist.new_group(backend="gloo")
+        self.pending: PendingSave | None = None
+        self.last_saved_step = 0
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+
+    # -- saving ---------------------------------------------------------------------------------------------
+
+    def save(self, step: int, blocking: bool) -> float:
+        """Snapshots the state after `step` and writes it (in the background unless `blocking`); returns the
+        seconds training was blocked."""
+        started = time.perf_counter()
+        self.wait()  # one save in flight at most: bounded memory
+        if step in committed_steps(self.root):
+            self.last_saved_step = step
+            return time.perf_counter() - started
+        state = self._snapshot()
+        self.last_saved_step = step
+        if blocking:
+            self._write(step, state, started)
+            return time.perf_counter() - started
+        pending = PendingSave(step, threading.Thread(
+            target=lambda: self._write_in_background(pending, state, started), name=f"checkpoint-{step}",
+            daemon=True))
+        self.pending = pending
+        pending.thread.start()
+        return time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Waits for the save in flight; raises what it raised."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        pending.thread.join()
+        if pending.error is not None:
+            raise CheckpointError(f"saving the checkpoint of step {pending.step} failed") from pending.error
+
+    def _write_in_background(self, pending: PendingSave, state: dict, started: float) -> None:
+        try:
+            self._write(pending.step, state, started)
+        except BaseException as exc:  # surfaced by wait() on the training thread
+            pending.error = exc
+
+    def _snapshot(self) -> dict[str, object]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._link_optimizer_state()
+        state: dict[str, object] = {}
+        for global_name, name, param in named_parameters(self.engine.module):
+            state[f"model.{global_name}"] = self._global(safe_get_full_fp32_param(param), name)
+            for moment in OPTIMIZER_MOMENTS:
+                state[f"optim.{moment}.{global_name}"] = self._global(
+                    safe_get_full_optimizer_state(param, moment), name)
+        state["optim.step"] = self._optimizer_step()
+        state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        return state
+
+    def _write(self, step: int, state: dict, started: float) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        directory = step_dir(self.root, step)
+        if self.rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)  # a torn save at this step from an earlier attempt
+            directory.mkdir(parents=True)
+        dist.barrier(group=self.group)
+        writing = time.perf_counter()
+        metadata = dcp.save(state, storage_writer=FileSystemWriter(directory, sync_files=True),
+                            process_group=self.group)
+        self.on_shards_written(step)
+        hashing = time.perf_counter()
+        files = sorted({info.relative_path for info in metadata.storage_data.values()} | {".metadata"})
+        mine = {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+                for name in files[self.rank::self.world_size]}
+        gathered: list[dict] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, mine, group=self.group)
+        if self.rank == 0:
+            manifest = Manifest(step=step, samples=step * self.global_batch_size, tp=self.dims.tp,
+                                pp=self.dims.pp, dp=self.dims.dp, commit_time=time.time(),
+                                files={k: v for part in gathered for k, v in part.items()})
+            manifest.write(directory)
+            done = time.perf_counter()
+            # One line per commit, in a fixed form: benchmarks/checkpoint.py reads it.
+            print(f"checkpoint step {step} committed: {manifest.size_bytes} bytes in {done - started:.3f} s "
+                  f"(snapshot+wait {writing - started:.3f} s, write {hashing - writing:.3f} s, checksums "
+                  f"{done - hashing:.3f} s)", flush=True)
+            self.report("COMMITTED", step, manifest, str(directory), "")
+            self._apply_retention(step)
+        dist.barrier(group=self.group)
+
+    def _apply_retention(self, newest: int) -> None:
+        steps = committed_steps(self.root)
+        keep = retained(steps, self.keep_last, self.keep_every)
+        for step in steps:
+            if step in keep or step > newest:
+                continue
+            directory = step_dir(self.root, step)
+            manifest = Manifest.read(directory)
+            (directory / MANIFEST).unlink()  # uncommitted first, so no reader sees it half deleted
+            shutil.rmtree(directory, ignore_errors=True)
+            self.report("REMOVED", step, manifest, str(directory), f"retention keeps {sorted(keep)}")
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Loads the newest committed checkpoint that passes its checks; returns its step (0: none)."""
+        for step in committed_steps(self.root):
+            directory = step_dir(self.root, step)
+            started = time.perf_counter()
+            problem = self._verify(directory)
+            if problem is None:
+                manifest = Manifest.read(directory)
+                loading = time.perf_counter()
+                self._load(directory, manifest)
+                self.last_saved_step = step
+                if self.rank == 0:
+                    written, now = manifest.layout, (self.dims.tp, self.dims.pp, self.dims.dp)
+                    how = "same layout" if written == now else "reshaped"
+                    self.report("RESTORED", step, manifest, str(directory),
+                                f"written at tp={written[0]} pp={written[1]} dp={written[2]}, loaded at "
+                                f"tp={now[0]} pp={now[1]} dp={now[2]} ({how}) in {time.perf_counter() - started:.3f}"
+                                f" s (checksums {loading - started:.3f} s, load {time.perf_counter() - loading:.3f} s)")
+                return step
+            if self.rank == 0:
+                print(f"roundhouse trainer: checkpoint {directory} rejected: {problem}; trying an older one",
+                      file=sys.stderr, flush=True)
+                try:
+                    manifest = Manifest.read(directory)
+                except CheckpointError:
+                    manifest = None
+                self.report("REJECTED", step, manifest, str(directory), problem)
+        return 0
+
+    def _verify(self, directory: Path) -> str | None:
+        """Every rank checks a share of the files; the first problem any rank found, or None."""
+        try:
+            manifest = Manifest.read(directory)
+            names = sorted(manifest.files)
+            problems = [p for name in names[self.rank::self.world_size]
+                        if (p := check_file(directory, name, manifest.files[name])) is not None]
+            if ".metadata" not in manifest.files:
+                problems.append("the manifest lists no .metadata")
+        except CheckpointError as exc:
+            problems = [str(exc)]
+        gathered: list[list[str]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, problems)
+        found = [p for part in gathered for p in part]
+        return found[0] if found else None
+
+    def _load(self, directory: Path, manifest: Manifest) -> None:
+        import torch.distributed.checkpoint as dcp
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        same_layout = manifest.layout == (self.dims.tp, self.dims.pp, self.dims.dp)
+        parameters = named_parameters(self.engine.module)
+        state: dict[str, object] = {}
+        for global_name, name, param in parameters:
+            state[f"model.{global_name}"] = self._global(torch.empty_like(param, dtype=torch.float32), name)
+            for moment in OPTIMIZER_MOMENTS:
+                state[f"optim.{moment}.{global_name}"] = self._global(
+                    torch.empty_like(param, dtype=torch.float32), name)
+        state["optim.step"] = torch.zeros_like(self._optimizer_step())
+        if same_layout:
+            state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        dcp.load(state, checkpoint_id=directory, process_group=self.group)
+
+        optimizer_step = state["optim.step"]
+        self._initialise_optimizer_state(optimizer_step)
+        with torch.no_grad():
+            for global_name, _, param in parameters:
+                weight = state[f"model.{global_name}"].to_local()
+                param.copy_(weight)  # the module's copy (what forward uses) ...
+                safe_set_full_fp32_param(param, weight)  # ... and ZeRO's fp32 master
+                for moment in OPTIMIZER_MOMENTS:
+                    safe_set_full_optimizer_state(param, state[f"optim.{moment}.{global_name}"].to_local(), moment)
+        if same_layout:
+            torch.set_rng_state(state[f"rng.rank{self.rank}"])
+        self.engine.global_steps = manifest.step
+        self.engine.global_samples = manifest.samples
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _global(self, local: torch.Tensor, name: str):
+        """This rank's slice as a DTensor with the parameter's global shape."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        dim = SHARD_DIM.get(name)
+        placements = (Replicate(), Shard(dim) if dim is not None else Replicate())
+        return DTensor.from_local(local.detach(), self.stage_mesh, placements, run_check=False)
+
+    def _zero_optimizer(self):
+        return self.engine.optimizer  # DeepSpeed's ZeRO stage 1 optimizer, wrapping torch's AdamW
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Adam's step count (the same for every partition): it sets the bias corrections."""
+        zero = self._zero_optimizer()
+        for flat in zero.single_partition_of_fp32_groups:
+            state = zero.optimizer.state.get(flat)
+            if state and "step" in state:
+                return state["step"].detach().clone().to(torch.float32).reshape(())
+        return torch.zeros((), dtype=torch.float32)
+
+    def _initialise_optimizer_state(self, step: torch.Tensor) -> None:
+        """AdamW creates its state on the first step, and DeepSpeed links each parameter to its slice of that
+        state only then; a resumed run needs the state before that step, so it is created here, as AdamW
+        would, and linked the same way."""
+        zero = self._zero_optimizer()
+        for flat in zero.single_partition_of_fp32_groups:
+            state = zero.optimizer.state[flat]
+            state["step"] = step.detach().clone()
+            for moment in OPTIMIZER_MOMENTS:
+                state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """Points each parameter at its slice of the optimizer state, for `safe_get/set_full_optimizer_state`.
+
+        DeepSpeed links them once, right after the first parameter group's first step, when the other groups
+        have no state yet; so the link is made again here, once every group's state exists."""
+        zero = self._zero_optimizer()
+        if all(zero.optimizer.state.get(flat) for flat in zero.single_partition_of_fp32_groups):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
