@@ -198,7 +198,6 @@ class Checkpointer:
         # Saves run in a background thread: their collectives need a group that training never uses.
         self.group = dist.new_group(backend="gloo")
         self.pending: PendingSave | None = None
-        self.last_saved_step = 0
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
 
@@ -209,11 +208,7 @@ class Checkpointer:
         seconds training was blocked."""
         started = time.perf_counter()
         self.wait()  # one save in flight at most: bounded memory
-        if step in committed_steps(self.root):
-            self.last_saved_step = step
-            return time.perf_counter() - started
         state = self._snapshot()
-        self.last_saved_step = step
         if blocking:
             self._write(step, state, started)
             return time.perf_counter() - started
@@ -259,7 +254,8 @@ class Checkpointer:
 
         directory = step_dir(self.root, step)
         if self.rank == 0:
-            shutil.rmtree(directory, ignore_errors=True)  # a torn save at this step from an earlier attempt
+            # A torn save at this step from an earlier attempt, or a checkpoint rejected as corrupt: replaced.
+            shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
         dist.barrier(group=self.group)
         writing = time.perf_counter()
@@ -310,7 +306,6 @@ class Checkpointer:
                 manifest = Manifest.read(directory)
                 loading = time.perf_counter()
                 self._load(directory, manifest)
-                self.last_saved_step = step
                 if self.rank == 0:
                     written, now = manifest.layout, (self.dims.tp, self.dims.pp, self.dims.dp)
                     how = "same layout" if written == now else "reshaped"
@@ -357,7 +352,7 @@ class Checkpointer:
             for moment in OPTIMIZER_MOMENTS:
                 state[f"optim.{moment}.{global_name}"] = self._global(
                     torch.empty_like(param, dtype=torch.float32), name)
-        state["optim.step"] = torch.zeros_like(self._optimizer_step())
+        state["optim.step"] = torch.zeros((), dtype=torch.float32)
         if same_layout:
             state[f"rng.rank{self.rank}"] = torch.get_rng_state()
         dcp.load(state, checkpoint_id=directory, process_group=self.group)
