@@ -42,12 +42,14 @@ MAX_RANKS_NAMED = 5  # in a hang's message
 @dataclass(frozen=True)
 class ReconcilerSettings:
     interval_seconds: float = 0.5
-    # Backoff before restart n (1-based) is min(base * 2**(n-1), max).
+    # Backoff before a restart is min(base * 2**(n-1), max), n counting the attempts in a row that ended
+    # without committing a checkpoint: an attempt that made progress resets it to the base.
     restart_backoff_seconds: float = 1.0
     restart_backoff_max_seconds: float = 60.0
     stop_grace_seconds: float = 10.0
-    # For the rest of a gang after a crash or hang: a half-dead gang cannot checkpoint anyway.
-    failed_stop_grace_seconds: float = 1.0
+    # For the rest of a gang after a crash or hang: a half-dead gang cannot checkpoint anyway, so the
+    # survivors are killed at once (their SIGTERM handler would only wait in a collective that never ends).
+    failed_stop_grace_seconds: float = 0.0
     # A rank that never sent a heartbeat, or whose last one said it had trained the final step, is hung only
     # after max(hang timeout, this): starting and ending a rank (imports, device set-up, the last checkpoint,
     # teardown) take longer than a step, and a short hang timeout is about steps.
@@ -292,7 +294,7 @@ class Reconciler:
         if used < budget.limit:
             used += 1
             setattr(job, budget.counter, used)
-            backoff = min(self.settings.restart_backoff_seconds * 2 ** (used - 1),
+            backoff = min(self.settings.restart_backoff_seconds * 2 ** max(0, _failures_without_progress(job) - 1),
                           self.settings.restart_backoff_max_seconds)
             job.next_attempt_time = utcnow() + timedelta(seconds=backoff)
             transition(session, job, JobState.RESTARTING, reason,
@@ -301,6 +303,19 @@ class Reconciler:
         else:
             spent = f"{budget.noun} budget of {budget.limit} spent" if budget.limit else f"no {budget.noun}s allowed"
             transition(session, job, JobState.FAILED, reason, f"{message}; {spent}", attempt=attempt.number)
+
+
+def _failures_without_progress(job: Job) -> int:
+    """How many attempts in a row, newest first, ended without committing a new checkpoint. An attempt made
+    progress if the job's newest checkpoint (for the current attempt) or the next attempt's start step is past
+    the step it started from."""
+    count, reached = 0, job.checkpoint_step
+    for attempt in reversed(job.attempts):
+        if reached > attempt.start_step:
+            break
+        count += 1
+        reached = attempt.start_step
+    return count
 
 
 @dataclass(frozen=True)
