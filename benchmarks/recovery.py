@@ -29,9 +29,9 @@ A smoke run (about 4 minutes), in one line:
         --layers 2 --hidden 64 --heads 4 --seq 64 --batch 4
 
 A job that has not finished after max(3 x --minutes, --minutes + 5 min) is cancelled and reported. The
-control plane's restart backoff doubles with every restart of a job and is never reset (up to
-ReconcilerSettings.restart_backoff_max_seconds, 60 s): with --failure-every not much longer than a
-recovery, a job ends up killed right after each restart and stalls.
+control plane's restart backoff doubles with every attempt in a row that ends without committing a
+checkpoint and resets once one does (ReconcilerSettings), so --failure-every must leave an attempt time to
+reach its next checkpoint (--interval steps) or the job stalls at the backoff's cap.
 """
 
 from __future__ import annotations

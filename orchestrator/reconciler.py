@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orchestrator.auth import job_token
 from orchestrator.launcher import AttemptRef, Launcher, LaunchRequest, Phase
@@ -94,7 +94,16 @@ class Reconciler:
                 self.reconcile_all()
             except Exception:
                 log.exception("reconcile pass failed")
-            self._wake.wait(self.settings.interval_seconds)
+            self._wake.wait(self._seconds_to_next_pass())
+
+    def _seconds_to_next_pass(self) -> float:
+        """The tick, or less when a restart's backoff ends sooner: a restart should not wait for the tick."""
+        with self.db.read() as session:
+            due = session.scalar(select(func.min(Job.next_attempt_time)).where(Job.state == JobState.RESTARTING))
+        if due is None:
+            return self.settings.interval_seconds
+        until_due = (due - utcnow()).total_seconds()
+        return self.settings.interval_seconds if until_due <= 0 else min(self.settings.interval_seconds, until_due)
 
     def reconcile_all(self) -> None:
         with self.db.read() as session:
@@ -150,6 +159,8 @@ class Reconciler:
             spec = parse_spec(job.spec)
             told = (job.state_reason, job.state_message)
         available = self.launcher.capacity()  # outside any transaction: a launcher may have to ask a cluster
+        if available is not None:
+            available = max(0, available - self._ranks_held_by_other_jobs(name))
         try:
             plan = plan_layout(spec, available)
         except NoLayout as exc:
@@ -177,6 +188,14 @@ class Reconciler:
             if reshaped:
                 record_event(session, job, "Planned", "Reshaped", plan.reason, attempt=number)
         return True
+
+    def _ranks_held_by_other_jobs(self, name: str) -> int:
+        """The launcher's capacity is for all jobs: the ranks of other jobs' attempts that have not ended are
+        taken (a failed or cancelled attempt's gang is stopped before its attempt ends)."""
+        with self.db.read() as session:
+            held = session.scalar(select(func.coalesce(func.sum(Attempt.world_size), 0)).where(
+                Attempt.job_name != name, Attempt.state.in_([AttemptState.PENDING, AttemptState.RUNNING])))
+        return int(held)
 
     def _wait_for_ranks(self, name: str, from_state: JobState, reason: str) -> None:
         """The job stays where it is (QUEUED or RESTARTING) and says why; later passes plan it again."""

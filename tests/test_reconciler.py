@@ -225,6 +225,28 @@ def test_a_restart_with_fewer_ranks_reshapes_and_resumes_from_the_newest_checkpo
     assert (third.tp, third.pp, third.dp) == (2, 2, 2) and len(events(db, "Reshaped")) == 1
 
 
+def test_the_capacity_is_shared_by_jobs_a_second_job_gets_what_the_first_leaves(db, launcher, reconciler):
+    launcher.max_ranks = 12
+    add_job(db, "a")
+    run_attempt(reconciler, db, "a")
+    add_job(db, "b")
+    run_attempt(reconciler, db, "b")
+    assert [(r.job, r.world_size) for r in launcher.launched] == [("a", 8), ("b", 4)]  # 12 - 8 left
+    created_b = [e.message for e in events(db, "AttemptCreated") if e.job_name == "b"]
+    assert len(created_b) == 1 and "4 of 8 ranks available" in created_b[0]
+
+    add_job(db, "c")  # nothing left: it waits until a job ends
+    reconciler.reconcile("c")
+    assert job(db, "c").state == JobState.QUEUED and job(db, "c").state_reason == "WaitingForRanks"
+    launcher.status_of[1] = AttemptStatus(Phase.SUCCEEDED)  # attempt 1 of both a and b: the fake keys by number
+    reconciler.reconcile("a")
+    reconciler.reconcile("b")
+    assert job(db, "a").state == JobState.SUCCEEDED
+    del launcher.status_of[1]  # c's attempt 1 runs
+    run_attempt(reconciler, db, "c")
+    assert (launcher.launched[-1].job, launcher.launched[-1].world_size) == ("c", 8)
+
+
 def test_too_few_ranks_waits_and_says_so_once_then_starts_when_they_are_back(db, launcher, reconciler):
     add_job(db)
     launcher.max_ranks = 1  # min_ranks is 2
