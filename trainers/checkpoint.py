@@ -9,7 +9,8 @@ Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>
   for the layers its stage holds.
 - Contents: `model.<name>` (the fp32 master weights), `optim.exp_avg.<name>` and `optim.exp_avg_sq.<name>`
   (Adam's moments, gathered over ZeRO's data-parallel partitions as DeepSpeed's `safe_get_full_*` do),
-  `optim.step`, and each rank's RNG state (`rng.rank<r>`, restored only at the same layout). The learning
+  `optim.step`, and each rank's RNG states (`rng.rank<r>`, and `rng.cuda.rank<r>` on GPUs; restored only at the
+  same layout). The learning
   rate and the data position are functions of the step (trainers.schedule, trainers.data), so the step is
   all they need.
 - The manifest (step, samples consumed, layout, every file's size and SHA-256) is written last, atomically:
@@ -209,10 +210,10 @@ class Checkpointer:
         self.on_shards_written = on_shards_written or (lambda step: None)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         # The whole world as (pp, dp, tp), in the rank order of trainers.parallel; each stage's tensors live
-        # on its (dp, tp) slice.
-        world = init_device_mesh(device, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
+        # on its (dp, tp) slice. On the CPU even with GPUs: checkpoints are staged in host memory (the snapshot
+        # copies the GPU state there), and the mesh only describes where each slice belongs.
+        world = init_device_mesh("cpu", (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
         self.stage_mesh = world["dp", "tp"]
         # Saves run in a background thread: their collectives need groups that training never uses.
         self.group = dist.new_group(backend="gloo")
@@ -284,11 +285,21 @@ class Checkpointer:
                 source = mapping.get_hp_fragment(moment)
                 buffer = self.buffers.get(key)
                 if buffer is None or buffer.shape != source.shape:
-                    buffer = self.buffers[key] = torch.empty_like(source)
-                buffer.copy_(source)
+                    # Pinned host memory on GPUs: the copy runs at full PCIe speed, and all that follows (the
+                    # gather, the write) works on host memory, off the GPU.
+                    buffer = self.buffers[key] = torch.empty(source.shape, dtype=source.dtype,
+                                                             pin_memory=source.is_cuda)
+                buffer.copy_(source, non_blocking=source.is_cuda)
                 fragments.append(Fragment(key, name, param.shape, mapping.lp_fragment_address.start, buffer))
-        return {"fragments": fragments, "optim.step": self._optimizer_step(),
-                f"rng.rank{self.rank}": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are done before training changes the state
+        return {"fragments": fragments, "optim.step": self._optimizer_step(), **self._rng_states()}
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {f"rng.rank{self.rank}": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states[f"rng.cuda.rank{self.rank}"] = torch.cuda.get_rng_state()
+        return states
 
     def _gather(self, snapshot: dict[str, object]) -> dict[str, object]:
         """The snapshot at global shapes (background thread): each tensor summed over the data-parallel group
@@ -299,8 +310,7 @@ class Checkpointer:
             if alone and fragment.buffer is not None and fragment.buffer.numel() == fragment.shape.numel():
                 full = fragment.buffer.view(fragment.shape)  # written before the next snapshot reuses it
             else:
-                full = torch.zeros(fragment.shape.numel(), dtype=torch.float32,
-                                   device=fragment.buffer.device if fragment.buffer is not None else "cpu")
+                full = torch.zeros(fragment.shape.numel(), dtype=torch.float32)
                 if fragment.buffer is not None:
                     full.narrow(0, fragment.start, fragment.buffer.numel()).copy_(fragment.buffer)
                 dist.all_reduce(full, group=self.dp_group)
@@ -323,12 +333,14 @@ class Checkpointer:
             directory.mkdir(parents=True)
         dist.barrier(group=self.group)
         writing = time.perf_counter()
-        metadata = dcp.save(state, storage_writer=FileSystemWriter(directory, sync_files=True,
-                                                                  thread_count=WRITER_THREADS),
-                            process_group=self.group)
+        dcp.save(state, storage_writer=FileSystemWriter(directory, sync_files=True, thread_count=WRITER_THREADS),
+                 process_group=self.group)
         self.on_shards_written(step)
         hashing = time.perf_counter()
-        files = sorted({info.relative_path for info in metadata.storage_data.values()} | {".metadata"})
+        # Every rank's shard files and DCP's .metadata: dcp.save returns on every rank only after the coordinator
+        # has finished, and the directory held nothing else (read the directory: the returned metadata lists
+        # the files only on some torch versions).
+        files = sorted(entry.name for entry in directory.iterdir() if entry.name != MANIFEST)
         my_files = files[self.rank::self.world_size]
         with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="checksum") as pool:
             digests = list(pool.map(lambda name: sha256_file(directory / name), my_files))
@@ -415,14 +427,15 @@ class Checkpointer:
         same_layout = manifest.layout == (self.dims.tp, self.dims.pp, self.dims.dp)
         parameters = named_parameters(self.engine.module)
         state: dict[str, object] = {}
-        for global_name, name, param in parameters:
-            state[f"model.{global_name}"] = self._global(torch.empty_like(param, dtype=torch.float32), name)
+        for global_name, name, param in parameters:  # read into host memory, then copied to the parameters
+            state[f"model.{global_name}"] = self._global(torch.empty(param.shape, dtype=torch.float32), name)
             for moment in OPTIMIZER_MOMENTS:
                 state[f"optim.{moment}.{global_name}"] = self._global(
-                    torch.empty_like(param, dtype=torch.float32), name)
+                    torch.empty(param.shape, dtype=torch.float32), name)
         state["optim.step"] = torch.zeros((), dtype=torch.float32)
-        if same_layout:
-            state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        if same_layout:  # the RNG states this checkpoint has for this rank (a CPU run's has no CUDA state)
+            saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+            state.update({key: value for key, value in self._rng_states().items() if key in saved})
         dcp.load(state, checkpoint_id=directory, process_group=self.group)
 
         optimizer_step = state["optim.step"]
@@ -434,8 +447,10 @@ class Checkpointer:
                 safe_set_full_fp32_param(param, weight)  # ... and ZeRO's fp32 master
                 for moment in OPTIMIZER_MOMENTS:
                     safe_set_full_optimizer_state(param, state[f"optim.{moment}.{global_name}"].to_local(), moment)
-        if same_layout:
+        if f"rng.rank{self.rank}" in state:
             torch.set_rng_state(state[f"rng.rank{self.rank}"])
+        if f"rng.cuda.rank{self.rank}" in state:
+            torch.cuda.set_rng_state(state[f"rng.cuda.rank{self.rank}"])
         self.engine.global_steps = manifest.step
         self.engine.global_samples = manifest.samples
 
@@ -458,7 +473,7 @@ class Checkpointer:
         for flat in zero.single_partition_of_fp32_groups:
             state = zero.optimizer.state.get(flat)
             if state and "step" in state:
-                return state["step"].detach().clone().to(torch.float32).reshape(())
+                return state["step"].detach().to("cpu", torch.float32).reshape(()).clone()
         return torch.zeros((), dtype=torch.float32)
 
     def _initialise_optimizer_state(self, step: torch.Tensor) -> None:
