@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
 	@# DeepSpeed compiles its CPU communication op on first use; do it once here, not in every rank.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@# The dashboard's browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	touch $@
 
 install: $(VENV)/.installed
