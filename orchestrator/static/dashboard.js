@@ -41,6 +41,8 @@ const Dashboard = (() => {
     return n.toFixed(i ? 1 : 0) + " " + units[i];
   }
 
+  function time(iso) { return iso ? iso.replace("T", " ").slice(0, 19) : ""; }
+
   function number(x, digits) { return x === null || x === undefined ? "—" : x.toFixed(digits); }
 
   function stamp() {
@@ -146,7 +148,9 @@ const Dashboard = (() => {
       const response = await fetch(base + "/log?rank=" + logRank, {credentials: "same-origin"});
       const pre = document.getElementById("log");
       pre.hidden = false;
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 20;
       pre.textContent = "rank " + logRank + " (last lines)\n" + await response.text();
+      if (atBottom) pre.scrollTop = pre.scrollHeight;  // follow the tail unless the reader scrolled up
     }
 
     poll(async () => {
@@ -176,7 +180,7 @@ const Dashboard = (() => {
       }));
       fill(document.querySelector("#attempts tbody"), data.attempts, (row, a) => {
         cell(row, a.number); cell(row, a.state, a.state); cell(row, a.layout); cell(row, a.world_size);
-        cell(row, a.start_step); cell(row, a.start_time); cell(row, a.end_time); cell(row, a.end_reason);
+        cell(row, a.start_step); cell(row, time(a.start_time)); cell(row, time(a.end_time)); cell(row, a.end_reason);
       });
       fill(document.querySelector("#ranks tbody"), data.ranks, (row, r) => {
         cell(row, r.rank); cell(row, r.attempt); cell(row, r.step);
@@ -190,10 +194,10 @@ const Dashboard = (() => {
       });
       fill(document.querySelector("#checkpoints tbody"), data.checkpoints, (row, c) => {
         cell(row, c.step); cell(row, c.attempt); cell(row, c.layout); cell(row, bytes(c.size_bytes));
-        cell(row, c.commit_time);
+        cell(row, time(c.commit_time));
       });
       fill(document.querySelector("#events tbody"), data.events, (row, e) => {
-        cell(row, e.time); cell(row, e.attempt); cell(row, e.type);
+        cell(row, time(e.time)); cell(row, e.attempt); cell(row, e.type);
         cell(row, e.from_state || e.to_state ? (e.from_state || "") + " → " + (e.to_state || "") : "");
         cell(row, e.reason); cell(row, e.message);
       });
