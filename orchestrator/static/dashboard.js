@@ -159,8 +159,8 @@ const Dashboard = (() => {
       const state = document.getElementById("job-state");
       state.textContent = job.state;
       state.className = job.state;
-      document.getElementById("job-message").textContent =
-        (job.message || job.reason || "") + (job.cancel_requested && job.state !== "CANCELLED" ? " (cancel requested)" : "");
+      const cancelling = job.cancel_requested && job.state !== "CANCELLED" ? " (cancel requested)" : "";
+      document.getElementById("job-message").textContent = (job.message || job.reason || "") + cancelling;
       document.getElementById("job-layout").textContent = job.layout ? job.layout + " (tp×pp×dp)" : "—";
       document.getElementById("job-step").textContent = job.step;
       document.getElementById("job-total").textContent = job.total_steps;
