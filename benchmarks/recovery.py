@@ -8,7 +8,8 @@ Failures are SIGKILL of one rank's trainer process, picked at random.
      detection         kill -> the attempt's failure recorded (the job goes RESTARTING; includes stopping the
                        surviving ranks, at most ReconcilerSettings.failed_stop_grace_seconds)
      restart backoff   -> the next attempt recorded ("AttemptCreated"); the configured backoff is printed
-                       beside it (--backoff, doubling per restart)
+                       beside it (--backoff; it doubles only for attempts that failed before committing a
+                       checkpoint, and every kill here falls after one)
      launch            -> its ranks started ("RanksStarted")
      process start-up  -> the start of the checkpoint restore (interpreter, imports, rendezvous, building the
                        engine), i.e. restore end minus the restore's own duration
@@ -29,9 +30,9 @@ A smoke run (about 4 minutes), in one line:
         --layers 2 --hidden 64 --heads 4 --seq 64 --batch 4
 
 A job that has not finished after max(3 x --minutes, --minutes + 5 min) is cancelled and reported. The
-control plane's restart backoff doubles with every restart of a job and is never reset (up to
-ReconcilerSettings.restart_backoff_max_seconds, 60 s): with --failure-every not much longer than a
-recovery, a job ends up killed right after each restart and stalls.
+control plane's restart backoff doubles with every attempt in a row that ends without committing a
+checkpoint and resets once one does (ReconcilerSettings), so --failure-every must leave an attempt time to
+reach its next checkpoint (--interval steps) or the job stalls at the backoff's cap.
 """
 
 from __future__ import annotations
@@ -218,9 +219,10 @@ def job_spec(args, name: str, steps: int) -> dict:
     }
 
 
-def backoff_before(settings: ReconcilerSettings, restart: int) -> float:
-    """The reconciler's wait before restart number `restart` (1-based)."""
-    return min(settings.restart_backoff_seconds * 2 ** (restart - 1), settings.restart_backoff_max_seconds)
+def backoff_before(settings: ReconcilerSettings) -> float:
+    """The reconciler's wait before a restart whose failed attempt had committed a checkpoint (every kill
+    here falls after one): the backoff's base, as it resets after progress."""
+    return min(settings.restart_backoff_seconds, settings.restart_backoff_max_seconds)
 
 
 def kill_a_rank(plane: Plane, name: str, attempt: int, chance: random.Random) -> tuple[int, int, float] | None:
@@ -369,14 +371,13 @@ def measure_recovery(plane: Plane, name: str, kill_number: int, chance: random.R
             try:
                 code = (plane.attempt_dir(name, attempt) / f"rank-{other}.exit").read_text().strip()
             except OSError:  # the launcher killed its whole process group, wrapper included
-                survivors.append(f"rank {other} SIGKILLed by the launcher after the stop grace")
+                survivors.append(f"rank {other} SIGKILLed by the launcher (failed-gang stop grace)")
                 continue
             survivors.append(f"rank {other} exited {code}" + (" (SIGTERM)" if code == "143" else ""))
-    restart_number = sum(1 for e in events if e.to_state == "RESTARTING" and e.attempt <= attempt)
     print(f"  kill {kill_number}: rank {rank} of attempt {attempt} at step {at_step}; attempt {attempt + 1} resumed "
           f"from {resumed_from if resumed_from is not None else 'nothing'}; first step after "
           f"{t_first - t_kill:.2f} s; the other ranks of attempt {attempt}: {', '.join(survivors)}", flush=True)
-    return Recovery(rank, at_step, resumed_from, phases, backoff_before(plane.settings, restart_number),
+    return Recovery(rank, at_step, resumed_from, phases, backoff_before(plane.settings),
                     t_first - t_kill)
 
 
@@ -404,7 +405,7 @@ def part_a(plane: Plane, args, chance: random.Random) -> list[float]:
     print(f"1. Recovery time, kill -9 of a random rank to the first step of the next attempt; "
           f"{len(recoveries)} kill(s), median; dp={args.dp}, checkpoint every {args.interval} steps "
           f"({'sync' if args.sync_saves else 'async'}); reconciler every {s.interval_seconds} s, restart backoff "
-          f"{s.restart_backoff_seconds} s doubling per restart, failed-gang stop grace {s.failed_stop_grace_seconds} s")
+          f"{s.restart_backoff_seconds} s (reset after progress), failed-gang stop grace {s.failed_stop_grace_seconds} s")
     if not recoveries:
         print("   no recovery measured (see the problems below)")
         return [step_wall, startup]
@@ -543,7 +544,7 @@ def main() -> None:
     parser.add_argument("--sync-saves", action="store_true", help="checkpoint.async_save false")
     parser.add_argument("--step-sleep", type=float, default=0.0, help="RH_TEST_STEP_SLEEP for the ranks")
     parser.add_argument("--backoff", type=float, default=0.1,
-                        help="ReconcilerSettings.restart_backoff_seconds (doubles per restart)")
+                        help="ReconcilerSettings.restart_backoff_seconds (the base; doubles per restart without progress)")
     parser.add_argument("--reconcile-interval", type=float, default=ReconcilerSettings().interval_seconds)
     parser.add_argument("--seed", type=int, default=None, help="for the choice of rank and kill step")
     args = parser.parse_args()

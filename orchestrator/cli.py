@@ -37,6 +37,8 @@ console = Console(highlight=False)
 # Messages and event lines are not wrapped at the terminal width: a log or a pipe gets them whole.
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# `roundhouse get` shows this many of the newest checkpoints (retention usually keeps fewer).
+GET_CHECKPOINTS = 20
 TERMINAL = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "blue",
                "RESTARTING": "magenta", "LAUNCHING": "cyan", "QUEUED": "dim"}
@@ -225,6 +227,17 @@ def job_details(job: job_pb2.Job) -> Group:
                          f"{a.layout.tp}×{a.layout.pp}×{a.layout.dp}", str(a.world_size), str(a.start_step),
                          _ran_for(a), Text(a.end_reason or "—"))
     return Group(facts, Text(""), attempts)
+
+
+def checkpoints_table(checkpoints: Iterable[job_pb2.Checkpoint]) -> Table:
+    table = Table(box=None, pad_edge=False, title="checkpoints (kept, newest first)", title_justify="left",
+                  title_style="bold")
+    for header in ("STEP", "LAYOUT", "SIZE", "ATTEMPT", "COMMITTED", "PATH"):
+        table.add_column(header, no_wrap=header != "PATH", justify="right" if header in ("STEP", "SIZE") else "left")
+    for c in checkpoints:
+        table.add_row(str(c.step), f"{c.layout.tp}×{c.layout.pp}×{c.layout.dp}", f"{c.size_bytes / 1e6:,.1f} MB",
+                      str(c.attempt), local_time(c.commit_time), c.path)
+    return table
 
 
 # -- serve -------------------------------------------------------------------------------------------------
@@ -430,12 +443,15 @@ def get(name: JobName, output: Output = OutputFormat.table, server: Server = Non
     with _connect(server, token) as client:
         try:
             job = client.get_job(name)
+            checkpoints = client.list_checkpoints(name, page_size=GET_CHECKPOINTS).checkpoints
         except ClientError as exc:
             _fail(str(exc))
     if output is OutputFormat.json:
-        print_json(job_json(job))
+        print_json({**job_json(job), "checkpoints": [job_json(c) for c in checkpoints]})
         return
     console.print(job_details(job))
+    if checkpoints:
+        console.print(Text(""), checkpoints_table(checkpoints))
 
 
 # -- cancel / logs -----------------------------------------------------------------------------------------

@@ -63,6 +63,10 @@ class JobClient:
         return self._call("ListJobs", js.ListJobsRequest(states=list(states), labels=dict(labels or {}),
                                                          page_size=page_size, page_token=page_token))
 
+    def list_checkpoints(self, name: str, page_size: int = 0, page_token: str = "") -> js.ListCheckpointsResponse:
+        return self._call("ListCheckpoints", js.ListCheckpointsRequest(parent=job_name(name), page_size=page_size,
+                                                                       page_token=page_token))
+
     def cancel_job(self, name: str) -> job_pb2.Job:
         return self._call("CancelJob", js.CancelJobRequest(name=job_name(name)))
 

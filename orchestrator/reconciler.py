@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orchestrator.auth import job_token
 from orchestrator.launcher import AttemptRef, Launcher, LaunchRequest, Phase
@@ -42,12 +42,14 @@ MAX_RANKS_NAMED = 5  # in a hang's message
 @dataclass(frozen=True)
 class ReconcilerSettings:
     interval_seconds: float = 0.5
-    # Backoff before restart n (1-based) is min(base * 2**(n-1), max).
+    # Backoff before a restart is min(base * 2**(n-1), max), n counting the attempts in a row that ended
+    # without committing a checkpoint: an attempt that made progress resets it to the base.
     restart_backoff_seconds: float = 1.0
     restart_backoff_max_seconds: float = 60.0
     stop_grace_seconds: float = 10.0
-    # For the rest of a gang after a crash or hang: a half-dead gang cannot checkpoint anyway.
-    failed_stop_grace_seconds: float = 1.0
+    # For the rest of a gang after a crash or hang: a half-dead gang cannot checkpoint anyway, so the
+    # survivors are killed at once (their SIGTERM handler would only wait in a collective that never ends).
+    failed_stop_grace_seconds: float = 0.0
     # A rank that never sent a heartbeat, or whose last one said it had trained the final step, is hung only
     # after max(hang timeout, this): starting and ending a rank (imports, device set-up, the last checkpoint,
     # teardown) take longer than a step, and a short hang timeout is about steps.
@@ -92,7 +94,16 @@ class Reconciler:
                 self.reconcile_all()
             except Exception:
                 log.exception("reconcile pass failed")
-            self._wake.wait(self.settings.interval_seconds)
+            self._wake.wait(self._seconds_to_next_pass())
+
+    def _seconds_to_next_pass(self) -> float:
+        """The tick, or less when a restart's backoff ends sooner: a restart should not wait for the tick."""
+        with self.db.read() as session:
+            due = session.scalar(select(func.min(Job.next_attempt_time)).where(Job.state == JobState.RESTARTING))
+        if due is None:
+            return self.settings.interval_seconds
+        until_due = (due - utcnow()).total_seconds()
+        return self.settings.interval_seconds if until_due <= 0 else min(self.settings.interval_seconds, until_due)
 
     def reconcile_all(self) -> None:
         with self.db.read() as session:
@@ -148,6 +159,8 @@ class Reconciler:
             spec = parse_spec(job.spec)
             told = (job.state_reason, job.state_message)
         available = self.launcher.capacity()  # outside any transaction: a launcher may have to ask a cluster
+        if available is not None:
+            available = max(0, available - self._ranks_held_by_other_jobs(name))
         try:
             plan = plan_layout(spec, available)
         except NoLayout as exc:
@@ -175,6 +188,14 @@ class Reconciler:
             if reshaped:
                 record_event(session, job, "Planned", "Reshaped", plan.reason, attempt=number)
         return True
+
+    def _ranks_held_by_other_jobs(self, name: str) -> int:
+        """The launcher's capacity is for all jobs: the ranks of other jobs' attempts that have not ended are
+        taken (a failed or cancelled attempt's gang is stopped before its attempt ends)."""
+        with self.db.read() as session:
+            held = session.scalar(select(func.coalesce(func.sum(Attempt.world_size), 0)).where(
+                Attempt.job_name != name, Attempt.state.in_([AttemptState.PENDING, AttemptState.RUNNING])))
+        return int(held)
 
     def _wait_for_ranks(self, name: str, from_state: JobState, reason: str) -> None:
         """The job stays where it is (QUEUED or RESTARTING) and says why; later passes plan it again."""
@@ -292,7 +313,7 @@ class Reconciler:
         if used < budget.limit:
             used += 1
             setattr(job, budget.counter, used)
-            backoff = min(self.settings.restart_backoff_seconds * 2 ** (used - 1),
+            backoff = min(self.settings.restart_backoff_seconds * 2 ** max(0, _failures_without_progress(job) - 1),
                           self.settings.restart_backoff_max_seconds)
             job.next_attempt_time = utcnow() + timedelta(seconds=backoff)
             transition(session, job, JobState.RESTARTING, reason,
@@ -301,6 +322,19 @@ class Reconciler:
         else:
             spent = f"{budget.noun} budget of {budget.limit} spent" if budget.limit else f"no {budget.noun}s allowed"
             transition(session, job, JobState.FAILED, reason, f"{message}; {spent}", attempt=attempt.number)
+
+
+def _failures_without_progress(job: Job) -> int:
+    """How many attempts in a row, newest first, ended without committing a new checkpoint. An attempt made
+    progress if the job's newest checkpoint (for the current attempt) or the next attempt's start step is past
+    the step it started from."""
+    count, reached = 0, job.checkpoint_step
+    for attempt in reversed(job.attempts):
+        if reached > attempt.start_step:
+            break
+        count += 1
+        reached = attempt.start_step
+    return count
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ class ControlPlane:
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")
         self.reconciler = Reconciler(self.db, launcher, credential_key, self.grpc_address, self.settings.reconciler)
+        launcher.on_rank_exit = self.reconciler.wake
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobService(self.db, users, launcher, self.reconciler.wake), server)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerService(self.db, credential_key), server)

@@ -74,6 +74,8 @@ class TrainingSpec(_Section):
     seed: int = Field(1234, ge=0, le=2**63 - 1)
     weight_decay: float = Field(0.0, ge=0, le=10)
     eval_interval: int = Field(0, ge=0, le=MAX_STEPS)
+    # bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in ZeRO's optimizer).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class DataSpec(_Section):

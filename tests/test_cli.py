@@ -84,8 +84,9 @@ def event(id_: int, to: int, frm: int = 0, type_: str = "StateChanged", reason: 
 class FakeClient:
     """Stands in for JobClient: canned answers, and a record of every call."""
 
-    def __init__(self, jobs=(), pages=None, watches=None, cancel=None, gets=None, create_error=None):
+    def __init__(self, jobs=(), pages=None, watches=None, cancel=None, gets=None, create_error=None, checkpoints=()):
         self.jobs = list(jobs)
+        self.checkpoints = list(checkpoints)
         self.pages = pages or [js.ListJobsResponse(jobs=self.jobs)]
         self.watches = list(watches or [])
         self.cancel_answer = cancel
@@ -111,6 +112,10 @@ class FakeClient:
         if self.gets:
             return self.gets.pop(0)
         return next(j for j in self.jobs if j.name == job_name(name))
+
+    def list_checkpoints(self, name, page_size=0, page_token=""):
+        self.calls.append(("list_checkpoints", job_name(name), page_size))
+        return js.ListCheckpointsResponse(checkpoints=self.checkpoints)
 
     def list_jobs(self, states=(), labels=None, page_size=0, page_token=""):
         self.calls.append(("list_jobs", list(states), dict(labels or {}), page_size, page_token))
@@ -263,7 +268,8 @@ def test_commands_send_normalised_job_names(fake):
     assert run("get", "jobs/tiny").exit_code == 0
     assert run("cancel", "tiny").exit_code == 0
     assert run("logs", "jobs/tiny", "--rank", "1", "--attempt", "2").exit_code == 0
-    assert client.calls == [("get_job", "jobs/tiny"), ("get_job", "jobs/tiny"), ("cancel_job", "jobs/tiny"),
+    assert client.calls == [("get_job", "jobs/tiny"), ("list_checkpoints", "jobs/tiny", 20), ("get_job", "jobs/tiny"),
+                            ("list_checkpoints", "jobs/tiny", 20), ("cancel_job", "jobs/tiny"),
                             ("stream_logs", "jobs/tiny", 1, 2, False)]
 
 
@@ -319,7 +325,7 @@ def test_get_json_is_the_job_message_as_a_dict(fake):
     result = run("get", "tiny", "--output", "json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert data == json_format.MessageToDict(job, preserving_proto_field_name=True)
+    assert data == {**json_format.MessageToDict(job, preserving_proto_field_name=True), "checkpoints": []}
     assert data["state"] == "JOB_STATE_SUCCEEDED" and data["current_step"] == "5" and data["last_loss"] == 4.25
     assert data["attempts"][0]["end_reason"] == "rank 1: exit 17"
     assert "\x1b[" not in result.stdout  # no colour codes: it must pipe into jq
@@ -364,6 +370,20 @@ def test_get_table_shows_state_progress_and_attempts(fake):
                                    "REASON"]
     assert attempts[2].split()[:6] == ["1", "FAILED", "1×1×2", "2", "0", "1m"] and "rank 1: exit 17" in attempts[2]
     assert attempts[3].split()[:6] == ["2", "SUCCEEDED", "1×1×2", "2", "3", "49s"]
+    assert "checkpoints" not in out  # none kept
+
+
+def test_get_lists_the_kept_checkpoints_newest_first(fake):
+    kept = [job_pb2.Checkpoint(step=step, attempt=2, layout=job_pb2.Layout(tp=1, pp=1, dp=2),
+                               path=f"/ck/step-{step:08d}", size_bytes=307_000_000) for step in (40, 30)]
+    fake["client"] = FakeClient(jobs=[make_job("tiny")], checkpoints=kept)
+    table = run("get", "tiny").output
+    rows = table[table.index("checkpoints (kept, newest first)"):].splitlines()
+    assert rows[1].split() == ["STEP", "LAYOUT", "SIZE", "ATTEMPT", "COMMITTED", "PATH"]
+    assert rows[2].split()[:4] == ["40", "1×1×2", "307.0", "MB"] and rows[2].endswith("/ck/step-00000040")
+    assert rows[3].split()[0] == "30"
+    data = json.loads(run("get", "tiny", "-o", "json").stdout)
+    assert [c["step"] for c in data["checkpoints"]] == ["40", "30"]
 
 
 def test_server_field_violations_are_listed_one_per_line():

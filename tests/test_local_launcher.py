@@ -96,6 +96,19 @@ def test_a_crash_before_the_others_are_stopped_stays_a_crash(launcher):
     assert status.message.startswith("rank 1 exited with code 17")
 
 
+def test_a_rank_that_exits_calls_on_rank_exit_at_once(launcher):
+    exits = []
+    launcher.on_rank_exit = lambda: exits.append(time.monotonic())
+    req = request(env={"RH_CHILD_CRASH_RANK": "1"})
+    ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
+    run = Path(ref.launch_info["dir"])
+    wait_until(lambda: exits)  # rank 1 crashed: the control plane is told without polling
+    assert (run / "rank-1.exit").read_text().strip() == "17"
+    assert launcher.status(ref).reason == "RankFailed"
+    launcher.stop(ref, 0)
+    wait_until(lambda: len(exits) == 2)  # and rank 0, killed
+
+
 def test_ranks_run_the_spec_at_the_attempts_layout_with_the_jobs_checkpoint_dir(launcher, tmp_path):
     req = request(tp=2, dp=1)  # reshaped from the spec's 4 ranks to 2
     ref = launch_and_wait_ready(launcher, req)

@@ -114,7 +114,7 @@ def test_crashes_preemptions_and_hangs_spend_separate_budgets(db, launcher, reco
     after = fail_current(reconciler, launcher, db, "RankFailed", "rank 1 exited with code 17")
     assert after.state == JobState.RESTARTING and "restart 1 of 1" in after.state_message
     assert (after.preemption_count, after.restart_count) == (1, 1)
-    assert launcher.stops[-1] == (2, 1)  # a half-dead gang gets the short grace
+    assert launcher.stops[-1] == (2, 1)  # a half-dead gang gets the failed-gang grace
 
     run_attempt(reconciler, db)
     after = fail_current(reconciler, launcher, db, "Preempted", "rank 3 was preempted (exit code 4)")
@@ -125,6 +125,31 @@ def test_crashes_preemptions_and_hangs_spend_separate_budgets(db, launcher, reco
     assert after.state == JobState.FAILED
     assert after.state_message == "rank 0 exited with code 1; restart budget of 1 spent"
     assert len(after.attempts) == 4
+
+
+def test_the_restart_backoff_doubles_while_attempts_fail_without_progress_and_resets_after_a_checkpoint(db, launcher):
+    reconciler = Reconciler(db, launcher, b"k" * 32, "127.0.0.1:1",
+                            ReconcilerSettings(restart_backoff_seconds=10, restart_backoff_max_seconds=60))
+    add_job(db, restart_policy={"max_restarts": 10})
+
+    def fail_and_get_backoff(checkpoint_step: int | None = None) -> str:
+        run_attempt(reconciler, db)
+        if checkpoint_step is not None:
+            with db.session() as session:
+                session.get(Job, "j").checkpoint_step = checkpoint_step  # what ReportCheckpoint(COMMITTED) records
+        after = fail_current(reconciler, launcher, db, "RankFailed", "rank 1 exited with code 17")
+        with db.session() as session:  # skip the wait: the test reads the message, not the clock
+            session.get(Job, "j").next_attempt_time = utcnow()
+        return after.state_message.rsplit(", ", 1)[1]
+
+    assert fail_and_get_backoff() == "next attempt in 10 s"
+    assert fail_and_get_backoff() == "next attempt in 20 s"
+    assert fail_and_get_backoff() == "next attempt in 40 s"
+    assert fail_and_get_backoff() == "next attempt in 60 s"  # the cap
+    assert fail_and_get_backoff(checkpoint_step=30) == "next attempt in 10 s"  # it committed step 30: reset
+    assert fail_and_get_backoff() == "next attempt in 10 s"  # the first failure in a row from step 30
+    assert fail_and_get_backoff() == "next attempt in 20 s"
+    assert [a.start_step for a in job(db).attempts] == [0, 0, 0, 0, 0, 30, 30]
 
 
 def test_a_hang_with_no_hang_restarts_fails_the_job(db, launcher, reconciler):
@@ -198,6 +223,28 @@ def test_a_restart_with_fewer_ranks_reshapes_and_resumes_from_the_newest_checkpo
     run_attempt(reconciler, db)
     third = launcher.launched[-1]
     assert (third.tp, third.pp, third.dp) == (2, 2, 2) and len(events(db, "Reshaped")) == 1
+
+
+def test_the_capacity_is_shared_by_jobs_a_second_job_gets_what_the_first_leaves(db, launcher, reconciler):
+    launcher.max_ranks = 12
+    add_job(db, "a")
+    run_attempt(reconciler, db, "a")
+    add_job(db, "b")
+    run_attempt(reconciler, db, "b")
+    assert [(r.job, r.world_size) for r in launcher.launched] == [("a", 8), ("b", 4)]  # 12 - 8 left
+    created_b = [e.message for e in events(db, "AttemptCreated") if e.job_name == "b"]
+    assert len(created_b) == 1 and "4 of 8 ranks available" in created_b[0]
+
+    add_job(db, "c")  # nothing left: it waits until a job ends
+    reconciler.reconcile("c")
+    assert job(db, "c").state == JobState.QUEUED and job(db, "c").state_reason == "WaitingForRanks"
+    launcher.status_of[1] = AttemptStatus(Phase.SUCCEEDED)  # attempt 1 of both a and b: the fake keys by number
+    reconciler.reconcile("a")
+    reconciler.reconcile("b")
+    assert job(db, "a").state == JobState.SUCCEEDED
+    del launcher.status_of[1]  # c's attempt 1 runs
+    run_attempt(reconciler, db, "c")
+    assert (launcher.launched[-1].job, launcher.launched[-1].world_size) == ("c", 8)
 
 
 def test_too_few_ranks_waits_and_says_so_once_then_starts_when_they_are_back(db, launcher, reconciler):

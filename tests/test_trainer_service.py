@@ -152,3 +152,30 @@ def test_a_malformed_report_is_invalid_argument_and_writes_nothing(ranks, fields
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad in info.value.details()
     assert ranks.checkpoints() == [] and ranks.job().checkpoint_step == 0
+
+
+def test_list_checkpoints_pages_through_the_kept_ones_newest_first(ranks):
+    for step in (10, 20, 30, 40, 50):
+        ranks.report(COMMITTED, step, path=f"/ck/step-{step}", size_bytes=step * 1000)
+    ranks.report(REMOVED, 20)
+
+    def page(token: str = "", size: int = 2) -> js.ListCheckpointsResponse:
+        return ranks.client.jobs.ListCheckpoints(js.ListCheckpointsRequest(parent="jobs/ckpt", page_size=size,
+                                                                           page_token=token),
+                                                 metadata=ranks.client.metadata)
+
+    first = page()
+    second = page(first.next_page_token)
+    assert [[c.step for c in p.checkpoints] for p in (first, second)] == [[50, 40], [30, 10]]
+    assert first.next_page_token and not second.next_page_token  # no third page
+    newest = first.checkpoints[0]
+    assert (newest.path, newest.size_bytes, newest.attempt) == ("/ck/step-50", 50_000, 2)
+    assert (newest.layout.tp, newest.layout.pp, newest.layout.dp) == (2, 2, 2)
+
+    with pytest.raises(grpc.RpcError) as refused:
+        page(first.next_page_token, size=3)  # a token is for the page size it came with
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as missing:
+        ranks.client.jobs.ListCheckpoints(js.ListCheckpointsRequest(parent="jobs/nope"),
+                                          metadata=ranks.client.metadata)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND

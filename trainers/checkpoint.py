@@ -8,7 +8,7 @@ Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>
   Pipeline layers are keyed by their global index ("blocks.3...."), so a reader at another pp simply asks
   for the layers its stage holds.
 - Contents: `model.<name>` (the fp32 master weights), `optim.exp_avg.<name>` and `optim.exp_avg_sq.<name>`
-  (Adam's moments, gathered over ZeRO's data-parallel partitions by DeepSpeed's `safe_get_full_*`),
+  (Adam's moments, gathered over ZeRO's data-parallel partitions as DeepSpeed's `safe_get_full_*` do),
   `optim.step`, and each rank's RNG state (`rng.rank<r>`, restored only at the same layout). The learning
   rate and the data position are functions of the step (trainers.schedule, trainers.data), so the step is
   all they need.
@@ -16,9 +16,10 @@ Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>
   a temporary name, fsync, rename, fsync of the directory. A directory without a manifest is not a
   checkpoint: no reader looks at it, and the next save at that step replaces it.
 
-Saving gathers the state on the training thread (collectives over the data-parallel groups), then writes it
-from a background thread over a process group of its own, so training goes on during the write. At most one
-save is in flight: its snapshot is the only extra copy of the state in memory.
+Saving copies this rank's ZeRO partition of the state into buffers kept from save to save (one copy, no
+allocation, no collective: the only time training waits), then a background thread gathers each tensor over
+the data-parallel group and writes it, over process groups of its own, so training goes on meanwhile. At most
+one save is in flight: the buffers (1/dp of the state) and the gathered tensors are the only extra memory.
 
 Loading verifies the checksums of the newest committed checkpoint (each rank hashes a share of the files); a
 torn or corrupt one is reported and the next older one is tried."""
@@ -33,11 +34,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.serialization import config as serialization_config
 
 from trainers.model import SHARD_DIM
 from trainers.parallel import ParallelDims
@@ -46,6 +49,10 @@ MANIFEST = "manifest.json"
 FORMAT = "roundhouse-dcp-1"
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 HASH_BLOCK = 8 << 20
+# Each rank writes its shards as this many files, by as many threads, and hashes them in parallel: torch.save's
+# serialisation and SHA-256 release the GIL, so one thread per file keeps two cores and the disk busy where a
+# single writer left them half idle.
+WRITER_THREADS = 2
 
 
 class CheckpointError(RuntimeError):
@@ -165,6 +172,18 @@ def named_parameters(module: torch.nn.Module) -> list[tuple[str, str, torch.nn.P
 
 
 @dataclass
+class Fragment:
+    """This rank's slice of one parameter's fp32 weight or Adam moment in ZeRO-1's flat partition, copied
+    out at snapshot time: elements [start, start + buffer.numel()) of the flattened parameter."""
+
+    key: str  # "model.<global name>" or "optim.<moment>.<global name>"
+    name: str  # within its pipeline layer (which dimension tensor parallelism splits)
+    shape: torch.Size
+    start: int
+    buffer: torch.Tensor | None  # None: the parameter lies wholly in other data-parallel ranks' partitions
+
+
+@dataclass
 class PendingSave:
     step: int
     thread: threading.Thread
@@ -195,8 +214,10 @@ class Checkpointer:
         # on its (dp, tp) slice.
         world = init_device_mesh(device, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
         self.stage_mesh = world["dp", "tp"]
-        # Saves run in a background thread: their collectives need a group that training never uses.
+        # Saves run in a background thread: their collectives need groups that training never uses.
         self.group = dist.new_group(backend="gloo")
+        self.dp_group = self._own_data_parallel_group()
+        self.buffers: dict[str, torch.Tensor] = {}  # snapshot buffers by key, reused by every save
         self.pending: PendingSave | None = None
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -234,24 +255,67 @@ class Checkpointer:
         except BaseException as exc:  # surfaced by wait() on the training thread
             pending.error = exc
 
-    def _snapshot(self) -> dict[str, object]:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    def _own_data_parallel_group(self):
+        """A gloo group over the same ranks as ZeRO's data-parallel group (new_group is collective: every rank
+        creates every such group, in the same order)."""
+        mine = dist.get_process_group_ranks(self._zero_optimizer().dp_process_group)
+        everyone: list[list[int]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(everyone, mine, group=self.group)
+        own = None
+        for ranks in sorted({tuple(r) for r in everyone}):
+            group = dist.new_group(list(ranks), backend="gloo")
+            if self.rank in ranks:
+                own = group
+        return own
 
+    def _snapshot(self) -> dict[str, object]:
+        """Copies this rank's partition of the weights and moments into the reused buffers; the rest of the
+        state is small. The mapping from parameter to partition slice is DeepSpeed's `_hp_mapping`, which its
+        `safe_get_full_*` read too."""
         self._link_optimizer_state()
-        state: dict[str, object] = {}
+        fragments = []
         for global_name, name, param in named_parameters(self.engine.module):
-            state[f"model.{global_name}"] = self._global(safe_get_full_fp32_param(param), name)
-            for moment in OPTIMIZER_MOMENTS:
-                state[f"optim.{moment}.{global_name}"] = self._global(
-                    safe_get_full_optimizer_state(param, moment), name)
-        state["optim.step"] = self._optimizer_step()
-        state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+            mapping = param._hp_mapping
+            for key, moment in ((f"model.{global_name}", None),
+                                *((f"optim.{m}.{global_name}", m) for m in OPTIMIZER_MOMENTS)):
+                if mapping is None:
+                    fragments.append(Fragment(key, name, param.shape, 0, None))
+                    continue
+                source = mapping.get_hp_fragment(moment)
+                buffer = self.buffers.get(key)
+                if buffer is None or buffer.shape != source.shape:
+                    buffer = self.buffers[key] = torch.empty_like(source)
+                buffer.copy_(source)
+                fragments.append(Fragment(key, name, param.shape, mapping.lp_fragment_address.start, buffer))
+        return {"fragments": fragments, "optim.step": self._optimizer_step(),
+                f"rng.rank{self.rank}": torch.get_rng_state()}
+
+    def _gather(self, snapshot: dict[str, object]) -> dict[str, object]:
+        """The snapshot at global shapes (background thread): each tensor summed over the data-parallel group
+        from the ranks' slices, zeros elsewhere (what `safe_get_full_*` computes)."""
+        state = {k: v for k, v in snapshot.items() if k != "fragments"}
+        alone = dist.get_world_size(self.dp_group) == 1
+        for fragment in snapshot["fragments"]:
+            if alone and fragment.buffer is not None and fragment.buffer.numel() == fragment.shape.numel():
+                full = fragment.buffer.view(fragment.shape)  # written before the next snapshot reuses it
+            else:
+                full = torch.zeros(fragment.shape.numel(), dtype=torch.float32,
+                                   device=fragment.buffer.device if fragment.buffer is not None else "cpu")
+                if fragment.buffer is not None:
+                    full.narrow(0, fragment.start, fragment.buffer.numel()).copy_(fragment.buffer)
+                dist.all_reduce(full, group=self.dp_group)
+                full = full.view(fragment.shape)
+            state[fragment.key] = self._global(full, fragment.name)
         return state
 
     def _write(self, step: int, state: dict, started: float) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemWriter
 
+        # DCP writes each tensor with torch.save, whose zip CRC-32 costs more than the write itself; the manifest's
+        # SHA-256 of every file already guards the bytes, and torch.load reads files saved without it.
+        serialization_config.save.compute_crc32 = False
+        state = self._gather(state)
         directory = step_dir(self.root, step)
         if self.rank == 0:
             # A torn save at this step from an earlier attempt, or a checkpoint rejected as corrupt: replaced.
@@ -259,13 +323,17 @@ class Checkpointer:
             directory.mkdir(parents=True)
         dist.barrier(group=self.group)
         writing = time.perf_counter()
-        metadata = dcp.save(state, storage_writer=FileSystemWriter(directory, sync_files=True),
+        metadata = dcp.save(state, storage_writer=FileSystemWriter(directory, sync_files=True,
+                                                                  thread_count=WRITER_THREADS),
                             process_group=self.group)
         self.on_shards_written(step)
         hashing = time.perf_counter()
         files = sorted({info.relative_path for info in metadata.storage_data.values()} | {".metadata"})
-        mine = {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
-                for name in files[self.rank::self.world_size]}
+        my_files = files[self.rank::self.world_size]
+        with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="checksum") as pool:
+            digests = list(pool.map(lambda name: sha256_file(directory / name), my_files))
+        mine = {name: {"size": (directory / name).stat().st_size, "sha256": digest}
+                for name, digest in zip(my_files, digests)}
         gathered: list[dict] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(gathered, mine, group=self.group)
         if self.rank == 0:

@@ -157,6 +157,8 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
         if rank0:
             print(f"roundhouse trainer: trained steps {start + 1}-{t.steps} in "
                   f"{time.perf_counter() - training_started:.3f} s", flush=True)
+            if torch.cuda.is_available():  # benchmarks/mfu.py reads this line
+                print(f"roundhouse trainer: peak GPU memory {torch.cuda.max_memory_allocated()} bytes", flush=True)
         return EXIT_OK
     finally:
         parallel.teardown()
@@ -192,14 +194,22 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     """For each flag, whether any rank saw it (so that all ranks stop after the same step)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flags
-    values = torch.tensor([float(flag) for flag in flags])
+    values = torch.tensor([float(flag) for flag in flags], device=collective_device())
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(v > 0) for v in values.tolist())
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def count_parameters(engine, dims: ParallelDims) -> int:
     """Parameters of the whole model: this rank's, summed over tensor and pipeline ranks."""
-    local = torch.tensor([float(sum(p.numel() for p in engine.module.parameters()))], dtype=torch.float64)
+    local = torch.tensor([float(sum(p.numel() for p in engine.module.parameters()))], dtype=torch.float64,
+                         device=collective_device())
     if dist.get_world_size() > 1:
         dist.all_reduce(local)
         local /= dims.dp

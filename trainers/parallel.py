@@ -71,6 +71,8 @@ def setup(dims: ParallelDims, master_addr: str, master_port: int, local_rank: in
     for name, value in (("MASTER_ADDR", master_addr), ("MASTER_PORT", master_port), ("RANK", dims.rank),
                         ("WORLD_SIZE", dims.world_size), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(name, str(value))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)  # before NCCL starts: one GPU per rank, by its local rank
     dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=dims.rank,
                             world_size=dims.world_size, timeout=PROCESS_GROUP_TIMEOUT)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above

@@ -42,6 +42,9 @@ def build_engine(spec: JobSpec, dims: ParallelDims, topology):
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if t.precision == "bf16":
+        # bf16 weights, activations and gradients; ZeRO-1 keeps fp32 master weights and optimizer state.
+        ds_config["bf16"] = {"enabled": True}
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, t),
                                            config=ds_config)

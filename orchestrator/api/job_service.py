@@ -20,7 +20,8 @@ from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import AttemptRef, Launcher
 from orchestrator.lifecycle import record_event
 from orchestrator.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
-from orchestrator.store import AttemptState, Database, Event, Job, JobLabel, JobState, Metric, NameTaken, NewJob, utcnow
+from orchestrator.store import (AttemptState, Checkpoint, Database, Event, Job, JobLabel, JobState, Metric, NameTaken,
+                                NewJob, utcnow)
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 50
@@ -89,6 +90,28 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if len(jobs) > page_size:
             last = jobs[page_size - 1]
             response.next_page_token = _encode_page_token(last.create_time, last.name, filter_key)
+        return response
+
+    # -- ListCheckpoints ---------------------------------------------------------------------------------
+
+    def ListCheckpoints(self, request, context):
+        if request.page_size < 0:
+            abort_field(context, "page_size", "must not be negative")
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query = select(Checkpoint).order_by(Checkpoint.step.desc()).limit(page_size + 1)
+        with self.db.read() as session:
+            job = self._get(session, request.parent, context, field="parent")
+            query = query.where(Checkpoint.job_name == job.name)
+            if request.page_token:
+                before = _decode_checkpoint_token(request.page_token, job.name, page_size)
+                if before is None:
+                    abort_field(context, "page_token", "not a token from a ListCheckpoints call for this job")
+                query = query.where(Checkpoint.step < before)
+            rows = session.scalars(query).all()
+            response = job_service_pb2.ListCheckpointsResponse(
+                checkpoints=[convert.checkpoint_to_proto(c) for c in rows[:page_size]])
+        if len(rows) > page_size:
+            response.next_page_token = _encode_checkpoint_token(rows[page_size - 1].step, job.name, page_size)
         return response
 
     # -- CancelJob ---------------------------------------------------------------------------------------
@@ -176,10 +199,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    def _get(self, session, name: str, context) -> Job:
+    def _get(self, session, name: str, context, field: str = "name") -> Job:
         job_id = convert.job_id_from_name(name)
         if job_id is None:
-            abort_field(context, "name", f"{name!r} is not a job name (\"jobs/{{job_id}}\")")
+            abort_field(context, field, f"{name!r} is not a job name (\"jobs/{{job_id}}\")")
         job = session.get(Job, job_id)
         if job is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job jobs/{job_id} not found")
@@ -245,6 +268,20 @@ def _filter_key(request: job_service_pb2.ListJobsRequest) -> str:
 def _encode_page_token(created: datetime, name: str, filter_key: str) -> str:
     raw = json.dumps({"t": created.isoformat(), "n": name, "f": filter_key})
     return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _encode_checkpoint_token(step: int, job: str, page_size: int) -> str:
+    raw = json.dumps({"s": step, "j": job, "p": page_size})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_checkpoint_token(token: str, job: str, page_size: int) -> int | None:
+    """The step the next page starts below, if the token is for this job and page size."""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(data["s"]) if (data["j"], data["p"]) == (job, page_size) else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _decode_page_token(token: str, filter_key: str) -> tuple[datetime, str] | None:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,9 @@ class LocalLauncher:
         self.rank_command = rank_command or [python, "-m", "trainers"]
         # Our own children, kept only to reap them; the files stay the record.
         self._children: dict[int, subprocess.Popen] = {}
+        # Called when a rank we started exits (the control plane wakes its reconciler), so a failure is acted
+        # on at once rather than at the next tick. Ranks adopted after a restart are seen at the tick.
+        self.on_rank_exit: Callable[[], None] | None = None
 
     def attempt_dir(self, job: str, attempt: int) -> Path:
         return self.runs_dir / job / f"attempt-{attempt}"
@@ -110,6 +114,8 @@ class LocalLauncher:
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, cwd=directory)
             self._children[proc.pid] = proc
+            threading.Thread(target=self._notify_on_exit, args=(proc,), name=f"rank-exit-{proc.pid}",
+                             daemon=True).start()
             ranks.append({"rank": rank, "pid": proc.pid, "start_time": _process_start_time(proc.pid)})
         info = {"dir": str(directory), "master_port": port, "ranks": ranks}
         tmp = record.with_suffix(".tmp")
@@ -234,6 +240,11 @@ class LocalLauncher:
             os.killpg(rank["pid"], sig)  # the wrapper leads the group: pgid == its pid
         except ProcessLookupError:
             pass
+
+    def _notify_on_exit(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        if self.on_rank_exit is not None:
+            self.on_rank_exit()
 
     def _reap(self, pid: int, wait: bool = False) -> None:
         proc = self._children.get(pid)

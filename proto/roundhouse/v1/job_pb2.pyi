@@ -113,7 +113,7 @@ class ParallelismSpec(_message.Message):
     def __init__(self, tp: _Optional[int] = ..., pp: _Optional[int] = ..., dp: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("steps", "global_batch_size", "micro_batch_size", "learning_rate", "lr_schedule", "warmup_steps", "seed", "weight_decay", "eval_interval")
+    __slots__ = ("steps", "global_batch_size", "micro_batch_size", "learning_rate", "lr_schedule", "warmup_steps", "seed", "weight_decay", "eval_interval", "precision")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class TrainingSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     EVAL_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     steps: int
     global_batch_size: int
     micro_batch_size: int
@@ -132,7 +133,8 @@ class TrainingSpec(_message.Message):
     seed: int
     weight_decay: float
     eval_interval: int
-    def __init__(self, steps: _Optional[int] = ..., global_batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., eval_interval: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, steps: _Optional[int] = ..., global_batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., eval_interval: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
     __slots__ = ("path",)

@@ -65,6 +65,11 @@ class JobServiceStub:
                 request_serializer=roundhouse_dot_v1_dot_job__service__pb2.StreamLogsRequest.SerializeToString,
                 response_deserializer=roundhouse_dot_v1_dot_job__service__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/roundhouse.v1.JobService/ListCheckpoints',
+                request_serializer=roundhouse_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=roundhouse_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -111,6 +116,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """The job's committed checkpoints that the retention policy keeps, newest step first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=roundhouse_dot_v1_dot_job__service__pb2.StreamLogsRequest.FromString,
                     response_serializer=roundhouse_dot_v1_dot_job__service__pb2.LogChunk.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=roundhouse_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=roundhouse_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class JobService:
             '/roundhouse.v1.JobService/StreamLogs',
             roundhouse_dot_v1_dot_job__service__pb2.StreamLogsRequest.SerializeToString,
             roundhouse_dot_v1_dot_job__service__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.JobService/ListCheckpoints',
+            roundhouse_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.SerializeToString,
+            roundhouse_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
