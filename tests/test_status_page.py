@@ -14,7 +14,7 @@ from sqlalchemy import event, insert
 
 from orchestrator.auth import digest, new_token
 from orchestrator.spec import parse_spec, spec_to_proto
-from orchestrator.store import ApiToken, Job, JobLabel, utcnow
+from orchestrator.store import ApiToken, Job, JobLabel, Metric, utcnow
 from roundhouse.v1 import job_service_pb2 as js
 
 
@@ -168,3 +168,23 @@ def test_metrics_count_jobs_api_calls_restarts_and_commits(client, api_plane):
     assert samples[("roundhouse_api_call_seconds_count", (("method", get_job),))] == 2
     assert samples[("roundhouse_job_restarts_total", ())] == 0
     assert samples[("roundhouse_checkpoint_commits_total", ())] == 0
+
+
+def test_a_jobs_curve_comes_in_batches_after_a_cursor(client, api_plane, monkeypatch):
+    from orchestrator.dashboard import app as dashboard_app
+
+    create(client, "curve")
+    with api_plane.db.session() as session:
+        session.execute(insert(Metric), [{"job_name": "curve", "attempt": 1, "rank": 0, "step": step,
+                                          "loss": 5.0 / step, "memory_bytes": 2**20} for step in range(1, 13)])
+    monkeypatch.setattr(dashboard_app, "METRIC_BATCH", 5)
+    auth = {"Authorization": f"Bearer {client.token}"}
+    url = f"http://127.0.0.1:{api_plane.http_port}/api/jobs/curve"
+    steps, after = [], 0
+    while True:
+        body = httpx.get(url, params={"after_metric": after}, headers=auth).json()
+        steps += [m["step"] for m in body["metrics"]]
+        if len(body["metrics"]) < body["metric_batch"]:
+            break
+        after = body["metrics"][-1]["id"]
+    assert steps == list(range(1, 13))

@@ -187,6 +187,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
                 "metrics": [{"id": m.id, "attempt": m.attempt, "step": m.step, "loss": m.loss, "val_loss": m.val_loss,
                              "tokens_per_second": m.tokens_per_second, "memory_bytes": m.memory_bytes}
                             for m in points],
+                "metric_batch": METRIC_BATCH,  # a full batch: more points follow (ask again after the last id)
             }
         return JSONResponse(body)
 

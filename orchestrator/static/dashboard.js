@@ -50,9 +50,11 @@ const Dashboard = (() => {
   }
 
   function poll(refresh) {
+    // refresh() returns true when it has more to fetch at once (a long job's curves come in batches).
     const tick = async () => {
-      try { await refresh(); stamp(); } catch (e) { document.getElementById("updated").textContent = String(e); }
-      setTimeout(tick, POLL_MS);
+      let more = false;
+      try { more = await refresh(); stamp(); } catch (e) { document.getElementById("updated").textContent = String(e); }
+      setTimeout(tick, more ? 0 : POLL_MS);
     };
     tick();
   }
@@ -209,8 +211,10 @@ const Dashboard = (() => {
         if (m.memory_bytes) points.memory_mib.push([m.step, m.memory_bytes / 1048576]);
         afterMetric = m.id;
       }
-      if (data.metrics.length || !document.getElementById("chart-loss").data) drawCharts();
-      await refreshLog();
+      const more = data.metrics.length === data.metric_batch;
+      if (!more && (data.metrics.length || !document.getElementById("chart-loss").data)) drawCharts();
+      if (!more) await refreshLog();
+      return more;
     });
   }
 
