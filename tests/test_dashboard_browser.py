@@ -134,6 +134,17 @@ def test_list_and_job_page_show_the_running_job_and_update_live(browser, plane, 
     assert "team=ml-infra" in row.inner_text() and "admin" in row.inner_text()
     page.screenshot(path=ARTIFACTS / "dashboard-jobs.png")
 
+    # The filters: by state, by label (the form reloads the list with the filter in its address).
+    page.select_option("#state-filter", "SUCCEEDED")
+    page.click("#filters button[type=submit]")
+    page.wait_for_url("**/?state=SUCCEEDED")
+    page.wait_for_function("() => document.getElementById('updated').textContent.startsWith('Updated')")
+    assert page.locator("#jobs tbody tr").count() == 0
+    page.select_option("#state-filter", "")
+    page.fill("#label-filter", "team=ml-infra")
+    page.click("#filters button[type=submit]")
+    row.wait_for()
+
     row.locator("a").click()
     page.wait_for_url(f"**/jobs/{running_job}")
     page.wait_for_function("() => document.getElementById('job-state').textContent === 'RUNNING'")
