@@ -19,7 +19,7 @@ from orchestrator import config
 from orchestrator.api.job_service import JobService
 from orchestrator.api.trainer_service import TrainerService
 from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
-from orchestrator.dashboard import create_app
+from orchestrator.dashboard import ServiceMetrics, create_app
 from orchestrator.launcher.local import LocalLauncher
 from orchestrator.reconciler import Reconciler, ReconcilerSettings
 from orchestrator.store import Database, migrate
@@ -71,11 +71,13 @@ class ControlPlane:
         if self.settings.launcher != "local":
             raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local)")
         launcher = self.launcher = LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks)
-        users = UserTokens(self.db)
+        users = self.users = UserTokens(self.db)
+        self.metrics = ServiceMetrics(self.db)
 
         # so_reuseport off: a second control plane on the same port must fail, not silently share it.
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
-                             interceptors=[AuthInterceptor(users)], options=[("grpc.so_reuseport", 0)])
+                             interceptors=[self.metrics.interceptor, AuthInterceptor(users)],
+                             options=[("grpc.so_reuseport", 0)])
         self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")
@@ -99,7 +101,7 @@ class ControlPlane:
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def _start_http(self) -> None:
-        app = create_app(self.db)
+        app = create_app(self.db, self.users, self.launcher, self.metrics, self.reconciler.wake)
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
                                                    log_level="warning", lifespan="off"))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)

@@ -18,6 +18,7 @@ roundhouse submit examples/tiny-gpt.yaml --name "$name" --wait
 echo
 echo "Job status page: http://127.0.0.1:$HTTP_PORT/jobs/$name"
 echo "Dashboard:       http://127.0.0.1:$HTTP_PORT/"
+echo "Log in with the admin token in $ROUNDHOUSE_HOME/admin-token"
 if [ -n "${DEMO_EXIT:-}" ]; then exit 0; fi
 echo "Serving until Ctrl-C."
 wait $server

@@ -16,7 +16,7 @@ from sqlalchemy import and_, exists, or_, select
 
 from orchestrator.api import convert
 from orchestrator.api.errors import abort_field, abort_invalid
-from orchestrator.auth import UserTokens, bearer_token
+from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import AttemptRef, Launcher
 from orchestrator.lifecycle import record_event
 from orchestrator.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
@@ -77,18 +77,13 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             abort_field(context, "page_size", "must not be negative")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         filter_key = _filter_key(request)
-        query = select(Job).order_by(Job.create_time.desc(), Job.name.desc()).limit(page_size + 1)
-        if request.states:
-            query = query.where(Job.state.in_([convert.job_state_from_proto(s) for s in request.states]))
-        for key, value in sorted(request.labels.items()):
-            query = query.where(exists().where(and_(JobLabel.job_name == Job.name, JobLabel.key == key,
-                                                    JobLabel.value == value)))
+        after = None
         if request.page_token:
             after = _decode_page_token(request.page_token, filter_key)
             if after is None:
                 abort_field(context, "page_token", "not a token from a ListJobs call with the same filter")
-            created, name = after
-            query = query.where(or_(Job.create_time < created, and_(Job.create_time == created, Job.name < name)))
+        query = select_jobs([convert.job_state_from_proto(s) for s in request.states], dict(request.labels),
+                            after, page_size + 1)
         with self.db.read() as session:
             jobs = session.scalars(query).all()
             response = job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs[:page_size]])
@@ -122,16 +117,13 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     # -- CancelJob ---------------------------------------------------------------------------------------
 
     def CancelJob(self, request, context):
+        principal = self.users.lookup(bearer_token(context.invocation_metadata()))
         with self.db.session() as session:
             job = self._get(session, request.name, context)
-            if JobState(job.state).terminal:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"job {job.resource_name} already ended ({job.state}); nothing to cancel")
-            if not job.cancel_requested:
-                job.cancel_requested = True
-                attempt = job.current_attempt
-                record_event(session, job, "CancelRequested", "CancelRequested", "cancel requested by user",
-                             attempt=attempt.number if attempt else None)
+            try:
+                request_cancel(session, job, principal)
+            except CancelRefused as exc:
+                context.abort(exc.grpc_code, str(exc))
             result = convert.job_to_proto(job)
         self.wake_reconciler()
         return result
@@ -215,6 +207,52 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if job is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job jobs/{job_id} not found")
         return job
+
+
+# -- shared with the dashboard -------------------------------------------------------------------------------
+
+
+def select_jobs(states: list[str], labels: dict[str, str], after: tuple[datetime, str] | None, limit: int):
+    """Jobs newest first, filtered by state (any of) and labels (all of), after a keyset cursor."""
+    query = select(Job).order_by(Job.create_time.desc(), Job.name.desc()).limit(limit)
+    if states:
+        query = query.where(Job.state.in_(states))
+    for key, value in sorted(labels.items()):
+        query = query.where(exists().where(and_(JobLabel.job_name == Job.name, JobLabel.key == key,
+                                                JobLabel.value == value)))
+    if after is not None:
+        created, name = after
+        query = query.where(or_(Job.create_time < created, and_(Job.create_time == created, Job.name < name)))
+    return query
+
+
+class CancelRefused(Exception):
+    def __init__(self, grpc_code: grpc.StatusCode, http_status: int, message: str):
+        super().__init__(message)
+        self.grpc_code = grpc_code
+        self.http_status = http_status
+
+
+def may_cancel(principal: Principal | None, job: Job) -> bool:
+    """Admins cancel any job; other users only their own."""
+    return principal is not None and (principal.role == "admin" or principal.user == job.owner)
+
+
+def request_cancel(session, job: Job, principal: Principal | None) -> None:
+    """Marks the job for cancelling (the reconciler stops its ranks) and records who asked. The one rule for
+    every way in: the gRPC CancelJob and the dashboard's cancel button."""
+    if not may_cancel(principal, job):
+        raise CancelRefused(grpc.StatusCode.PERMISSION_DENIED, 403,
+                            f"{principal.user if principal else 'anonymous'} may not cancel {job.resource_name} "
+                            f"(only its owner {job.owner or '(none)'} or an admin)")
+    if JobState(job.state).terminal:
+        raise CancelRefused(grpc.StatusCode.FAILED_PRECONDITION, 409,
+                            f"job {job.resource_name} already ended ({job.state}); nothing to cancel")
+    if not job.cancel_requested:
+        job.cancel_requested = True
+        attempt = job.current_attempt
+        record_event(session, job, "CancelRequested", "CancelRequested", f"cancel requested by {principal.user}",
+                     attempt=attempt.number if attempt else None)
 
 
 def _join(prefix: str, field: str) -> str:

@@ -1,0 +1,318 @@
+"""HTTP routes of the dashboard.
+
+Pages are thin HTML shells (orchestrator/templates) that static/dashboard.js fills from the JSON endpoints
+below and refreshes every few seconds. Charts use Plotly, whose JavaScript comes from the installed
+`plotly` package and is served from here: nothing is loaded from the internet.
+
+Auth: the same user tokens as the gRPC API, sent as `Authorization: Bearer` or kept in an HttpOnly,
+SameSite=Strict cookie set by the login page. Everything but the login page, static files, /healthz and
+/metrics needs one. /metrics is open: it carries only counts (no job names or owners) and Prometheus
+scrapers hold no browser cookie."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import parse_qs, quote
+
+import plotly
+from sqlalchemy import select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from orchestrator.api.job_service import (
+    MAX_PAGE_SIZE, CancelRefused, _decode_page_token, _encode_page_token, may_cancel, request_cancel, select_jobs,
+)
+from orchestrator.auth import Principal, UserTokens
+from orchestrator.dashboard.metrics import ServiceMetrics
+from orchestrator.launcher import AttemptRef, Launcher
+from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
+
+PACKAGE = Path(__file__).resolve().parent.parent  # orchestrator/
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+COOKIE = "roundhouse_token"
+LIST_PAGE_SIZE = 50
+EVENTS_SHOWN = 500
+METRIC_BATCH = 5000
+LOG_LINES = 200
+
+
+def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher | None = None,
+               metrics: ServiceMetrics | None = None, wake_reconciler=lambda: None) -> Starlette:
+    users = users or UserTokens(db)
+    metrics = metrics or ServiceMetrics(db)
+    templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
+
+    def principal_of(request: Request) -> Principal | None:
+        header = request.headers.get("authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        return users.lookup(token or request.cookies.get(COOKIE))
+
+    def page(template: str, request: Request, principal: Principal, status_code: int = 200, **context) -> Response:
+        return templates.TemplateResponse(request, template, {"user": principal, **context},
+                                          status_code=status_code)
+
+    def to_login(request: Request) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+    def unauthenticated() -> Response:
+        return JSONResponse({"error": "a valid token is required (log in, or send Authorization: Bearer)"},
+                            status_code=401)
+
+    # -- login -------------------------------------------------------------------------------------------
+
+    async def login_form(request: Request) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"next": _local_path(request.query_params.get(
+            "next")), "error": ""})
+
+    async def login(request: Request) -> Response:
+        # A plain urlencoded form: parsed here rather than adding python-multipart for two fields.
+        form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
+        token = form.get("token", [""])[0].strip()
+        target = _local_path(form.get("next", [""])[0])
+        if not _same_origin(request) or users.lookup(token) is None:
+            return templates.TemplateResponse(request, "login.html", {"next": target, "error": "Unknown token."},
+                                              status_code=401)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        return response
+
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # -- pages -------------------------------------------------------------------------------------------
+
+    async def jobs_page(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return to_login(request)
+        return page("jobs.html", request, principal, states=[s.value for s in JobState])
+
+    async def job_page(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return to_login(request)
+        name = request.path_params["name"]
+        with db.read() as session:
+            exists = session.get(Job, name) is not None
+        if not exists:
+            return page("missing.html", request, principal, status_code=404, name=name)
+        return page("job.html", request, principal, name=name)
+
+    # -- JSON --------------------------------------------------------------------------------------------
+
+    async def jobs_json(request: Request) -> Response:
+        if principal_of(request) is None:
+            return unauthenticated()
+        params = request.query_params
+        states = [s for s in params.getlist("state") if s]
+        unknown = [s for s in states if s not in JobState.__members__]
+        if unknown:
+            return JSONResponse({"error": f"state: unknown {unknown}"}, status_code=400)
+        labels = {}
+        for item in params.getlist("label"):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                return JSONResponse({"error": f"label: {item!r} is not key=value"}, status_code=400)
+            labels[key.strip()] = value.strip()
+        try:
+            page_size = min(max(int(params.get("page_size") or LIST_PAGE_SIZE), 1), MAX_PAGE_SIZE)
+        except ValueError:
+            return JSONResponse({"error": "page_size: not a number"}, status_code=400)
+        filter_key = _filter_key(states, labels, page_size)
+        after = None
+        if params.get("page_token"):
+            after = _decode_page_token(params["page_token"], filter_key)
+            if after is None:
+                return JSONResponse({"error": "page_token: not from a listing with the same filter"},
+                                    status_code=400)
+        with db.read() as session:
+            jobs = session.scalars(select_jobs(states, labels, after, page_size + 1)).all()
+            now = utcnow()
+            body = {"jobs": [_job_summary(j, now) for j in jobs[:page_size]], "next_page_token": ""}
+        if len(jobs) > page_size:
+            last = jobs[page_size - 1]
+            body["next_page_token"] = _encode_page_token(last.create_time, last.name, filter_key)
+        return JSONResponse(body)
+
+    async def job_json(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return unauthenticated()
+        name = request.path_params["name"]
+        try:
+            after_metric = int(request.query_params.get("after_metric") or 0)
+        except ValueError:
+            return JSONResponse({"error": "after_metric: not a number"}, status_code=400)
+        with db.read() as session:
+            job = session.get(Job, name)
+            if job is None:
+                return JSONResponse({"error": f"job {name} not found"}, status_code=404)
+            now = utcnow()
+            events = session.scalars(select(Event).where(Event.job_name == name)
+                                     .order_by(Event.id.desc()).limit(EVENTS_SHOWN)).all()
+            checkpoints = session.scalars(select(Checkpoint).where(Checkpoint.job_name == name)
+                                          .order_by(Checkpoint.step)).all()
+            attempt = job.current_attempt
+            ranks = session.scalars(select(RankStatus).where(RankStatus.job_name == name,
+                                                             RankStatus.attempt == (attempt.number if attempt else 0))
+                                    .order_by(RankStatus.rank)).all() if attempt else []
+            points = session.scalars(select(Metric).where(Metric.job_name == name, Metric.id > after_metric)
+                                     .order_by(Metric.id).limit(METRIC_BATCH)).all()
+            body = {
+                "job": _job_summary(job, now),
+                "can_cancel": may_cancel(principal, job) and not JobState(job.state).terminal,
+                "attempts": [{"number": a.number, "state": a.state, "layout": _layout(a), "world_size": a.world_size,
+                              "start_step": a.start_step, "start_time": _time(a.start_time or a.create_time),
+                              "end_time": _time(a.end_time), "end_reason": a.end_reason} for a in job.attempts],
+                "checkpoints": [{"step": c.step, "attempt": c.attempt, "layout": f"{c.tp}×{c.pp}×{c.dp}",
+                                 "size_bytes": c.size_bytes, "commit_time": _time(c.commit_time)}
+                                for c in checkpoints],
+                "events": [{"id": e.id, "time": _time(e.create_time), "type": e.type, "attempt": e.attempt,
+                            "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason,
+                            "message": e.message} for e in reversed(events)],
+                "ranks": [{"rank": r.rank, "attempt": r.attempt, "step": r.step,
+                           "heartbeat_age_seconds": round((now - r.last_heartbeat).total_seconds(), 1)}
+                          for r in ranks],
+                "world_size": attempt.world_size if attempt else 0,
+                "metrics": [{"id": m.id, "attempt": m.attempt, "step": m.step, "loss": m.loss, "val_loss": m.val_loss,
+                             "tokens_per_second": m.tokens_per_second, "memory_bytes": m.memory_bytes}
+                            for m in points],
+                "metric_batch": METRIC_BATCH,  # a full batch: more points follow (ask again after the last id)
+            }
+        return JSONResponse(body)
+
+    async def job_log(request: Request) -> Response:
+        if principal_of(request) is None:
+            return unauthenticated()
+        name = request.path_params["name"]
+        try:
+            rank = int(request.query_params.get("rank", "0"))
+            lines = min(max(int(request.query_params.get("lines") or LOG_LINES), 1), 5000)
+        except ValueError:
+            return PlainTextResponse("rank and lines must be numbers", status_code=400)
+        with db.read() as session:
+            job = session.get(Job, name)
+            attempt = job.current_attempt if job else None
+            if attempt is None:
+                return PlainTextResponse("not launched yet", status_code=404)
+            if not 0 <= rank < attempt.world_size:
+                return PlainTextResponse(f"rank must be in [0, {attempt.world_size})", status_code=400)
+            ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
+        if launcher is None:
+            return PlainTextResponse("no launcher to read logs from", status_code=404)
+        text = "".join(launcher.logs(ref, rank, False, lambda: True))
+        return PlainTextResponse("\n".join(text.splitlines()[-lines:]))
+
+    async def cancel(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return unauthenticated()
+        # CSRF: the cookie is SameSite=Strict, and a cookie-authenticated POST must come from this origin.
+        if "authorization" not in request.headers and not _same_origin(request):
+            return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
+        name = request.path_params["name"]
+        with db.session() as session:
+            job = session.get(Job, name)
+            if job is None:
+                return JSONResponse({"error": f"job {name} not found"}, status_code=404)
+            try:
+                request_cancel(session, job, principal)
+            except CancelRefused as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.http_status)
+        wake_reconciler()
+        return JSONResponse({"cancel_requested": True})
+
+    # -- service -----------------------------------------------------------------------------------------
+
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def plotly_js(request: Request) -> Response:
+        return FileResponse(PLOTLY_JS, media_type="text/javascript")
+
+    async def healthz(request: Request) -> Response:
+        return Response("ok")
+
+    return Starlette(routes=[
+        Route("/", jobs_page),
+        Route("/jobs/{name}", job_page),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/api/jobs", jobs_json),
+        Route("/api/jobs/{name}", job_json),
+        Route("/api/jobs/{name}/log", job_log),
+        Route("/api/jobs/{name}/cancel", cancel, methods=["POST"]),
+        Route("/metrics", prometheus),
+        Route("/healthz", healthz),
+        Route("/static/plotly.min.js", plotly_js),
+        Mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static"),
+    ])
+
+
+def _job_summary(job: Job, now: datetime) -> dict:
+    attempt = job.current_attempt
+    return {
+        "name": job.name,
+        "state": job.state,
+        "reason": job.state_reason,
+        "message": job.state_message,
+        "owner": job.owner,
+        "labels": {label.key: label.value for label in job.labels},
+        "layout": _layout(attempt) if attempt else "",
+        "world_size": attempt.world_size if attempt else 0,
+        "step": job.current_step,
+        "total_steps": job.total_steps,
+        "loss": job.last_loss,
+        "tokens_per_second": job.tokens_per_second,
+        "eta_seconds": _eta_seconds(job),
+        "restarts": job.restart_count + job.hang_restart_count + job.preemption_count,
+        "cancel_requested": job.cancel_requested,
+        "created": _time(job.create_time),
+        "age_seconds": round((now - job.create_time).total_seconds()),
+    }
+
+
+def _eta_seconds(job: Job) -> float | None:
+    """Steps left × tokens per step ÷ tokens/s (the newest rate rank 0 reported)."""
+    if JobState(job.state).terminal or job.tokens_per_second <= 0:
+        return None
+    training, model = job.spec.get("training", {}), job.spec.get("model", {})
+    tokens_per_step = training.get("global_batch_size", 8) * model.get("seq_length", 64)
+    return round((job.total_steps - job.current_step) * tokens_per_step / job.tokens_per_second, 1)
+
+
+def _layout(attempt) -> str:
+    return f"{attempt.tp}×{attempt.pp}×{attempt.dp}"
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
+def _filter_key(states: list[str], labels: dict[str, str], page_size: int) -> str:
+    text = json.dumps(["dashboard", sorted(states), sorted(labels.items()), page_size])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _local_path(target: str | None) -> str:
+    """Only a path on this server: never redirect a login to another site."""
+    return target if target and target.startswith("/") and not target.startswith("//") else "/"
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    if origin is None:  # old browsers and non-browser clients send none; SameSite=Strict still applies
+        return True
+    return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the control plane, served at /metrics.
+
+Two kinds: what the database knows (jobs by state, restarts, checkpoint commits), read at scrape time so
+every replica reports the same; and what this process saw (API calls and their latencies), recorded by a
+gRPC interceptor. Each ControlPlane has its own registry, so several in one process (tests) don't clash."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from sqlalchemy import func, select
+
+from orchestrator.store import Checkpoint, Database, Event, Job, JobState
+
+
+class ServiceMetrics:
+    def __init__(self, db: Database):
+        self.registry = CollectorRegistry()
+        self.registry.register(_DatabaseCollector(db))
+        self.api_calls = Counter("roundhouse_api_calls", "gRPC calls handled, by method and status code",
+                                 ["method", "code"], registry=self.registry)
+        self.api_latency = Histogram("roundhouse_api_call_seconds", "gRPC call latency, by method",
+                                     ["method"], registry=self.registry)
+        self.interceptor = _ApiMetricsInterceptor(self)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.api_calls.labels(method, code.name).inc()
+        self.api_latency.labels(method).observe(seconds)
+
+
+class _DatabaseCollector:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def collect(self):
+        with self.db.read() as session:
+            by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            restarts = session.scalar(select(func.count()).select_from(Event).where(Event.type == "StateChanged",
+                                                                                    Event.to_state == "RESTARTING",
+                                                                                    Event.from_state != "RESTARTING"))
+            commits = session.scalar(select(func.count()).select_from(Checkpoint))
+        jobs = GaugeMetricFamily("roundhouse_jobs", "Jobs by state", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], by_state.get(state.value, 0))
+        yield jobs
+        yield CounterMetricFamily("roundhouse_job_restarts", "Restarts of jobs (transitions to RESTARTING)",
+                                  value=restarts or 0)
+        yield CounterMetricFamily("roundhouse_checkpoint_commits", "Checkpoints committed", value=commits or 0)
+
+
+class _ApiMetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every call and times it, by method and final status code (unary and server-streaming)."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method
+        record = self._metrics.record
+
+        if handler.response_streaming:
+            inner = handler.unary_stream
+
+            def stream(request, context):
+                start = time.perf_counter()
+                try:
+                    yield from inner(request, context)
+                except Exception:
+                    record(method, _code(context, grpc.StatusCode.UNKNOWN), time.perf_counter() - start)
+                    raise
+                record(method, _code(context, grpc.StatusCode.OK), time.perf_counter() - start)
+
+            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+
+        inner = handler.unary_unary
+
+        def unary(request, context):
+            start = time.perf_counter()
+            try:
+                response = inner(request, context)
+            except Exception:
+                record(method, _code(context, grpc.StatusCode.UNKNOWN), time.perf_counter() - start)
+                raise
+            record(method, _code(context, grpc.StatusCode.OK), time.perf_counter() - start)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+
+
+def _code(context, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()  # set by context.abort / set_code; None when the handler left it alone
+    return code if isinstance(code, grpc.StatusCode) else default
