@@ -62,6 +62,8 @@ class AttemptStatus:
     phase: Phase
     reason: str = ""  # for FAILED: "Preempted" (the ranks were told to stop and checkpointed) or why it failed
     message: str = ""
+    # False for a failure another attempt would only repeat (an image that cannot be pulled): the job fails now.
+    retryable: bool = True
 
 
 class Launcher(Protocol):
