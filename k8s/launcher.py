@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -421,6 +422,17 @@ class KubernetesLauncher:
         with self.cache.lock:
             return next((p for p in self.cache.objects["pods"].values()
                          if _attempt_of(p) == (ref.job, ref.attempt) and _rank_of(p) == rank), None)
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """A client for the cluster: the given kubeconfig; else, inside a pod, its service account (in-cluster
+    config); else the default kubeconfig (~/.kube/config, $KUBECONFIG) and its current context."""
+    configuration = client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 def _failed(failure: _Failure) -> AttemptStatus:

@@ -37,7 +37,7 @@ class PodSettings:
     may override image and volume claim."""
 
     namespace: str = "default"
-    image: str = "roundhouse/trainer:latest"
+    image: str = "roundhouse/trainer:0.1.0"
     command: list[str] = field(default_factory=lambda: ["python", "-m", "trainers"])
     # Data and checkpoints: a ReadWriteMany claim mounted at `volume_path` (None: an emptyDir, for trials only).
     volume_claim: str | None = None
