@@ -45,6 +45,7 @@ class PodSettings:
     service_account: str | None = None
     termination_grace_seconds: int = 30
     image_pull_policy: str = "IfNotPresent"
+    finished_job_ttl_seconds: int = 7 * 24 * 3600
 
 
 def object_name(job: str, attempt: int) -> str:
@@ -99,11 +100,11 @@ def service(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
 
 
 def owned_by(manifest: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """The manifest with an owner reference to the (created) Job, so that deleting the Job deletes it."""
+    """The manifest with an owner reference to the (created) Job, so that deleting the Job deletes it.
+    No blockOwnerDeletion: setting it needs update on jobs/finalizers, more than the Role grants."""
     meta = job["metadata"]
     manifest["metadata"]["ownerReferences"] = [{
-        "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
-        "controller": True, "blockOwnerDeletion": True}]
+        "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True}]
     return manifest
 
 
@@ -144,6 +145,7 @@ def job(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
             "completions": request.world_size,
             "parallelism": request.world_size,
             "backoffLimit": 0,  # one failed pod fails the attempt: the reconciler restarts the gang
+            "ttlSecondsAfterFinished": settings.finished_job_ttl_seconds,  # kept a while for `kubectl logs`
             # Created suspended: the launcher adds the Service and Secret, then resumes it (or Kueue admits it).
             "suspend": True,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
