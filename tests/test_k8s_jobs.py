@@ -3,7 +3,8 @@ reaching the API stand-in through a kubeconfig), the simulated kubelet running e
 process (gloo, checkpoints on the shared "volume"), jobs submitted over gRPC.
 
 A job trains to SUCCEEDED with its logs read from its pods; a pod deleted mid-run as a lost node would be
-(no grace) leads to a new attempt that resumes from the newest committed checkpoint and succeeds."""
+(no grace) leads to a new attempt that resumes from the newest committed checkpoint and succeeds; a cancel
+deletes the Job, its pods and their processes."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from orchestrator.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps
 
-from .conftest import Client
+from .conftest import Client, processes_of
 from .fake_kube import FakeKube
 from .fake_kubelet import FakeKubelet
 from .test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
@@ -110,3 +111,17 @@ def test_a_pod_lost_mid_run_restarts_the_job_from_its_newest_checkpoint(cluster)
     preempted = [e for e in events(cluster.client, job) if e.reason == "Preempted"]
     assert len(preempted) == 1 and "was deleted (a lost node" in preempted[0].message
     assert cluster.kube.list("jobs", NS, "roundhouse.io/job=k8s-lost,roundhouse.io/attempt=1")["items"] == []
+
+
+def test_cancel_deletes_the_job_and_stops_every_rank(cluster):
+    job = cluster.submit("k8s-cancel", steps=1000, env={"RH_TEST_STEP_SLEEP": "0.2"})
+    wait_for(cluster.client, job, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 1,
+             timeout=150)
+    cluster.client.jobs.CancelJob(js.CancelJobRequest(name=job), metadata=cluster.client.metadata)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=60)
+    assert done.state == job_pb2.JOB_STATE_CANCELLED
+    assert cluster.kube.list("jobs", NS, "roundhouse.io/job=k8s-cancel")["items"] == []
+    assert cluster.kube.pods(NS, "roundhouse.io/job=k8s-cancel") == []
+    for kind in ("services", "secrets"):  # owned by the Job: collected with it
+        assert cluster.kube.list(kind, NS, "roundhouse.io/job=k8s-cancel")["items"] == []
+    assert processes_of("k8s-cancel") == []

@@ -299,3 +299,10 @@ def test_logs_are_read_from_the_rank_s_pod(kube, launcher, tmp_path):
     set_running(kube, pods[1])
     eventually(lambda: (p := launcher._pod_of_rank(ref, 1)) and p["status"]["phase"] == "Running")
     assert "".join(launcher.logs(ref, 1, follow=False, attempt_ended=lambda: False)) == log.read_text()
+
+
+def test_capacity_is_the_configured_most_ranks_or_none(kube):
+    for most in (None, 4):
+        launcher = make_launcher(kube, max_ranks=most)
+        assert launcher.capacity() == most  # None: the cluster schedules; a Job waits for room
+        launcher.close()
