@@ -106,18 +106,20 @@ class KubernetesLauncher:
         self._stopping = threading.Event()
         self._stopped_attempts: set[tuple[str, int]] = set()  # deletions of ours are not preemptions
         self._open_watches: dict[str, Any] = {}  # kind -> its streaming response, closed by close()
+        self._watches_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._watch_loop, args=(kind,), name=f"k8s-watch-{kind}",
                                           daemon=True) for kind in ("pods", "jobs")]
         for thread in self._threads:
             thread.start()
 
     def close(self) -> None:
-        self._stopping.set()
-        for response in list(self._open_watches.values()):
-            try:
-                response.shutdown()  # unblocks the thread reading it
-            except Exception:
-                pass
+        with self._watches_lock:
+            self._stopping.set()
+            for response in self._open_watches.values():
+                try:
+                    response.shutdown()  # unblocks the thread reading it
+                except Exception:
+                    pass
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -326,7 +328,11 @@ class KubernetesLauncher:
         response = list_call(self.namespace, label_selector=f"{manifests.LABEL_MANAGED}={manifests.MANAGED_BY}",
                              watch=True, resource_version=version, timeout_seconds=self.settings.watch_seconds,
                              allow_watch_bookmarks=True, _preload_content=False)
-        self._open_watches[kind] = response
+        with self._watches_lock:
+            if self._stopping.is_set():
+                response.close()
+                return version
+            self._open_watches[kind] = response
         try:
             for line in _lines(response, self._stopping):
                 event = json.loads(line)
@@ -338,8 +344,9 @@ class KubernetesLauncher:
                     continue
                 self._apply(kind, event["type"], obj)
         finally:
-            self._open_watches.pop(kind, None)
-            response.release_conn()
+            with self._watches_lock:
+                self._open_watches.pop(kind, None)
+            response.close()  # a stream cut short must not go back to the connection pool
         return version
 
     def _apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:

@@ -102,7 +102,8 @@ class KubernetesSpec(_Section):
     """Where and how the ranks run as pods; only the Kubernetes launcher reads it."""
 
     image: str | None = Field(None, max_length=1024)  # None: the control plane's default
-    volume_claim: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)  # data and checkpoints; None: the default
+    # A PersistentVolumeClaim for data and checkpoints; None: the control plane's default.
+    volume_claim: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=64)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     priority_class: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)

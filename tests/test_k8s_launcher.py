@@ -129,8 +129,8 @@ def test_launch_creates_an_indexed_job_with_its_service_and_secret_and_is_idempo
     assert env["ROUNDHOUSE_CHECKPOINT_DIR"]["value"] == "/var/lib/roundhouse/jobs/gpt/checkpoints"
     assert env["ROUNDHOUSE_SERVER"]["value"] == "roundhouse.ops.svc:50051"
     # The launcher labels each pod with its rank, for `kubectl get pods -l roundhouse.io/rank=1`.
-    eventually(lambda: {p["metadata"]["labels"].get(manifests.LABEL_RANK) for p in kube.pods(NS, "roundhouse.io/job=gpt")}
-               == {"0", "1"})
+    eventually(lambda: {p["metadata"]["labels"].get(manifests.LABEL_RANK)
+                        for p in kube.pods(NS, "roundhouse.io/job=gpt")} == {"0", "1"})
 
     # Launched again (the reconciler is level-triggered; a control plane restarted mid-launch): same objects.
     creates = sum(1 for method, _ in kube.requests if method == "POST")

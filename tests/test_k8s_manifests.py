@@ -19,7 +19,7 @@ from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, Phase
 
 from .fake_kube import FakeKube
-from .test_k8s_launcher import NS, make_launcher, pods_by_rank, request, set_running, set_terminated
+from .test_k8s_launcher import make_launcher, pods_by_rank, request, set_running, set_terminated
 
 DEPLOY = Path(__file__).parent.parent / "k8s" / "deploy"
 VERSIONS = ["1.30", "1.37"]  # the oldest Kubernetes supported, and the newest schemas kubernetes-validate has
