@@ -234,7 +234,7 @@ class KubernetesLauncher:
             for chunk in response.stream(4096):
                 yield chunk.decode("utf-8", errors="replace")
         finally:
-            response.release_conn()
+            response.close()  # the reader may stop early (a client that went away)
 
     # -- failure reasons -----------------------------------------------------------------------------------
 
@@ -435,10 +435,13 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
     """A client for the cluster: the given kubeconfig; else, inside a pod, its service account (in-cluster
     config); else the default kubeconfig (~/.kube/config, $KUBECONFIG) and its current context."""
     configuration = client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    try:
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    except (config.ConfigException, OSError) as exc:
+        raise ValueError(f"no Kubernetes cluster configured: {exc}") from None
     return client.ApiClient(configuration)
 
 

@@ -10,7 +10,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
@@ -28,6 +28,9 @@ from orchestrator.reconciler import Reconciler, ReconcilerSettings
 from orchestrator.store import Database, migrate
 from roundhouse.v1 import job_service_pb2, job_service_pb2_grpc, trainer_service_pb2, trainer_service_pb2_grpc
 
+if TYPE_CHECKING:
+    from k8s.launcher import KubernetesSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -39,11 +42,11 @@ class ServerSettings:
     grpc_port: int = config.DEFAULT_GRPC_PORT
     http_port: int = config.DEFAULT_HTTP_PORT
     launcher: str = "local"
-    # The most ranks the local launcher runs at once (None: no limit); jobs that ask for more are reshaped.
+    # The most ranks the launcher runs at once (None: no limit); jobs that ask for more are reshaped.
     max_ranks: int | None = None
     # --launcher kubernetes: a k8s.launcher.KubernetesSettings (namespace, image, ...; None: the defaults), and
     # the kubeconfig to reach the cluster (None: the in-cluster config inside a pod, else ~/.kube/config).
-    kubernetes: Any = None
+    kubernetes: KubernetesSettings | None = None
     kubeconfig: str | None = None
     # How ranks reach this control plane when it is not `host:grpc_port` (a Service's DNS name in a cluster).
     advertise_address: str | None = None

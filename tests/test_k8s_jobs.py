@@ -9,7 +9,10 @@ deletes the Job, its pods and their processes."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from k8s import manifests
 from k8s.launcher import KubernetesSettings
 from k8s.manifests import PodSettings
 from orchestrator.config import token_file
+from orchestrator.launcher.local import free_port
+from orchestrator.process import wait_healthy
 from orchestrator.reconciler import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
 from orchestrator.spec import parse_spec, spec_to_proto
@@ -36,6 +41,15 @@ NS = "ml"
 CLAIM = "shared-data"
 
 
+def write_kubeconfig(path: Path, url: str) -> Path:
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n"
+        "users: [{name: fake, user: {token: test}}]\n"
+        f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NS}}}}}]\n")
+    return path
+
+
 class Cluster:
     """The API stand-in, a kubelet on this machine, and a control plane that launches onto them."""
 
@@ -46,12 +60,7 @@ class Cluster:
         image_env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")}
         self.kubelet = FakeKubelet(self.kube, NS, tmp / "node", {CLAIM: self.volume}, image_env)
         self.kubelet.start()
-        kubeconfig = tmp / "kubeconfig"
-        kubeconfig.write_text(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-            f"clusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n"
-            "users: [{name: fake, user: {token: test}}]\n"
-            "contexts: [{name: fake, context: {cluster: fake, user: fake, namespace: ml}}]\n")
+        kubeconfig = write_kubeconfig(tmp / "kubeconfig", url)
         self.control = ControlPlane(ServerSettings(
             home=tmp / "home", grpc_port=0, http_port=0, launcher="kubernetes", kubeconfig=str(kubeconfig),
             kubernetes=KubernetesSettings(pods=PodSettings(namespace=NS, image="roundhouse/trainer:test",
@@ -125,3 +134,25 @@ def test_cancel_deletes_the_job_and_stops_every_rank(cluster):
     for kind in ("services", "secrets"):  # owned by the Job: collected with it
         assert cluster.kube.list(kind, NS, "roundhouse.io/job=k8s-cancel")["items"] == []
     assert processes_of("k8s-cancel") == []
+
+
+def test_roundhouse_serve_with_the_kubernetes_launcher_watches_its_namespace(tmp_path):
+    kube = FakeKube()
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kube.start())
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "serve", "--launcher", "kubernetes", "--namespace", NS,
+         "--kubeconfig", str(kubeconfig), "--image", "registry.example/trainer:1", "--home", str(tmp_path / "home"),
+         "--grpc-port", str(port), "--http-port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"127.0.0.1:{port}", timeout=60, process=server)
+        deadline = time.monotonic() + 10
+        watched = lambda: {path.split("?")[0] for _, path in kube.requests if "watch=" in path}  # noqa: E731
+        while len(watched()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watched() == {f"/api/v1/namespaces/{NS}/pods", f"/apis/batch/v1/namespaces/{NS}/jobs"}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        kube.stop()
