@@ -20,6 +20,7 @@ Background (the owner goes first). Not modelled: admission, quotas, field select
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -150,7 +151,6 @@ class FakeKube:
             obj["apiVersion"], obj["kind"] = api_version, obj_kind
             meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now_iso())
             if kind == "secrets" and "stringData" in obj:  # the API server folds stringData into data
-                import base64
                 data = obj.setdefault("data", {})
                 for key, value in obj.pop("stringData").items():
                     data[key] = base64.b64encode(value.encode()).decode()
@@ -297,21 +297,17 @@ class FakeKube:
         meta["labels"] = {**meta.get("labels", {}), "job-name": job_name, INDEX_KEY: str(index),
                           "controller-uid": job["metadata"]["uid"]}
         meta["annotations"] = {**meta.get("annotations", {}), INDEX_KEY: str(index)}
-        meta["generateName"] = f"{job_name}-{index}-"
+        meta.update(name=f"{job_name}-{index}-{uuid.uuid4().hex[:5]}", namespace=namespace,
+                    uid=str(uuid.uuid4()), creationTimestamp=now_iso())
         meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
                                     "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
         spec = template["spec"]
-        spec["hostname"] = f"{job_name}-{index}"
-        pod = {"metadata": meta, "spec": spec, "status": {
+        spec["hostname"] = f"{job_name}-{index}"  # with the template's subdomain: <job>-<index>.<subdomain>
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": {
             "phase": "Pending",
             "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}]}}
-        obj = copy.deepcopy(pod)
-        meta = obj["metadata"]
-        meta["name"] = meta.pop("generateName") + uuid.uuid4().hex[:5]
-        meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now_iso())
-        obj["apiVersion"], obj["kind"] = "v1", "Pod"
-        self.objects["pods"][(namespace, meta["name"])] = obj
-        self._record("pods", "ADDED", obj)
+        self.objects["pods"][(namespace, meta["name"])] = pod
+        self._record("pods", "ADDED", pod)
 
     # -- helpers for tests (what a scheduler or kubelet would write) ------------------------------------------
 
