@@ -107,7 +107,7 @@ def test_a_job_trains_to_succeeded_as_pods(cluster):
 
 
 def test_a_pod_lost_mid_run_restarts_the_job_from_its_newest_checkpoint(cluster):
-    job = cluster.submit("k8s-lost", steps=12, env={"RH_TEST_STEP_SLEEP": "0.2"})
+    job = cluster.submit("k8s-lost", steps=16, env={"RH_TEST_STEP_SLEEP": "0.2"})
     wait_for(cluster.client, job, lambda j: j.checkpoint_step >= 4, timeout=150)
     victim = cluster.kube.pods(NS, f"{manifests.selector('k8s-lost', 1)},{manifests.LABEL_RANK}=1")[0]
     cluster.kube.delete("pods", NS, victim["metadata"]["name"], grace=0)  # its node is gone: no SIGTERM
