@@ -4,7 +4,7 @@ process (gloo, checkpoints on the shared "volume"), jobs submitted over gRPC.
 
 A job trains to SUCCEEDED with its logs read from its pods; a pod deleted mid-run as a lost node would be
 (no grace) leads to a new attempt that resumes from the newest committed checkpoint and succeeds; a cancel
-deletes the Job, its pods and their processes."""
+deletes the Job, its pods and their processes; a control plane restarted mid-run adopts the running pods."""
 
 from __future__ import annotations
 
@@ -60,15 +60,23 @@ class Cluster:
         image_env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")}
         self.kubelet = FakeKubelet(self.kube, NS, tmp / "node", {CLAIM: self.volume}, image_env)
         self.kubelet.start()
-        kubeconfig = write_kubeconfig(tmp / "kubeconfig", url)
-        self.control = ControlPlane(ServerSettings(
-            home=tmp / "home", grpc_port=0, http_port=0, launcher="kubernetes", kubeconfig=str(kubeconfig),
+        self.settings = ServerSettings(
+            home=tmp / "home", grpc_port=0, http_port=0, launcher="kubernetes",
+            kubeconfig=str(write_kubeconfig(tmp / "kubeconfig", url)),
             kubernetes=KubernetesSettings(pods=PodSettings(namespace=NS, image="roundhouse/trainer:test",
                                                            command=[sys.executable, "-m", "trainers"],
                                                            volume_claim=CLAIM)),
-            reconciler=ReconcilerSettings(interval_seconds=0.2, restart_backoff_seconds=0.2, stop_grace_seconds=5)))
+            reconciler=ReconcilerSettings(interval_seconds=0.2, restart_backoff_seconds=0.2, stop_grace_seconds=5))
+        self.control = ControlPlane(self.settings)
         self.control.start()
         self.client = Client(self.control.grpc_address, token_file(tmp / "home").read_text().strip())
+
+    def restart_control_plane(self) -> None:
+        """A new control plane on the same database and gRPC port; the pods run on meanwhile."""
+        self.control.stop()
+        self.settings.grpc_port = self.control.grpc_port
+        self.control = ControlPlane(self.settings)
+        self.control.start()
 
     def submit(self, name: str, steps: int, env: dict | None = None) -> str:
         spec = parse_spec({"name": name, "model": TINY_MODEL, "parallelism": {"dp": 2},
@@ -156,3 +164,15 @@ def test_roundhouse_serve_with_the_kubernetes_launcher_watches_its_namespace(tmp
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
         kube.stop()
+
+
+def test_a_restarted_control_plane_adopts_the_running_pods(cluster):
+    job = cluster.submit("k8s-adopt", steps=12, env={"RH_TEST_STEP_SLEEP": "0.2"})
+    wait_for(cluster.client, job, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 2,
+             timeout=150)
+    pods = {p["metadata"]["uid"] for p in cluster.kube.pods(NS, "roundhouse.io/job=k8s-adopt")}
+    cluster.restart_control_plane()
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=150)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
+    assert len(done.attempts) == 1  # adopted by what launch returned, not launched again
+    assert {p["metadata"]["uid"] for p in cluster.kube.pods(NS, "roundhouse.io/job=k8s-adopt")} == pods
