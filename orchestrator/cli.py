@@ -55,6 +55,7 @@ class OutputFormat(str, Enum):
 
 class LauncherKind(str, Enum):
     local = "local"
+    kubernetes = "kubernetes"
 
 
 Server = Annotated[str | None, typer.Option("--server", envvar="ROUNDHOUSE_SERVER", show_default=False, metavar="HOST:PORT",
@@ -260,6 +261,25 @@ def serve(
                                                   help="the most ranks to run at once; a job asking for more "
                                                        "runs reshaped to a smaller valid layout "
                                                        "[default: no limit]")] = None,
+    namespace: Annotated[str, typer.Option(envvar="ROUNDHOUSE_NAMESPACE", rich_help_panel="Kubernetes",
+                                           help="namespace of the jobs' pods")] = "default",
+    kubeconfig: Annotated[str | None, typer.Option(metavar="FILE", show_default=False, rich_help_panel="Kubernetes",
+                                                   help="kubeconfig [default: in-cluster config inside a pod, "
+                                                        "else ~/.kube/config]")] = None,
+    image: Annotated[str, typer.Option(envvar="ROUNDHOUSE_TRAINER_IMAGE", rich_help_panel="Kubernetes",
+                                       help="trainer image (a job's kubernetes.image overrides it)")]
+    = "roundhouse/trainer:0.1.0",
+    volume_claim: Annotated[str | None, typer.Option(envvar="ROUNDHOUSE_VOLUME_CLAIM", show_default=False,
+                                                     rich_help_panel="Kubernetes",
+                                                     help="PersistentVolumeClaim (ReadWriteMany) for data and "
+                                                          "checkpoints [default: an emptyDir, for trials]")] = None,
+    unschedulable_timeout: Annotated[float, typer.Option(metavar="SECONDS", rich_help_panel="Kubernetes",
+                                                         help="fail an attempt whose pod stays unschedulable "
+                                                              "this long")] = 300.0,
+    advertise_address: Annotated[str | None, typer.Option(envvar="ROUNDHOUSE_ADVERTISE_ADDRESS", show_default=False,
+                                                          metavar="HOST:PORT",
+                                                          help="how ranks reach this server [default: "
+                                                               "HOST:GRPC_PORT]")] = None,
     reconcile: Annotated[bool, typer.Option("--reconcile/--no-reconcile", hidden=True,
                                             help="run the reconciler (off: jobs are recorded, never launched)")]
     = True,
@@ -271,7 +291,14 @@ def serve(
 
     settings = ServerSettings(home=(home or config.home_dir()).expanduser(), db_url=db, host=host,
                               grpc_port=grpc_port, http_port=http_port, launcher=launcher.value, max_ranks=max_ranks,
-                              reconcile=reconcile)
+                              reconcile=reconcile, kubeconfig=kubeconfig, advertise_address=advertise_address)
+    if launcher is LauncherKind.kubernetes:
+        from k8s.launcher import KubernetesSettings
+        from k8s.manifests import PodSettings
+
+        settings.kubernetes = KubernetesSettings(
+            pods=PodSettings(namespace=namespace, image=image, volume_claim=volume_claim),
+            unschedulable_timeout_seconds=unschedulable_timeout)
     try:
         run_server(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:

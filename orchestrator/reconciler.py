@@ -254,7 +254,7 @@ class Reconciler:
                 transition(session, job, JobState.SUCCEEDED, "Completed",
                            f"trained {job.total_steps} steps", attempt=attempt.number)
             else:
-                self._record_failure(session, job, attempt, status.reason, status.message)
+                self._record_failure(session, job, attempt, status.reason, status.message, status.retryable)
 
     def _check_heartbeats(self, name: str, ref: AttemptRef) -> None:
         """A running attempt with a rank silent for the job's hang timeout is hung: the failure is recorded
@@ -305,9 +305,15 @@ class Reconciler:
             record_event(session, job, "Launched", "RanksStarted",
                          f"started {attempt.world_size} ranks of attempt {attempt.number}", attempt=attempt.number)
 
-    def _record_failure(self, session, job: Job, attempt: Attempt, reason: str, message: str) -> None:
-        """Ends the attempt and restarts the job if the failure's own budget has room, else fails it."""
+    def _record_failure(self, session, job: Job, attempt: Attempt, reason: str, message: str,
+                        retryable: bool = True) -> None:
+        """Ends the attempt and restarts the job if the failure's own budget has room (and another attempt could
+        fare better), else fails it."""
         _end_attempt(attempt, AttemptState.FAILED, message)
+        if not retryable:
+            transition(session, job, JobState.FAILED, reason, f"{message}; not retried: another attempt would fail "
+                       "the same way", attempt=attempt.number)
+            return
         budget = _budget_for(job, parse_spec(job.spec), reason)
         used = getattr(job, budget.counter)
         if used < budget.limit:

@@ -3,12 +3,14 @@ reconciler, all over one database."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
@@ -20,10 +22,14 @@ from orchestrator.api.job_service import JobService
 from orchestrator.api.trainer_service import TrainerService
 from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
 from orchestrator.dashboard import ServiceMetrics, create_app
+from orchestrator.launcher import Launcher
 from orchestrator.launcher.local import LocalLauncher
 from orchestrator.reconciler import Reconciler, ReconcilerSettings
 from orchestrator.store import Database, migrate
 from roundhouse.v1 import job_service_pb2, job_service_pb2_grpc, trainer_service_pb2, trainer_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from k8s.launcher import KubernetesSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,14 @@ class ServerSettings:
     grpc_port: int = config.DEFAULT_GRPC_PORT
     http_port: int = config.DEFAULT_HTTP_PORT
     launcher: str = "local"
-    # The most ranks the local launcher runs at once (None: no limit); jobs that ask for more are reshaped.
+    # The most ranks the launcher runs at once (None: no limit); jobs that ask for more are reshaped.
     max_ranks: int | None = None
+    # --launcher kubernetes: a k8s.launcher.KubernetesSettings (namespace, image, ...; None: the defaults), and
+    # the kubeconfig to reach the cluster (None: the in-cluster config inside a pod, else ~/.kube/config).
+    kubernetes: KubernetesSettings | None = None
+    kubeconfig: str | None = None
+    # How ranks reach this control plane when it is not `host:grpc_port` (a Service's DNS name in a cluster).
+    advertise_address: str | None = None
     # Off only for benchmarks of the API alone: jobs are recorded but never launched.
     reconcile: bool = True
     reconciler: ReconcilerSettings = ReconcilerSettings()
@@ -52,7 +64,7 @@ class ControlPlane:
         self.grpc_port = 0
         self.http_port = 0
         self.reconciler: Reconciler | None = None
-        self.launcher: LocalLauncher | None = None
+        self.launcher: Launcher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -68,9 +80,7 @@ class ControlPlane:
         migrate(self.db)
         ensure_admin_token(self.db, self.settings.home)
         credential_key = rank_credential_key(self.db)
-        if self.settings.launcher != "local":
-            raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local)")
-        launcher = self.launcher = LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks)
+        launcher = self.launcher = self._make_launcher()
         users = self.users = UserTokens(self.db)
         self.metrics = ServiceMetrics(self.db)
 
@@ -81,7 +91,8 @@ class ControlPlane:
         self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")
-        self.reconciler = Reconciler(self.db, launcher, credential_key, self.grpc_address, self.settings.reconciler)
+        self.reconciler = Reconciler(self.db, launcher, credential_key,
+                                     self.settings.advertise_address or self.grpc_address, self.settings.reconciler)
         launcher.on_rank_exit = self.reconciler.wake
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobService(self.db, users, launcher, self.reconciler.wake), server)
@@ -100,6 +111,18 @@ class ControlPlane:
         for name in ("", *services):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def _make_launcher(self) -> Launcher:
+        if self.settings.launcher == "local":
+            return LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks)
+        if self.settings.launcher == "kubernetes":
+            from k8s.launcher import KubernetesLauncher, KubernetesSettings, api_client
+
+            k8s_settings = self.settings.kubernetes or KubernetesSettings()
+            if self.settings.max_ranks is not None:
+                k8s_settings = dataclasses.replace(k8s_settings, max_ranks=self.settings.max_ranks)
+            return KubernetesLauncher(api_client(self.settings.kubeconfig), k8s_settings)
+        raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local, kubernetes)")
+
     def _start_http(self) -> None:
         app = create_app(self.db, self.users, self.launcher, self.metrics, self.reconciler.wake)
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
@@ -116,6 +139,8 @@ class ControlPlane:
         """Stops serving. Running jobs keep running: a control plane started later adopts them."""
         if self.reconciler:
             self.reconciler.stop()
+        if hasattr(self.launcher, "close"):
+            self.launcher.close()  # the Kubernetes launcher's watches
         if self.grpc_server:
             self.grpc_server.stop(grace=2).wait()
         if self._http:

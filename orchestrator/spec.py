@@ -21,6 +21,8 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Kubernetes label keys ("prefix/name") and values.
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by the launcher for every rank; a job may not override them.
 RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
@@ -85,6 +87,29 @@ class DataSpec(_Section):
 class ResourcesSpec(_Section):
     ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)  # the most; must equal tp*pp*dp
     min_ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)  # the fewest a restart may reshape down to
+    # Per rank (one rank per pod) on Kubernetes, as quantities; requests equal limits.
+    cpu: str | None = Field(None, pattern=_QUANTITY)
+    memory: str | None = Field(None, pattern=_QUANTITY)
+    gpus: int = Field(0, ge=0, le=64)  # nvidia.com/gpu
+
+
+class Toleration(_Section):
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class KubernetesSpec(_Section):
+    """Where and how the ranks run as pods; only the Kubernetes launcher reads it."""
+
+    image: str | None = Field(None, max_length=1024)  # None: the control plane's default
+    # A PersistentVolumeClaim for data and checkpoints; None: the control plane's default.
+    volume_claim: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=64)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    priority_class: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
+    queue: str | None = Field(None, max_length=63, pattern=_DNS_SUBDOMAIN)  # a Kueue LocalQueue
 
 
 class RestartPolicy(_Section):
@@ -113,6 +138,7 @@ class JobSpec(_Section):
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
 
     @field_validator("name")
     @classmethod
@@ -191,6 +217,9 @@ def dict_to_message(data: dict[str, Any], message):
         field = fields[key]
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             getattr(message, key).update(value)
+        elif field.message_type is not None and _is_repeated(field):
+            for item in value:
+                dict_to_message(item, getattr(message, key).add())
         elif field.message_type is not None:
             dict_to_message(value, getattr(message, key))
         else:
@@ -204,6 +233,8 @@ def _message_to_dict(message) -> dict[str, Any]:
     for field, value in message.ListFields():
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value)
+        elif field.message_type is not None and _is_repeated(field):
+            out[field.name] = [_message_to_dict(item) for item in value]
         elif field.message_type is not None:
             out[field.name] = _message_to_dict(value)
         else:
@@ -256,6 +287,10 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         problem = _label_problem(key, value)
         if problem:
             out.append(FieldViolation(f"labels.{key}", problem))
+    for key, value in spec.kubernetes.node_selector.items():
+        problem = _label_problem(key, value)
+        if problem:
+            out.append(FieldViolation(f"kubernetes.node_selector.{key}", problem))
     for key in spec.env:
         if not _ENV_NAME.match(key):
             out.append(FieldViolation(f"env.{key}", "not a valid environment variable name"))
@@ -282,5 +317,12 @@ def _unknown_field_paths(message: Any, prefix: str) -> list[str]:
     paths = [f"{prefix}#{field.field_number}" for field in UnknownFieldSet(message)]
     for descriptor, value in message.ListFields():
         if descriptor.message_type is not None and not descriptor.message_type.GetOptions().map_entry:
-            paths += _unknown_field_paths(value, f"{prefix}{descriptor.name}.")
+            items = enumerate(value) if _is_repeated(descriptor) else [(None, value)]
+            for index, item in items:
+                where = descriptor.name if index is None else f"{descriptor.name}.{index}"
+                paths += _unknown_field_paths(item, f"{prefix}{where}.")
     return paths
+
+
+def _is_repeated(field) -> bool:
+    return field.is_repeated

@@ -302,3 +302,17 @@ def test_a_rank_past_its_final_step_gets_the_grace_to_finish(db, launcher, recon
         session.get(RankStatus, ("j", 1, 5)).last_heartbeat = utcnow() - timedelta(seconds=40)
     reconciler.reconcile("j")
     assert job(db).state_reason == "Hung" and "rank 5 (last heartbeat 40 s ago, at step 10)" in job(db).state_message
+
+
+def test_a_failure_that_is_not_retryable_fails_the_job_at_once_with_budget_left(db, launcher, reconciler):
+    add_job(db, restart_policy={"max_restarts": 3})
+    run_attempt(reconciler, db)
+    launcher.status_of[1] = AttemptStatus(Phase.FAILED, "ImagePullFailed",
+                                          "rank 0 cannot pull image registry.example/trainer:missing",
+                                          retryable=False)
+    reconciler.reconcile("j")
+    after = job(db)
+    assert after.state == JobState.FAILED and after.state_reason == "ImagePullFailed"
+    assert "registry.example/trainer:missing" in after.state_message and "not retried" in after.state_message
+    assert after.restart_count == 0 and len(after.attempts) == 1
+    assert launcher.stops[-1] == (1, 1)  # the rest of the gang is stopped all the same

@@ -61,6 +61,14 @@ BAD_INPUTS = [
                                                                          "positions": "rotary"}},
                  "model.positions", id="rotary with an odd head size"),
     pytest.param(with_change("model.norm", "batchnorm"), "model.norm", id="unknown norm"),
+    pytest.param(with_change("resources.memory", "16 GB"), "resources.memory", id="not a quantity"),
+    pytest.param(with_change("resources.gpus", -1), "resources.gpus", id="negative gpus"),
+    pytest.param(with_change("kubernetes.tolerations", [{"key": "a", "operator": "In"}]),
+                 "kubernetes.tolerations.0.operator", id="unknown toleration operator"),
+    pytest.param(with_change("kubernetes.node_selector", {"pool": "has space"}), "kubernetes.node_selector.pool",
+                 id="node selector value not a label value"),
+    pytest.param(with_change("kubernetes.volume_claim", "Data_Set"), "kubernetes.volume_claim",
+                 id="claim not a DNS name"),
 ]
 
 
@@ -95,6 +103,17 @@ def test_every_violation_is_reported_at_once():
 def test_proto_round_trip_keeps_every_field():
     spec = parse_spec(VALID)
     assert spec_from_proto(spec_to_proto(spec)) == spec
+
+
+def test_proto_round_trip_keeps_the_kubernetes_section():
+    spec = parse_spec(VALID | {"resources": {"ranks": 8, "cpu": "500m", "memory": "4Gi", "gpus": 1},
+                               "kubernetes": {"image": "reg.example/t:1", "volume_claim": "data",
+                                              "node_selector": {"pool": "gpu"}, "priority_class": "high",
+                                              "queue": "team-a",
+                                              "tolerations": [{"key": "gpu", "operator": "Exists"},
+                                                              {"key": "k", "value": "v", "effect": "NoSchedule"}]}})
+    assert spec_from_proto(spec_to_proto(spec)) == spec
+    assert spec.kubernetes.tolerations[1].operator == "Equal"
 
 
 def test_explicit_zero_in_proto_is_rejected_not_defaulted():

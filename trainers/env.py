@@ -4,7 +4,8 @@ The launcher sets, for every rank:
 
     RANK, WORLD_SIZE, LOCAL_RANK   the standard torch.distributed identity (defaults 0, 1, RANK)
     MASTER_ADDR, MASTER_PORT       rendezvous of the gloo process group (defaults 127.0.0.1, 29500)
-    ROUNDHOUSE_SPEC_FILE           path to a JSON file holding JobSpec.model_dump(mode="json") (required)
+    ROUNDHOUSE_SPEC_FILE           path to a JSON file holding JobSpec.model_dump(mode="json"); or
+    ROUNDHOUSE_SPEC_JSON           that JSON itself (pods get it from their attempt's Secret); one is required
     ROUNDHOUSE_SERVER              host:port of the control plane's gRPC; unset or empty: no reporting at all
     ROUNDHOUSE_JOB                 the job's resource name, "jobs/<name>"
     ROUNDHOUSE_ATTEMPT             the attempt number (int, default 0)
@@ -56,6 +57,7 @@ class RankEnv:
     run_dir: str | None
     start_step: int
     checkpoint_dir: str | None = None
+    spec_json: str | None = None  # the spec inline, when there is no spec file
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> RankEnv:
@@ -64,8 +66,10 @@ class RankEnv:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"RANK={rank} is not within WORLD_SIZE={world_size}")
         spec_file = environ.get("ROUNDHOUSE_SPEC_FILE", "")
-        if not spec_file:
-            raise ConfigError("ROUNDHOUSE_SPEC_FILE is not set: it must name the job's spec as a JSON file")
+        spec_json = environ.get("ROUNDHOUSE_SPEC_JSON", "")
+        if not spec_file and not spec_json:
+            raise ConfigError("neither ROUNDHOUSE_SPEC_FILE nor ROUNDHOUSE_SPEC_JSON is set: one must give the "
+                              "job's spec (a JSON file, or the JSON itself)")
         return cls(
             rank=rank,
             world_size=world_size,
@@ -80,6 +84,7 @@ class RankEnv:
             run_dir=environ.get("ROUNDHOUSE_RUN_DIR") or None,
             start_step=_int(environ, "ROUNDHOUSE_START_STEP", 0),
             checkpoint_dir=environ.get("ROUNDHOUSE_CHECKPOINT_DIR") or None,
+            spec_json=spec_json or None,
         )
 
 
@@ -124,11 +129,16 @@ class TestHooks:
         return self._hits(self.fault_hang_at_step, rank, attempt, step)
 
 
-def load_spec(path: str) -> JobSpec:
-    """The spec the launcher wrote, validated (and defaulted) by the control plane's own gate."""
+def load_spec(path: str, inline: str | None = None) -> JobSpec:
+    """The spec the launcher wrote (a file at `path`, else the JSON `inline`), validated (and defaulted) by the
+    control plane's own gate."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        if path:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            path = "ROUNDHOUSE_SPEC_JSON"
+            data = json.loads(inline or "")
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read the spec file {path}: {exc}") from None
     try:

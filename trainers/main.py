@@ -58,7 +58,7 @@ def main() -> int:
     try:
         env = RankEnv.from_environ()
         hooks = TestHooks.from_environ()
-        spec = load_spec(env.spec_file)
+        spec = load_spec(env.spec_file, env.spec_json)
         check_layout(spec, env)
     except ConfigError as exc:
         print(f"roundhouse trainer: {exc}", file=sys.stderr, flush=True)

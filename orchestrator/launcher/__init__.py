@@ -62,9 +62,15 @@ class AttemptStatus:
     phase: Phase
     reason: str = ""  # for FAILED: "Preempted" (the ranks were told to stop and checkpointed) or why it failed
     message: str = ""
+    # False for a failure another attempt would only repeat (an image that cannot be pulled): the job fails now.
+    retryable: bool = True
 
 
 class Launcher(Protocol):
+    # Set by the control plane: called (from any thread) when one of the launcher's ranks ends, so the
+    # reconciler looks at once instead of at its next tick. Correctness never depends on it.
+    on_rank_exit: Callable[[], None] | None
+
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
         """Starts the attempt's ranks (or finds them already started) and returns what finds them again."""
 

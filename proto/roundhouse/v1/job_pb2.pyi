@@ -45,7 +45,7 @@ ATTEMPT_STATE_FAILED: AttemptState
 ATTEMPT_STATE_CANCELLED: AttemptState
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "labels", "model", "parallelism", "training", "data", "resources", "restart_policy", "checkpoint", "env")
+    __slots__ = ("name", "labels", "model", "parallelism", "training", "data", "resources", "restart_policy", "checkpoint", "env", "kubernetes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class JobSpec(_message.Message):
     RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
+    KUBERNETES_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.ScalarMap[str, str]
     model: ModelSpec
@@ -80,7 +81,8 @@ class JobSpec(_message.Message):
     restart_policy: RestartPolicy
     checkpoint: CheckpointSpec
     env: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSpec, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kubernetes: KubernetesSpec
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSpec, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., kubernetes: _Optional[_Union[KubernetesSpec, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("layers", "hidden_size", "heads", "seq_length", "vocab_size", "norm", "mlp", "positions")
@@ -143,12 +145,53 @@ class DataSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class ResourcesSpec(_message.Message):
-    __slots__ = ("ranks", "min_ranks")
+    __slots__ = ("ranks", "min_ranks", "cpu", "memory", "gpus")
     RANKS_FIELD_NUMBER: _ClassVar[int]
     MIN_RANKS_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     ranks: int
     min_ranks: int
-    def __init__(self, ranks: _Optional[int] = ..., min_ranks: _Optional[int] = ...) -> None: ...
+    cpu: str
+    memory: str
+    gpus: int
+    def __init__(self, ranks: _Optional[int] = ..., min_ranks: _Optional[int] = ..., cpu: _Optional[str] = ..., memory: _Optional[str] = ..., gpus: _Optional[int] = ...) -> None: ...
+
+class Toleration(_message.Message):
+    __slots__ = ("key", "operator", "value", "effect")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    operator: str
+    value: str
+    effect: str
+    def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., value: _Optional[str] = ..., effect: _Optional[str] = ...) -> None: ...
+
+class KubernetesSpec(_message.Message):
+    __slots__ = ("image", "volume_claim", "node_selector", "tolerations", "priority_class", "queue")
+    class NodeSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_CLAIM_FIELD_NUMBER: _ClassVar[int]
+    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    TOLERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    volume_claim: str
+    node_selector: _containers.ScalarMap[str, str]
+    tolerations: _containers.RepeatedCompositeFieldContainer[Toleration]
+    priority_class: str
+    queue: str
+    def __init__(self, image: _Optional[str] = ..., volume_claim: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., tolerations: _Optional[_Iterable[_Union[Toleration, _Mapping]]] = ..., priority_class: _Optional[str] = ..., queue: _Optional[str] = ...) -> None: ...
 
 class RestartPolicy(_message.Message):
     __slots__ = ("max_restarts", "max_hang_restarts", "max_preemptions", "hang_timeout_seconds")

@@ -1,0 +1,215 @@
+"""The Kubernetes objects of one attempt, as plain dicts (pure functions of a LaunchRequest and settings).
+
+Per attempt, all named alike (`object_name`):
+- an Indexed Job: one pod per rank, completion index = rank, backoffLimit 0 (the control plane restarts the
+  whole gang, never the Job one pod), created suspended so its Service and Secret exist first;
+- a headless Service whose name is every pod's subdomain, so rank 0 is `<name>-0.<name>` before it starts
+  (what JobSet does, with nothing to install on the cluster);
+- a Secret with the attempt's credential and the spec the ranks run (ROUNDHOUSE_SPEC_JSON).
+The Service and Secret are owned by the Job: deleting the Job removes everything."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.launcher import LaunchRequest
+
+LABEL_JOB = "roundhouse.io/job"
+LABEL_ATTEMPT = "roundhouse.io/attempt"
+LABEL_RANK = "roundhouse.io/rank"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGED_BY = "roundhouse"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+CONTAINER = "trainer"
+MASTER_PORT = 29500
+SECRET_TOKEN_KEY = "token"
+SECRET_SPEC_KEY = "spec.json"
+# A pod name is "<job>-<index>-<5 random>" and its hostname "<job>-<index>", both DNS labels (63).
+MAX_BASE_NAME = 50
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """What the control plane sets for every job (`roundhouse serve --launcher kubernetes ...`); a job's spec
+    may override image and volume claim."""
+
+    namespace: str = "default"
+    image: str = "roundhouse/trainer:0.1.0"
+    command: list[str] = field(default_factory=lambda: ["python", "-m", "trainers"])
+    # Data and checkpoints: a ReadWriteMany claim mounted at `volume_path` (None: an emptyDir, for trials only).
+    volume_claim: str | None = None
+    volume_path: str = "/var/lib/roundhouse"
+    service_account: str | None = None
+    termination_grace_seconds: int = 30
+    image_pull_policy: str = "IfNotPresent"
+    finished_job_ttl_seconds: int = 7 * 24 * 3600
+
+
+def object_name(job: str, attempt: int) -> str:
+    """The Job, Service and Secret of an attempt; a long job name is shortened with a hash kept unique."""
+    base = job if len(job) <= MAX_BASE_NAME else f"{job[:MAX_BASE_NAME - 7]}-{_digest(job, 6)}"
+    return f"{base}-a{attempt}"
+
+
+def labels(job: str, attempt: int) -> dict[str, str]:
+    return {LABEL_MANAGED: MANAGED_BY, LABEL_JOB: job, LABEL_ATTEMPT: str(attempt)}
+
+
+def selector(job: str, attempt: int | None = None) -> str:
+    """A labelSelector for `kubectl get pods -l ...` and the API."""
+    out = f"{LABEL_JOB}={job}"
+    return out if attempt is None else f"{out},{LABEL_ATTEMPT}={attempt}"
+
+
+def checkpoint_dir(request: LaunchRequest, settings: PodSettings) -> str:
+    """The spec's checkpoint.directory (a relative one is under the job's directory on the volume), else
+    <volume>/jobs/<job>/checkpoints: one per job, shared by all its attempts."""
+    job_dir = f"{settings.volume_path.rstrip('/')}/jobs/{request.job}"
+    configured = request.spec.checkpoint.directory
+    if not configured:
+        return f"{job_dir}/checkpoints"
+    return configured if configured.startswith("/") else f"{job_dir}/{configured}"
+
+
+def secret(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
+    name = object_name(request.job, request.attempt)
+    return {
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels(request.job, request.attempt)},
+        "type": "Opaque",
+        "stringData": {SECRET_TOKEN_KEY: request.job_token, SECRET_SPEC_KEY: request.spec.model_dump_json()},
+    }
+
+
+def service(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
+    name = object_name(request.job, request.attempt)
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels(request.job, request.attempt)},
+        "spec": {
+            "clusterIP": "None",  # headless: DNS names for the pods, no virtual IP
+            "selector": {LABEL_JOB: request.job, LABEL_ATTEMPT: str(request.attempt)},
+            # Rank 0 must be resolvable before it is ready: the others rendezvous while it starts.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }
+
+
+def owned_by(manifest: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with an owner reference to the (created) Job, so that deleting the Job deletes it.
+    No blockOwnerDeletion: setting it needs update on jobs/finalizers, more than the Role grants."""
+    meta = job["metadata"]
+    manifest["metadata"]["ownerReferences"] = [{
+        "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True}]
+    return manifest
+
+
+def job(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
+    spec = request.spec
+    k8s = spec.kubernetes
+    name = object_name(request.job, request.attempt)
+    job_labels = labels(request.job, request.attempt)
+    if k8s.queue:
+        job_labels[KUEUE_QUEUE_LABEL] = k8s.queue
+    pod_labels = labels(request.job, request.attempt)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": name,  # with the headless Service: <name>-<index>.<name> resolves to each pod
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [_container(request, settings, name)],
+        "volumes": _volumes(request, settings),
+    }
+    if settings.service_account:
+        pod_spec["serviceAccountName"] = settings.service_account
+    pod_spec["automountServiceAccountToken"] = False  # ranks talk to the control plane, not to the cluster
+    if k8s.node_selector:
+        pod_spec["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in k8s.tolerations]
+    if k8s.priority_class:
+        pod_spec["priorityClassName"] = k8s.priority_class
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": job_labels,
+                     "annotations": {"roundhouse.io/job-uid": request.job_uid,
+                                     "roundhouse.io/start-step": str(request.start_step)}},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": request.world_size,
+            "parallelism": request.world_size,
+            "backoffLimit": 0,  # one failed pod fails the attempt: the reconciler restarts the gang
+            "ttlSecondsAfterFinished": settings.finished_job_ttl_seconds,  # kept a while for `kubectl logs`
+            # Created suspended: the launcher adds the Service and Secret, then resumes it (or Kueue admits it).
+            "suspend": True,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
+def _container(request: LaunchRequest, settings: PodSettings, name: str) -> dict[str, Any]:
+    spec = request.spec
+    resources: dict[str, str] = {}
+    if spec.resources.cpu:
+        resources["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        resources["memory"] = spec.resources.memory
+    if spec.resources.gpus:
+        resources["nvidia.com/gpu"] = str(spec.resources.gpus)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.kubernetes.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(settings.command),
+        "env": _env(request, settings, name),
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "volumeMounts": [{"name": "work", "mountPath": settings.volume_path},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if resources:
+        container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
+    return container
+
+
+def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[str, Any]]:
+    """What the local launcher sets for a rank, with the rank from the pod's completion index, rank 0's
+    stable DNS name as the rendezvous, and the credential and spec from the attempt's Secret."""
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(request.spec.env.items())]
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+    env += [
+        {"name": "RANK", "valueFrom": index},
+        {"name": "WORLD_SIZE", "value": str(request.world_size)},
+        {"name": "LOCAL_RANK", "value": "0"},  # one rank per pod
+        {"name": "LOCAL_WORLD_SIZE", "value": "1"},
+        {"name": "MASTER_ADDR", "value": f"{name}-0.{name}"},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "ROUNDHOUSE_SERVER", "value": request.server_address},
+        {"name": "ROUNDHOUSE_JOB", "value": f"jobs/{request.job}"},
+        {"name": "ROUNDHOUSE_ATTEMPT", "value": str(request.attempt)},
+        {"name": "ROUNDHOUSE_JOB_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_TOKEN_KEY}}},
+        {"name": "ROUNDHOUSE_SPEC_JSON", "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_SPEC_KEY}}},
+        {"name": "ROUNDHOUSE_START_STEP", "value": str(request.start_step)},
+        {"name": "ROUNDHOUSE_CHECKPOINT_DIR", "value": checkpoint_dir(request, settings)},
+        {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only: caches go to the emptyDir
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    return env
+
+
+def _volumes(request: LaunchRequest, settings: PodSettings) -> list[dict[str, Any]]:
+    claim = request.spec.kubernetes.volume_claim or settings.volume_claim
+    work = ({"name": "work", "persistentVolumeClaim": {"claimName": claim}} if claim
+            else {"name": "work", "emptyDir": {}})
+    return [work, {"name": "tmp", "emptyDir": {}}]
+
+
+def _digest(text: str, size: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:size]

@@ -1,0 +1,195 @@
+"""A simulated kubelet (plus cluster DNS) for the API stand-in: runs each pod's container as a local process.
+
+It watches the pods of one namespace on the stand-in and, for each new one, resolves the container's
+environment as a kubelet does (values, fieldRef on the pod's metadata, secretKeyRef from the stand-in's
+Secrets), starts `command + args` as a process in its own session with the pod's environment over the
+image's, and reports phases back: Running, then Succeeded or Failed with the container's terminated state
+(exit code, reason). A pod being deleted gets SIGTERM, SIGKILL after its grace, and is then removed; a pod
+removed at once (grace 0, a lost node) is killed at once.
+
+Where a node would differ from one machine, it plays the part:
+- cluster DNS: MASTER_ADDR `<host>.<service>` of a headless Service resolves to 127.0.0.1, and MASTER_PORT
+  (fixed in the manifests, as every pod has its own IP) becomes a free port chosen per Service;
+- volumes: a mountPath in an environment value is rewritten to a local directory, per claim for a
+  PersistentVolumeClaim (shared by every pod, as ReadWriteMany storage) and per pod for an emptyDir."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.launcher.local import free_port
+
+from .fake_kube import ApiError, FakeKube, now_iso
+
+_FIELD = re.compile(r"^metadata\.annotations\['(.+)'\]$")
+
+
+@dataclass
+class _Container:
+    process: subprocess.Popen
+    log: Any
+    kill_at: float | None = None  # SIGKILL once past this (after SIGTERM on deletion)
+
+
+class FakeKubelet:
+    def __init__(self, kube: FakeKube, namespace: str, workdir: Path, claims: dict[str, Path],
+                 image_env: dict[str, str]):
+        self.kube = kube
+        self.namespace = namespace
+        self.workdir = workdir
+        self.claims = claims  # PersistentVolumeClaim name -> local directory
+        self.image_env = image_env  # the environment the image gives every container
+        self.containers: dict[str, _Container] = {}  # pod name -> its process
+        self.ports: dict[str, int] = {}  # Service name -> the rendezvous port its pods use here
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-kubelet", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        for container in self.containers.values():
+            _signal(container.process, signal.SIGKILL)
+            container.process.wait()
+            container.log.close()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._sync()
+            except Exception as exc:  # keep going, as a kubelet does; a test sees the pods stall
+                print(f"fake kubelet: {exc!r}")
+            time.sleep(0.1)
+
+    def _sync(self) -> None:
+        pods = {p["metadata"]["name"]: p for p in self.kube.pods(self.namespace)}
+        for name, container in list(self.containers.items()):
+            if name not in pods:  # removed without a grace: the node is gone
+                _signal(container.process, signal.SIGKILL)
+                container.process.wait()
+                container.log.close()
+                del self.containers[name]
+        for name, pod in pods.items():
+            container = self.containers.get(name)
+            deleting = "deletionTimestamp" in pod["metadata"]
+            if container is None:
+                if pod["status"].get("phase") == "Pending" and not deleting:
+                    self._start(pod)
+                continue
+            code = container.process.poll()
+            if deleting and code is None:
+                if container.kill_at is None:
+                    _signal(container.process, signal.SIGTERM)
+                    container.kill_at = time.monotonic() + pod["metadata"].get("deletionGracePeriodSeconds", 30)
+                elif time.monotonic() > container.kill_at:
+                    _signal(container.process, signal.SIGKILL)
+                continue
+            if code is None or pod["status"].get("phase") in ("Succeeded", "Failed"):
+                if code is not None and deleting:
+                    self._remove(name)
+                continue
+            container.log.close()
+            self.kube.set_pod_status(self.namespace, name, {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "containerStatuses": [_container_status(pod, {"terminated": {
+                    "exitCode": code if code >= 0 else 128 - code,  # killed by signal N: 128 + N
+                    "reason": "Completed" if code == 0 else "Error", "finishedAt": now_iso()}})]})
+            if deleting:
+                self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        container = self.containers.pop(name, None)
+        if container is not None:
+            container.log.close()
+        try:
+            self.kube.delete("pods", self.namespace, name, grace=0)
+        except ApiError:
+            pass
+
+    def _start(self, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        spec = pod["spec"]
+        container = spec["containers"][0]
+        pod_dir = self.workdir / name
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        mounts = self._mounts(pod, pod_dir)
+        try:
+            env = {item["name"]: self._value(pod, item) for item in container.get("env", [])}
+        except KeyError as exc:  # a Secret not there yet: the kubelet retries
+            self.kube.set_pod_status(self.namespace, name, {"containerStatuses": [_container_status(pod, {
+                "waiting": {"reason": "CreateContainerConfigError", "message": f"not found: {exc}"}})]})
+            return
+        for key, value in env.items():
+            for mount_path, local in mounts.items():
+                if value == mount_path or value.startswith(mount_path + "/"):
+                    env[key] = str(local) + value[len(mount_path):]
+        service = spec.get("subdomain")
+        if service and env.get("MASTER_ADDR", "").endswith(f".{service}"):
+            env["MASTER_ADDR"] = "127.0.0.1"  # cluster DNS: every pod is on this machine
+            env["MASTER_PORT"] = str(self.ports.setdefault(service, free_port()))
+        log_path = pod_dir / "container.log"
+        log = open(log_path, "ab")
+        process = subprocess.Popen([*container.get("command", []), *container.get("args", [])],
+                                   env={**self.image_env, **env}, cwd=pod_dir, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        self.containers[name] = _Container(process, log)
+        self.kube.pod_logs[(self.namespace, name)] = log_path
+        self.kube.set_pod_status(self.namespace, name, {
+            "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1", "startTime": now_iso(),
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": now_iso()}
+                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+            "containerStatuses": [_container_status(pod, {"running": {"startedAt": now_iso()}})]})
+
+    def _mounts(self, pod: dict[str, Any], pod_dir: Path) -> dict[str, Path]:
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        out = {}
+        for mount in pod["spec"]["containers"][0].get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "persistentVolumeClaim" in volume:
+                local = self.claims[volume["persistentVolumeClaim"]["claimName"]]
+            else:
+                local = pod_dir / "volumes" / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            out[mount["mountPath"].rstrip("/")] = local
+        return out
+
+    def _value(self, pod: dict[str, Any], item: dict[str, Any]) -> str:
+        if "value" in item:
+            return item["value"]
+        source = item["valueFrom"]
+        if "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            annotation = _FIELD.match(path)
+            if annotation:
+                return pod["metadata"]["annotations"][annotation.group(1)]
+            return {"metadata.name": pod["metadata"]["name"], "metadata.namespace": self.namespace}[path]
+        ref = source["secretKeyRef"]
+        try:
+            secret = self.kube.get("secrets", self.namespace, ref["name"])
+        except ApiError:
+            raise KeyError(f"secret {ref['name']}") from None
+        return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+
+def _container_status(pod: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    container = pod["spec"]["containers"][0]
+    return {"name": container["name"], "image": container["image"], "imageID": "", "restartCount": 0,
+            "ready": "running" in state, "state": state}
+
+
+def _signal(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass

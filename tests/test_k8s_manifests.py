@@ -1,0 +1,141 @@
+"""Every Kubernetes object Roundhouse makes or ships is valid against the cluster's OpenAPI schemas
+(kubernetes-validate, strict: unknown fields are errors), from the oldest supported version to the newest;
+and the control plane's Role allows exactly what the launcher does (checked on its requests to the stand-in)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import ValidationError
+
+from k8s import manifests
+from k8s.manifests import PodSettings
+from orchestrator.launcher import AttemptRef, Phase
+
+from .fake_kube import FakeKube
+from .test_k8s_launcher import make_launcher, pods_by_rank, request, set_running, set_terminated
+
+DEPLOY = Path(__file__).parent.parent / "k8s" / "deploy"
+VERSIONS = ["1.30", "1.37"]  # the oldest Kubernetes supported, and the newest schemas kubernetes-validate has
+
+
+def validate(obj: dict[str, Any], where: str) -> None:
+    for version in VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except ValidationError as exc:  # the message alone; the error's text repeats the whole schema
+            pytest.fail(f"{where} is not a valid {obj.get('kind')} for Kubernetes {version}: "
+                        f"{str(exc).split(chr(10))[0]} at {'.'.join(map(str, exc.path))}")
+
+
+SPECS = {
+    "cpu-defaults": {},
+    "gpus-tolerations-kueue": {
+        "resources": {"cpu": "8", "memory": "64Gi", "gpus": 8},
+        "kubernetes": {"image": "registry.example.com/roundhouse/trainer:0.1.0-cu128", "volume_claim": "datasets",
+                       "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                       {"key": "dedicated", "value": "training"}],
+                       "priority_class": "training-high", "queue": "team-a"},
+        "checkpoint": {"directory": "/var/lib/roundhouse/shared/ckpt", "interval": 100},
+        "env": {"NCCL_DEBUG": "INFO"}},
+    "long-name": {"name": "a-job-name-that-is-as-long-as-a-dns-label-may-be-0123456789abc"},
+}
+
+
+@pytest.mark.parametrize("sections", SPECS.values(), ids=SPECS.keys())
+def test_the_objects_of_an_attempt_are_valid(sections):
+    sections = dict(sections)
+    req = request(name=sections.pop("name", "gpt"), attempt=12, dp=2, **sections)
+    settings = PodSettings(namespace="ml", volume_claim="roundhouse-data", service_account="trainer")
+    job = manifests.job(req, settings)
+    owner = {"metadata": {"name": job["metadata"]["name"], "uid": "0b7a3b3c-2f38-4e0c-9d43-5a1c2d1c9f10"}}
+    objects = [job, manifests.owned_by(manifests.service(req, settings), owner),
+               manifests.owned_by(manifests.secret(req, settings), owner)]
+    for obj in objects:
+        validate(obj, f"the {obj['kind']} of {req.job}")
+    name = job["metadata"]["name"]
+    assert len(f"{name}-{req.world_size - 1}") <= 63  # the pods' hostnames are DNS labels
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+
+
+def deploy_objects() -> list[tuple[str, dict[str, Any]]]:
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    out = []
+    for resource in kustomization["resources"]:
+        for doc in yaml.safe_load_all((DEPLOY / resource).read_text()):
+            out.append((resource, doc))
+    return out
+
+
+def test_the_deploy_manifests_are_valid_and_all_in_the_kustomization():
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    on_disk = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == on_disk
+    kinds = set()
+    for resource, obj in deploy_objects():
+        validate(obj, f"k8s/deploy/{resource}")
+        kinds.add(obj["kind"])
+    assert kinds == {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret",
+                     "PersistentVolumeClaim", "Deployment", "Service"}
+
+
+def test_the_deployment_runs_the_kubernetes_launcher_restricted():
+    deployment = next(obj for _, obj in deploy_objects() if obj["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["roundhouse", "serve"] and "--launcher=kubernetes" in container["args"]
+    assert "--namespace=$(POD_NAMESPACE)" in container["args"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def _verb(method: str, path: str) -> tuple[str, str, str]:
+    """(apiGroup, resource, verb) that a request to the stand-in needs, as the API server's RBAC sees it."""
+    match = re.match(r"^/(api/v1|apis/batch/v1)/namespaces/[^/]+/([a-z]+)(/[^/?]+)?(/log)?", path)
+    group = "" if match.group(1) == "api/v1" else "batch"
+    resource = match.group(2) + ("/log" if match.group(4) else "")
+    named = bool(match.group(3))
+    if method == "GET":
+        verb = "get" if named else ("watch" if re.search(r"[?&]watch=(true|True|1)", path) else "list")
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
+    return group, resource, verb
+
+
+def test_the_role_allows_what_the_launcher_does_and_no_more():
+    role = next(obj for _, obj in deploy_objects() if obj["kind"] == "Role")
+    allowed = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    kube = FakeKube()
+    kube.url = kube.start()
+    launcher = make_launcher(kube)
+    try:
+        req = request()
+        ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
+        launcher.launch(req)  # the second time reads what exists
+        deadline = time.monotonic() + 5
+        while len(pods := pods_by_rank(kube)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pod in pods.values():
+            set_running(kube, pod)
+        while launcher.status(ref).phase is not Phase.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        list(launcher.logs(ref, 0, follow=False, attempt_ended=lambda: True))
+        set_terminated(kube, pods[1], 1)
+        while launcher.status(ref).phase is not Phase.FAILED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.stop(ref, grace_seconds=0)
+    finally:
+        launcher.close()
+        kube.stop()
+    used = {_verb(method, path) for method, path in kube.requests}
+    assert used <= allowed, f"the Role lacks {used - allowed}"
+    assert allowed <= used, f"the Role grants what the launcher never does: {allowed - used}"
