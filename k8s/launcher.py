@@ -1,4 +1,5 @@
-"""Runs each attempt as an Indexed Job of pods (one rank per pod) through the official Kubernetes client.
+"""Runs each attempt as an Indexed Job of pods (one per node of `ranks_per_pod` ranks) through the official
+Kubernetes client.
 
 Two watch threads (pods, Jobs) keep a cache of this control plane's objects in its namespace: each lists,
 then watches from the list's resourceVersion, resumes from the last version it saw when a watch ends, and
@@ -147,7 +148,7 @@ class KubernetesLauncher:
         if job["spec"].get("suspend") and not request.spec.kubernetes.queue:
             self._call(self.batch.patch_namespaced_job, name, self.namespace, {"spec": {"suspend": False}})
         return {"namespace": self.namespace, "name": name, "uid": job["metadata"]["uid"],
-                "world_size": request.world_size}
+                "world_size": request.world_size, "pods": manifests.pod_count(request)}
 
     def status(self, ref: AttemptRef) -> AttemptStatus:
         info = ref.launch_info
@@ -180,9 +181,10 @@ class KubernetesLauncher:
                                  f"the Kubernetes Job {info['name']} failed: {failed.get('reason', '')} "
                                  f"{failed.get('message', '')}".strip())
         phases = [p.get("status", {}).get("phase") for p in pods if not p["metadata"].get("deletionTimestamp")]
-        if len(phases) == info["world_size"] and all(phase == "Succeeded" for phase in phases):
+        expected = info.get("pods", info["world_size"])
+        if len(phases) == expected and all(phase == "Succeeded" for phase in phases):
             return AttemptStatus(Phase.SUCCEEDED)
-        if len(phases) == info["world_size"] and all(phase in ("Running", "Succeeded") for phase in phases):
+        if len(phases) == expected and all(phase in ("Running", "Succeeded") for phase in phases):
             return AttemptStatus(Phase.RUNNING)
         return AttemptStatus(Phase.PENDING)
 
@@ -244,8 +246,7 @@ class KubernetesLauncher:
     def _failure_of(self, pod: dict[str, Any]) -> _Failure | None:
         """Why this pod failed its attempt, if it did (or cannot start and never will)."""
         meta, status = pod["metadata"], pod.get("status") or {}
-        rank = _rank_of(pod)
-        who = f"rank {rank} (pod {meta['name']})"
+        who = f"{_ranks_text(pod)} (pod {meta['name']})"
         disrupted = next((c for c in status.get("conditions") or []
                           if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
         if status.get("reason") in _PREEMPTION_REASONS or disrupted:
@@ -368,7 +369,7 @@ class KubernetesLauncher:
             self.on_rank_exit()
 
     def _on_pod(self, pod: dict[str, Any]) -> None:
-        """Notes the attempt's first failure, and labels the pod with its rank (for `kubectl -l`)."""
+        """Notes the attempt's first failure, and labels the pod with its (first) rank (for `kubectl -l`)."""
         key = _attempt_of(pod)
         failure = self._failure_of(pod)
         if failure is not None and failure.reason not in ("Unschedulable", "ImagePullFailed"):
@@ -389,7 +390,7 @@ class KubernetesLauncher:
         if key in self._stopped_attempts or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
             return
         failure = _Failure(time.time(), 1, PREEMPTED,
-                           f"rank {_rank_of(pod)} (pod {pod['metadata']['name']}) was deleted "
+                           f"{_ranks_text(pod)} (pod {pod['metadata']['name']}) was deleted "
                            "(a lost node, or by hand)")
         self.cache.vanished.setdefault(key, []).append(failure)
         self.cache.first_failure.setdefault(key, failure)
@@ -434,7 +435,7 @@ class KubernetesLauncher:
         self._wait_synced()
         with self.cache.lock:
             return next((p for p in self.cache.objects["pods"].values()
-                         if _attempt_of(p) == (ref.job, ref.attempt) and _rank_of(p) == rank), None)
+                         if _attempt_of(p) == (ref.job, ref.attempt) and rank in _ranks_of(p)), None)
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -464,8 +465,29 @@ def _attempt_of(obj: dict[str, Any]) -> tuple[str, int]:
 
 
 def _rank_of(pod: dict[str, Any]) -> int | None:
-    index = (pod["metadata"].get("annotations") or {}).get(manifests.COMPLETION_INDEX_ANNOTATION)
-    return int(index) if index is not None and index.isdigit() else None
+    """The pod's first rank: its completion index times its ranks per pod."""
+    annotations = pod["metadata"].get("annotations") or {}
+    index = annotations.get(manifests.COMPLETION_INDEX_ANNOTATION)
+    if index is None or not index.isdigit():
+        return None
+    return int(index) * _ranks_per_pod(pod)
+
+
+def _ranks_per_pod(pod: dict[str, Any]) -> int:
+    value = (pod["metadata"].get("annotations") or {}).get(manifests.RANKS_PER_POD_ANNOTATION, "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _ranks_of(pod: dict[str, Any]) -> range:
+    first = _rank_of(pod)
+    return range(0) if first is None else range(first, first + _ranks_per_pod(pod))
+
+
+def _ranks_text(pod: dict[str, Any]) -> str:
+    ranks = _ranks_of(pod)
+    if len(ranks) <= 1:
+        return f"rank {_rank_of(pod)}"
+    return f"ranks {ranks.start}-{ranks.stop - 1}"
 
 
 def _container_spec(pod: dict[str, Any]) -> dict[str, Any]:

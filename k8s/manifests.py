@@ -1,8 +1,10 @@
 """The Kubernetes objects of one attempt, as plain dicts (pure functions of a LaunchRequest and settings).
 
 Per attempt, all named alike (`object_name`):
-- an Indexed Job: one pod per rank, completion index = rank, backoffLimit 0 (the control plane restarts the
-  whole gang, never the Job one pod), created suspended so its Service and Secret exist first;
+- an Indexed Job: one pod per node of `ranks_per_pod` ranks (default 1), completion index = node rank, so pod
+  i runs ranks i*n .. i*n+n-1 (one rank: the trainer itself; several: torchrun starts them); backoffLimit 0
+  (the control plane restarts the whole gang, never the Job one pod), created suspended so its Service and
+  Secret exist first;
 - a headless Service whose name is every pod's subdomain, so rank 0 is `<name>-0.<name>` before it starts
   (what JobSet does, with nothing to install on the cluster);
 - a Secret with the attempt's credential and the spec the ranks run (ROUNDHOUSE_SPEC_JSON).
@@ -11,7 +13,9 @@ The Service and Secret are owned by the Job: deleting the Job removes everything
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from orchestrator.launcher import LaunchRequest
@@ -23,6 +27,7 @@ LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "roundhouse"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+RANKS_PER_POD_ANNOTATION = "roundhouse.io/ranks-per-pod"
 CONTAINER = "trainer"
 MASTER_PORT = 29500
 SECRET_TOKEN_KEY = "token"
@@ -46,6 +51,16 @@ class PodSettings:
     termination_grace_seconds: int = 30
     image_pull_policy: str = "IfNotPresent"
     finished_job_ttl_seconds: int = 7 * 24 * 3600
+
+
+def ranks_per_pod(request: LaunchRequest) -> int:
+    """The spec's ranks per pod if it divides the attempt's world size (a reshaped attempt may be smaller),
+    else the largest number that divides both."""
+    return math.gcd(request.spec.kubernetes.ranks_per_pod, request.world_size)
+
+
+def pod_count(request: LaunchRequest) -> int:
+    return request.world_size // ranks_per_pod(request)
 
 
 def object_name(job: str, attempt: int) -> str:
@@ -142,31 +157,34 @@ def job(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
                                      "roundhouse.io/start-step": str(request.start_step)}},
         "spec": {
             "completionMode": "Indexed",
-            "completions": request.world_size,
-            "parallelism": request.world_size,
+            "completions": pod_count(request),
+            "parallelism": pod_count(request),
             "backoffLimit": 0,  # one failed pod fails the attempt: the reconciler restarts the gang
             "ttlSecondsAfterFinished": settings.finished_job_ttl_seconds,  # kept a while for `kubectl logs`
             # Created suspended: the launcher adds the Service and Secret, then resumes it (or Kueue admits it).
             "suspend": True,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": pod_labels,
+                                      "annotations": {RANKS_PER_POD_ANNOTATION: str(ranks_per_pod(request))}},
+                         "spec": pod_spec},
         },
     }
 
 
 def _container(request: LaunchRequest, settings: PodSettings, name: str) -> dict[str, Any]:
     spec = request.spec
-    resources: dict[str, str] = {}
+    per_pod = ranks_per_pod(request)
+    resources: dict[str, str] = {}  # the spec's are per rank
     if spec.resources.cpu:
-        resources["cpu"] = spec.resources.cpu
+        resources["cpu"] = _times(spec.resources.cpu, per_pod)
     if spec.resources.memory:
-        resources["memory"] = spec.resources.memory
+        resources["memory"] = _times(spec.resources.memory, per_pod)
     if spec.resources.gpus:
-        resources["nvidia.com/gpu"] = str(spec.resources.gpus)
+        resources["nvidia.com/gpu"] = str(spec.resources.gpus * per_pod)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.kubernetes.image or settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": list(settings.command),
+        "command": _command(request, settings),
         "env": _env(request, settings, name),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
         "volumeMounts": [{"name": "work", "mountPath": settings.volume_path},
@@ -184,11 +202,14 @@ def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[
     stable DNS name as the rendezvous, and the credential and spec from the attempt's Secret."""
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(request.spec.env.items())]
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
+    if ranks_per_pod(request) == 1:
+        env += [{"name": "RANK", "valueFrom": index},
+                {"name": "WORLD_SIZE", "value": str(request.world_size)},
+                {"name": "LOCAL_RANK", "value": "0"},
+                {"name": "LOCAL_WORLD_SIZE", "value": "1"}]
+    else:  # torchrun gives each rank RANK, WORLD_SIZE and LOCAL_RANK from the node rank
+        env += [{"name": "NODE_RANK", "valueFrom": index}]
     env += [
-        {"name": "RANK", "valueFrom": index},
-        {"name": "WORLD_SIZE", "value": str(request.world_size)},
-        {"name": "LOCAL_RANK", "value": "0"},  # one rank per pod
-        {"name": "LOCAL_WORLD_SIZE", "value": "1"},
         {"name": "MASTER_ADDR", "value": f"{name}-0.{name}"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "ROUNDHOUSE_SERVER", "value": request.server_address},
@@ -202,6 +223,28 @@ def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     return env
+
+
+def _command(request: LaunchRequest, settings: PodSettings) -> list[str]:
+    """The trainer itself for one rank per pod; for several, torchrun starting the same module once per rank
+    (settings.command is "<python> -m trainers"; $(VAR) is expanded by the kubelet from the env above)."""
+    per_pod = ranks_per_pod(request)
+    if per_pod == 1:
+        return list(settings.command)
+    python, *trainer = settings.command
+    return [python, "-m", "torch.distributed.run", f"--nnodes={pod_count(request)}",
+            f"--nproc-per-node={per_pod}", "--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)", "--max-restarts=0", *trainer]
+
+
+def _times(quantity: str, count: int) -> str:
+    """A Kubernetes quantity times `count` ("500m" x 2 = "1", "16Gi" x 2 = "32Gi")."""
+    if count == 1:
+        return quantity
+    digits = quantity.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    suffix = quantity[len(digits):]
+    value = Decimal(digits) * count
+    return f"{value.normalize():f}{suffix}"
 
 
 def _volumes(request: LaunchRequest, settings: PodSettings) -> list[dict[str, Any]]:

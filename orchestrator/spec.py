@@ -110,6 +110,9 @@ class KubernetesSpec(_Section):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     priority_class: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
     queue: str | None = Field(None, max_length=63, pattern=_DNS_SUBDOMAIN)  # a Kueue LocalQueue
+    # Ranks in one pod (one pod per node: the GPUs of a node, so NCCL stays inside it), started there by
+    # torchrun; an attempt whose world size it does not divide uses their greatest common divisor.
+    ranks_per_pod: int = Field(1, ge=1, le=64)
 
 
 class RestartPolicy(_Section):

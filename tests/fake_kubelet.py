@@ -140,7 +140,8 @@ class FakeKubelet:
             env["MASTER_PORT"] = str(self.ports.setdefault(service, free_port()))
         log_path = pod_dir / "container.log"
         log = open(log_path, "ab")
-        process = subprocess.Popen([*container.get("command", []), *container.get("args", [])],
+        argv = [_expand(arg, env) for arg in [*container.get("command", []), *container.get("args", [])]]
+        process = subprocess.Popen(argv,
                                    env={**self.image_env, **env}, cwd=pod_dir, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         self.containers[name] = _Container(process, log)
@@ -186,6 +187,11 @@ def _container_status(pod: dict[str, Any], state: dict[str, Any]) -> dict[str, A
     container = pod["spec"]["containers"][0]
     return {"name": container["name"], "image": container["image"], "imageID": "", "restartCount": 0,
             "ready": "running" in state, "state": state}
+
+
+def _expand(arg: str, env: dict[str, str]) -> str:
+    """$(VAR) in a command or its args becomes the container's VAR, as the kubelet does."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
 
 
 def _signal(process: subprocess.Popen, sig: int) -> None:

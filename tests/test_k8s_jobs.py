@@ -78,12 +78,12 @@ class Cluster:
         self.control = ControlPlane(self.settings)
         self.control.start()
 
-    def submit(self, name: str, steps: int, env: dict | None = None) -> str:
+    def submit(self, name: str, steps: int, env: dict | None = None, ranks_per_pod: int = 1) -> str:
         spec = parse_spec({"name": name, "model": TINY_MODEL, "parallelism": {"dp": 2},
                            "training": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 2,
                                         "warmup_steps": 0},
                            "checkpoint": {"interval": 2}, "restart_policy": {"max_restarts": 0},
-                           "env": env or {}})
+                           "kubernetes": {"ranks_per_pod": ranks_per_pod}, "env": env or {}})
         self.client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=self.client.metadata)
         return f"jobs/{name}"
 
@@ -112,6 +112,18 @@ def test_a_job_trains_to_succeeded_as_pods(cluster):
                                                                   metadata=cluster.client.metadata, timeout=30))
     assert "step 4/4" in log
     assert committed_steps(cluster.volume / "jobs" / "k8s-ok" / "checkpoints")[0] == 4
+
+
+def test_a_pod_of_two_ranks_trains_them_under_torchrun(cluster):
+    job = cluster.submit("k8s-node", steps=4, ranks_per_pod=2)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=150)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
+    [pod] = cluster.kube.pods(NS, "roundhouse.io/job=k8s-node")  # one pod for both ranks
+    assert pod["status"]["phase"] == "Succeeded"
+    log = "".join(c.text for c in cluster.client.jobs.StreamLogs(js.StreamLogsRequest(name=job, rank=1),
+                                                                  metadata=cluster.client.metadata, timeout=30))
+    assert "layout tp=1 pp=1 dp=2" in log and "step 4/4" in log  # rank 1's log is its pod's: both ranks
+    assert committed_steps(cluster.volume / "jobs" / "k8s-node" / "checkpoints")[0] == 4
 
 
 def test_a_pod_lost_mid_run_restarts_the_job_from_its_newest_checkpoint(cluster):

@@ -98,7 +98,7 @@ def test_launch_creates_an_indexed_job_with_its_service_and_secret_and_is_idempo
                               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
     info = launcher.launch(req)
     assert info == {"namespace": NS, "name": "gpt-a1", "uid": kube.get("jobs", NS, "gpt-a1")["metadata"]["uid"],
-                    "world_size": 2}
+                    "world_size": 2, "pods": 2}
     job = kube.get("jobs", NS, "gpt-a1")
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
     assert job["spec"]["suspend"] is False and job["spec"]["backoffLimit"] == 0

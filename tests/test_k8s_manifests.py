@@ -46,6 +46,7 @@ SPECS = {
         "checkpoint": {"directory": "/var/lib/roundhouse/shared/ckpt", "interval": 100},
         "env": {"NCCL_DEBUG": "INFO"}},
     "long-name": {"name": "a-job-name-that-is-as-long-as-a-dns-label-may-be-0123456789abc"},
+    "ranks-per-pod": {"resources": {"cpu": "500m", "memory": "16Gi", "gpus": 1}, "kubernetes": {"ranks_per_pod": 2}},
 }
 
 
@@ -63,6 +64,30 @@ def test_the_objects_of_an_attempt_are_valid(sections):
     name = job["metadata"]["name"]
     assert len(f"{name}-{req.world_size - 1}") <= 63  # the pods' hostnames are DNS labels
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+
+
+def test_several_ranks_per_pod_run_under_torchrun_with_the_pods_resources_summed():
+    req = request(dp=8, resources={"cpu": "500m", "memory": "16Gi", "gpus": 1}, kubernetes={"ranks_per_pod": 4},
+                  training={"global_batch_size": 16, "micro_batch_size": 2})
+    job = manifests.job(req, PodSettings(command=["python", "-m", "trainers"]))
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)  # 8 ranks, 4 a pod: 2 nodes
+    template = job["spec"]["template"]
+    assert template["metadata"]["annotations"][manifests.RANKS_PER_POD_ANNOTATION] == "4"
+    [container] = template["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+                                    "--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)",
+                                    "--master-port=$(MASTER_PORT)", "--max-restarts=0", "-m", "trainers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert "RANK" not in env and "LOCAL_RANK" not in env  # torchrun sets them for each rank
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+        f"['{manifests.COMPLETION_INDEX_ANNOTATION}']")
+    assert container["resources"]["limits"] == {"cpu": "2000m", "memory": "64Gi", "nvidia.com/gpu": "4"}
+
+    reshaped = request(dp=6, kubernetes={"ranks_per_pod": 4},  # 6 ranks after a reshape: 3 pods of 2
+                       training={"global_batch_size": 12, "micro_batch_size": 2})
+    assert (manifests.ranks_per_pod(reshaped), manifests.pod_count(reshaped)) == (2, 3)
+    single = manifests.job(request(dp=2), PodSettings(command=["python", "-m", "trainers"]))
+    assert single["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "trainers"]
 
 
 def deploy_objects() -> list[tuple[str, dict[str, Any]]]:

@@ -73,8 +73,11 @@ def setup(dims: ParallelDims, master_addr: str, master_port: int, local_rank: in
         os.environ.setdefault(name, str(value))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # before NCCL starts: one GPU per rank, by its local rank
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=dims.rank,
-                            world_size=dims.world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    # Under torchrun (several ranks per pod) its agent already serves the store at MASTER_ADDR:MASTER_PORT, and
+    # env:// joins it (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 serves it.
+    init_method = "env://" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") else f"tcp://{master_addr}:{master_port}"
+    dist.init_process_group(backend, init_method=init_method, rank=dims.rank, world_size=dims.world_size,
+                            timeout=PROCESS_GROUP_TIMEOUT)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
                                              pipeline_model_parallel_size=dims.pp)

@@ -171,7 +171,7 @@ class Toleration(_message.Message):
     def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., value: _Optional[str] = ..., effect: _Optional[str] = ...) -> None: ...
 
 class KubernetesSpec(_message.Message):
-    __slots__ = ("image", "volume_claim", "node_selector", "tolerations", "priority_class", "queue")
+    __slots__ = ("image", "volume_claim", "node_selector", "tolerations", "priority_class", "queue", "ranks_per_pod")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,13 +185,15 @@ class KubernetesSpec(_message.Message):
     TOLERATIONS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_CLASS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_PER_POD_FIELD_NUMBER: _ClassVar[int]
     image: str
     volume_claim: str
     node_selector: _containers.ScalarMap[str, str]
     tolerations: _containers.RepeatedCompositeFieldContainer[Toleration]
     priority_class: str
     queue: str
-    def __init__(self, image: _Optional[str] = ..., volume_claim: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., tolerations: _Optional[_Iterable[_Union[Toleration, _Mapping]]] = ..., priority_class: _Optional[str] = ..., queue: _Optional[str] = ...) -> None: ...
+    ranks_per_pod: int
+    def __init__(self, image: _Optional[str] = ..., volume_claim: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., tolerations: _Optional[_Iterable[_Union[Toleration, _Mapping]]] = ..., priority_class: _Optional[str] = ..., queue: _Optional[str] = ..., ranks_per_pod: _Optional[int] = ...) -> None: ...
 
 class RestartPolicy(_message.Message):
     __slots__ = ("max_restarts", "max_hang_restarts", "max_preemptions", "hang_timeout_seconds")
