@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orchestrator.config import token_file
 from orchestrator.store import ApiToken, Database, ServerSecret
@@ -20,6 +20,8 @@ from orchestrator.store import ApiToken, Database, ServerSecret
 # Calls any client may make: health checks and reflection (what grpcurl and load balancers use).
 PUBLIC_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 TRAINER_SERVICE_PREFIX = "/roundhouse.v1.TrainerService/"
+# admin: may cancel any job; user: may cancel its own (submitting and reading are open to both).
+ROLES = ("admin", "user")
 
 
 def new_token() -> str:
@@ -75,6 +77,35 @@ def ensure_admin_token(db: Database, home: Path) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         os.replace(tmp, path)
+
+
+def create_token(db: Database, user: str, role: str) -> str:
+    """A new bearer token for `user`; only its digest is stored, so this is the one time it can be shown."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not user or len(user) > 128:
+        raise ValueError("a user name of 1 to 128 characters is required")
+    token = new_token()
+    with db.session() as session:
+        session.add(ApiToken(user=user, role=role, token_hash=digest(token)))
+    return token
+
+
+def revoke_tokens(db: Database, user: str) -> int:
+    """Deletes every token of `user`; returns how many. Servers forget them within UserTokens.CACHE_SECONDS."""
+    with db.session() as session:
+        rows = session.scalars(select(ApiToken).where(ApiToken.user == user)).all()
+        for row in rows:
+            session.delete(row)
+        return len(rows)
+
+
+def list_tokens(db: Database) -> list[tuple[str, str, int]]:
+    """(user, role, how many tokens) for every user with a token."""
+    with db.read() as session:
+        rows = session.execute(select(ApiToken.user, ApiToken.role, func.count())
+                               .group_by(ApiToken.user, ApiToken.role).order_by(ApiToken.user, ApiToken.role))
+        return [(user, role, count) for user, role, count in rows]
 
 
 class UserTokens:

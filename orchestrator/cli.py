@@ -563,6 +563,91 @@ def _silence_stdout() -> None:
         pass
 
 
+# -- token -------------------------------------------------------------------------------------------------
+
+token_app = typer.Typer(help="Manage users' API tokens, on the control plane's database (run it where the "
+                             "server runs, e.g. kubectl exec).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+TokenDb = Annotated[str | None, typer.Option("--db", metavar="URL", show_default=False,
+                                             help="the control plane's database URL [default: SQLite in the "
+                                                  "home directory]")]
+TokenHome = Annotated[Path | None, typer.Option(metavar="DIR", show_default=False,
+                                                help="the control plane's state directory [default: "
+                                                     "$ROUNDHOUSE_HOME or ~/.roundhouse]")]
+
+
+def _token_database(db: str | None, home: Path | None):
+    from orchestrator.store import Database, migrate
+
+    if db is None:
+        home = (home or config.home_dir()).expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        db = config.default_db_url(home)
+    database = Database(db)
+    migrate(database)
+    return database
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option(help="who the token is for: jobs they submit are theirs")],
+    role: Annotated[str, typer.Option(help="admin (may cancel any job) or user (its own)")] = "user",
+    db: TokenDb = None,
+    home: TokenHome = None,
+) -> None:
+    """Create a token and print it (only its digest is stored: this is the one time it is shown)."""
+    from orchestrator.auth import create_token
+
+    database = _token_database(db, home)
+    try:
+        token = create_token(database, user, role)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    finally:
+        database.dispose()
+    print(token)
+    errors.print(f"created a {role} token for {user}; use it as ROUNDHOUSE_TOKEN or --token, or to log in to "
+                 "the dashboard")
+
+
+@token_app.command("list")
+def token_list(db: TokenDb = None, home: TokenHome = None) -> None:
+    """Every user with a token, their role and how many tokens they have."""
+    from orchestrator.auth import list_tokens
+
+    database = _token_database(db, home)
+    try:
+        rows = list_tokens(database)
+    finally:
+        database.dispose()
+    table = Table(box=None, pad_edge=False)
+    for header in ("USER", "ROLE", "TOKENS"):
+        table.add_column(header)
+    for user, role, count in rows:
+        table.add_row(user, role, str(count))
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    user: Annotated[str, typer.Option(help="whose tokens to delete (all of them)")],
+    db: TokenDb = None,
+    home: TokenHome = None,
+) -> None:
+    """Delete every token of a user; servers stop accepting them within seconds."""
+    from orchestrator.auth import revoke_tokens
+
+    database = _token_database(db, home)
+    try:
+        count = revoke_tokens(database, user)
+    finally:
+        database.dispose()
+    if count == 0:
+        _fail(f"{user} has no token", 1)
+    console.print(f"revoked {count} token(s) of {user}")
+
+
 # -- data --------------------------------------------------------------------------------------------------
 
 data_app = typer.Typer(help="Prepare training data: tokenise text into a memory-mapped dataset.",

@@ -689,3 +689,30 @@ def test_submit_wait_survives_a_control_plane_restart(tmp_path):
         server.cancel_unfinished()
         server.stop()
     assert processes_of("cli-restart") == []
+
+
+def test_tokens_are_created_listed_and_revoked_on_the_database(tmp_path):
+    from orchestrator.auth import Principal, UserTokens
+    from orchestrator.config import default_db_url
+    from orchestrator.store import Database
+
+    home = str(tmp_path / "home")
+    created = run("token", "create", "--user", "alice", "--home", home)
+    assert created.exit_code == 0, created.output
+    token = created.stdout.strip()
+    assert run("token", "create", "--user", "bob", "--role", "admin", "--home", home).exit_code == 0
+
+    db = Database(default_db_url(tmp_path / "home"))
+    try:
+        assert UserTokens(db).lookup(token) == Principal("alice", "user")  # what the server checks
+        listed = run("token", "list", "--home", home).stdout.splitlines()
+        assert [line.split() for line in listed] == [["USER", "ROLE", "TOKENS"], ["alice", "user", "1"],
+                                                     ["bob", "admin", "1"]]
+        revoked = run("token", "revoke", "--user", "alice", "--home", home)
+        assert revoked.exit_code == 0 and "revoked 1 token(s) of alice" in revoked.stdout
+        assert UserTokens(db).lookup(token) is None
+    finally:
+        db.dispose()
+    assert run("token", "revoke", "--user", "alice", "--home", home).exit_code == 1  # none left
+    bad = run("token", "create", "--user", "carol", "--role", "root", "--home", home)
+    assert bad.exit_code == 2 and "role must be one of admin, user" in bad.output
