@@ -35,12 +35,10 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 from k8s import manifests
 from k8s.manifests import PodSettings
-from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
+from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 4  # the trainer's exit code after SIGTERM once it has checkpointed (trainers/main.py)
-PREEMPTED = "Preempted"
 # Pod status reasons a node or the cluster gives when it takes a pod away.
 _PREEMPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "NodeShutdown", "Shutdown", "Terminated",
                        "UnexpectedAdmissionError", "DeadlineExceeded"}

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from orchestrator.auth import job_token
-from orchestrator.launcher import AttemptRef, Launcher, LaunchRequest, Phase
+from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase
 from orchestrator.lifecycle import record_event, transition
 from orchestrator.planner import NoLayout, plan_layout, spec_at_layout
 from orchestrator.spec import JobSpec, parse_spec
@@ -33,7 +33,6 @@ from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, R
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.LAUNCHING, JobState.RUNNING, JobState.RESTARTING)
-PREEMPTED = "Preempted"
 HUNG = "Hung"
 WAITING_FOR_RANKS = "WaitingForRanks"
 MAX_RANKS_NAMED = 5  # in a hang's message

@@ -139,8 +139,8 @@ class ControlPlane:
         """Stops serving. Running jobs keep running: a control plane started later adopts them."""
         if self.reconciler:
             self.reconciler.stop()
-        if hasattr(self.launcher, "close"):
-            self.launcher.close()  # the Kubernetes launcher's watches
+        if self.launcher:
+            self.launcher.close()
         if self.grpc_server:
             self.grpc_server.stop(grace=2).wait()
         if self._http:

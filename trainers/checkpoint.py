@@ -219,6 +219,10 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")
         self.dp_group = self._own_data_parallel_group()
         self.buffers: dict[str, torch.Tensor] = {}  # snapshot buffers by key, reused by every save
+        # DCP writes each tensor with torch.save, whose zip CRC-32 costs more than the write itself; the manifest's
+        # SHA-256 of every file already guards the bytes, and torch.load reads files saved without it.
+        # (A process-wide setting: this process is a trainer rank, and its checkpoints are its only saves.)
+        serialization_config.save.compute_crc32 = False
         self.pending: PendingSave | None = None
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -322,9 +326,6 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemWriter
 
-        # DCP writes each tensor with torch.save, whose zip CRC-32 costs more than the write itself; the manifest's
-        # SHA-256 of every file already guards the bytes, and torch.load reads files saved without it.
-        serialization_config.save.compute_crc32 = False
         state = self._gather(state)
         directory = step_dir(self.root, step)
         if self.rank == 0:

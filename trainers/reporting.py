@@ -1,7 +1,8 @@
 """The rank's agent: talks to the control plane's TrainerService from a background thread.
 
 Every rank heartbeats about once a second with the step it has finished; rank 0 also queues one MetricPoint
-per step, sent in batches, and one report per checkpoint event (committed, restored, rejected, removed). Training never waits on the control plane and never sees its errors:
+per step, sent in batches, and one report per checkpoint event (committed, restored, rejected, removed).
+Training never waits on the control plane and never sees its errors:
 
 - A failed call is logged once per outage (from the first failure to the next success), then retried on the
   thread's own rhythm. Metric points stay queued until a ReportMetrics call carrying them succeeds; past

@@ -76,20 +76,20 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if request.page_size < 0:
             abort_field(context, "page_size", "must not be negative")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        filter_key = _filter_key(request)
+        states = [convert.job_state_from_proto(s) for s in request.states]
+        filter_key = list_filter_key(states, dict(request.labels), request.page_size)
         after = None
         if request.page_token:
-            after = _decode_page_token(request.page_token, filter_key)
+            after = decode_page_token(request.page_token, filter_key)
             if after is None:
                 abort_field(context, "page_token", "not a token from a ListJobs call with the same filter")
-        query = select_jobs([convert.job_state_from_proto(s) for s in request.states], dict(request.labels),
-                            after, page_size + 1)
+        query = select_jobs(states, dict(request.labels), after, page_size + 1)
         with self.db.read() as session:
             jobs = session.scalars(query).all()
             response = job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs[:page_size]])
         if len(jobs) > page_size:
             last = jobs[page_size - 1]
-            response.next_page_token = _encode_page_token(last.create_time, last.name, filter_key)
+            response.next_page_token = encode_page_token(last.create_time, last.name, filter_key)
         return response
 
     # -- ListCheckpoints ---------------------------------------------------------------------------------
@@ -259,36 +259,46 @@ def _join(prefix: str, field: str) -> str:
     return f"{prefix}.{field}" if field else prefix
 
 
-def _filter_key(request: job_service_pb2.ListJobsRequest) -> str:
-    states = sorted(job_pb2.JobState.Name(s) for s in request.states)
-    text = json.dumps([states, sorted(request.labels.items()), request.page_size])
+def list_filter_key(states: list[str], labels: dict[str, str], page_size: int) -> str:
+    """What a job listing's page token is bound to: a token from one filter is refused by another."""
+    text = json.dumps([sorted(states), sorted(labels.items()), page_size])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _encode_page_token(created: datetime, name: str, filter_key: str) -> str:
-    raw = json.dumps({"t": created.isoformat(), "n": name, "f": filter_key})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+def encode_page_token(created: datetime, name: str, filter_key: str) -> str:
+    return _encode_token({"t": created.isoformat(), "n": name, "f": filter_key})
+
+
+def decode_page_token(token: str, filter_key: str) -> tuple[datetime, str] | None:
+    """The (create time, name) the next page of jobs starts after, if the token is for this filter."""
+    data = _decode_token(token)
+    try:
+        return (datetime.fromisoformat(data["t"]), str(data["n"])) if data["f"] == filter_key else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _encode_checkpoint_token(step: int, job: str, page_size: int) -> str:
-    raw = json.dumps({"s": step, "j": job, "p": page_size})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+    return _encode_token({"s": step, "j": job, "p": page_size})
 
 
 def _decode_checkpoint_token(token: str, job: str, page_size: int) -> int | None:
     """The step the next page starts below, if the token is for this job and page size."""
+    data = _decode_token(token)
     try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode()))
         return int(data["s"]) if (data["j"], data["p"]) == (job, page_size) else None
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def _decode_page_token(token: str, filter_key: str) -> tuple[datetime, str] | None:
+def _encode_token(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+def _decode_token(token: str) -> dict:
+    """What _encode_token wrote, or {} for anything else."""
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if data["f"] != filter_key:
-            return None
-        return datetime.fromisoformat(data["t"]), str(data["n"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -11,8 +11,6 @@ scrapers hold no browser cookie."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, quote
@@ -27,7 +25,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from orchestrator.api.job_service import (
-    MAX_PAGE_SIZE, CancelRefused, _decode_page_token, _encode_page_token, may_cancel, request_cancel, select_jobs,
+    MAX_PAGE_SIZE, CancelRefused, decode_page_token, encode_page_token, list_filter_key, may_cancel, request_cancel,
+    select_jobs,
 )
 from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
@@ -128,10 +127,10 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             page_size = min(max(int(params.get("page_size") or LIST_PAGE_SIZE), 1), MAX_PAGE_SIZE)
         except ValueError:
             return JSONResponse({"error": "page_size: not a number"}, status_code=400)
-        filter_key = _filter_key(states, labels, page_size)
+        filter_key = list_filter_key(states, labels, page_size)
         after = None
         if params.get("page_token"):
-            after = _decode_page_token(params["page_token"], filter_key)
+            after = decode_page_token(params["page_token"], filter_key)
             if after is None:
                 return JSONResponse({"error": "page_token: not from a listing with the same filter"},
                                     status_code=400)
@@ -141,7 +140,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             body = {"jobs": [_job_summary(j, now) for j in jobs[:page_size]], "next_page_token": ""}
         if len(jobs) > page_size:
             last = jobs[page_size - 1]
-            body["next_page_token"] = _encode_page_token(last.create_time, last.name, filter_key)
+            body["next_page_token"] = encode_page_token(last.create_time, last.name, filter_key)
         return JSONResponse(body)
 
     async def job_json(request: Request) -> Response:
@@ -299,11 +298,6 @@ def _layout(attempt) -> str:
 
 def _time(value: datetime | None) -> str | None:
     return value.isoformat() + "Z" if value else None
-
-
-def _filter_key(states: list[str], labels: dict[str, str], page_size: int) -> str:
-    text = json.dumps(["dashboard", sorted(states), sorted(labels.items()), page_size])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _local_path(target: str | None) -> str:

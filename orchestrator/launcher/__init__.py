@@ -14,6 +14,13 @@ from typing import Any, Protocol
 from orchestrator.spec import JobSpec
 
 
+# The reason of a FAILED attempt whose ranks were taken away (SIGTERM, eviction, a lost node): it spends the
+# preemption budget, not the crash budget.
+PREEMPTED = "Preempted"
+# The trainer's exit code after SIGTERM once it has checkpointed (trainers.main.EXIT_PREEMPTED).
+PREEMPTED_EXIT_CODE = 4
+
+
 class Phase(enum.StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -79,6 +86,9 @@ class Launcher(Protocol):
     def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
         """Stops every rank of the attempt (the whole gang); a no-op once they are gone. SIGTERM first (a
         rank then checkpoints and exits), SIGKILL for what is left after the grace; a grace of 0 kills at once."""
+
+    def close(self) -> None:
+        """Releases what the launcher itself holds (watches, connections); the ranks run on."""
 
     def capacity(self) -> int | None:
         """How many ranks it could start now (None: no limit); the planner fits the next attempt to it."""

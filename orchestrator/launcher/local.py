@@ -23,15 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
+from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 
 # $1: pid file, $2: exit-code file, the rest: the rank's command. The wrapper is in the rank's process group,
 # so a SIGTERM to the group reaches it too: it traps TERM (sh runs the trap only once the rank has exited)
 # and so lives to record how the rank ended. A trap, not an ignore: the rank itself keeps the default.
 _WRAPPER = ('trap : TERM; echo $$ > "$1"; p="$1"; e="$2"; shift 2; "$@"; c=$?; '
             'echo $c > "$e.tmp"; mv "$e.tmp" "$e"; exit $c')
-# The trainer's exit code after SIGTERM once it has checkpointed (trainers/main.py).
-PREEMPTED_EXIT_CODE = 4
 LOG_POLL_SECONDS = 0.2
 
 
@@ -87,6 +85,9 @@ class LocalLauncher:
     def capacity(self) -> int | None:
         return self.max_ranks
 
+    def close(self) -> None:
+        pass  # nothing held: the ranks and their files outlive this control plane
+
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
         directory = self.attempt_dir(request.job, request.attempt)
         record = directory / "launch.json"
@@ -139,8 +140,8 @@ class LocalLauncher:
                 code = int(exit_file.read_text().strip() or -1)
                 if code != 0:
                     said = last_line(directory / f"rank-{rank['rank']}.log")
-                    reason = "Preempted" if code == PREEMPTED_EXIT_CODE else "RankFailed"
-                    what = f"was preempted (exit code {code})" if reason == "Preempted" else f"exited with code {code}"
+                    reason = PREEMPTED if code == PREEMPTED_EXIT_CODE else "RankFailed"
+                    what = f"was preempted (exit code {code})" if reason == PREEMPTED else f"exited with code {code}"
                     failures.append((exit_file.stat().st_mtime, reason,
                                      f"rank {rank['rank']} {what}" + (f": {said}" if said else "")))
             elif alive:
