@@ -6,14 +6,21 @@ rank finish its step, checkpoint and exit 4; retention keeps the last K and ever
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from trainers.checkpoint import MANIFEST, Manifest, committed_steps, retained, step_dir
+from trainers.checkpoint import MANIFEST, Manifest, committed_steps, retained, sha256_file, step_dir
+from trainers.checkpoint_storage import RawFileReader
 
 from .test_trainer import finish, losses, run_ranks, start_rank, write_spec
 from orchestrator.launcher.local import free_port
@@ -25,14 +32,15 @@ SAVED_AT = 3
 
 
 def train(tmp_path: Path, layout: tuple[int, int, int], checkpoints: Path, name: str,
-          checkpoint: dict | None = None, training: dict | None = None) -> tuple[list[float], str]:
+          checkpoint: dict | None = None, training: dict | None = None,
+          env: dict[str, str] | None = None) -> tuple[list[float], str]:
     tp, pp, dp = layout
     spec = write_spec(tmp_path, model=MODEL, parallelism={"tp": tp, "pp": pp, "dp": dp},
                       training=training or TRAINING, checkpoint=checkpoint or {"interval": SAVED_AT})
     run_dir = tmp_path / name
     run_dir.mkdir()
     outcomes = run_ranks(spec, run_dir, world_size=tp * pp * dp,
-                         extra_env={"ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints)})
+                         extra_env={"ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints), **(env or {})})
     for code, _, err in outcomes:
         assert code == 0, f"{name} at {layout}: {err[-3000:]}"
     return losses(outcomes[0][1]), outcomes[0][1]
@@ -100,6 +108,43 @@ def test_a_truncated_shard_is_rejected(tmp_path):
                        training={**TRAINING, "steps": 3})
     assert "has 100 bytes, the manifest says" in out
     assert "from the start" in out and len(after) == 3
+
+
+@pytest.mark.slow
+def test_an_async_snapshot_slower_than_the_next_step_still_holds_its_own_step(tmp_path):
+    """An async save copies the state while the next step's forward and backward run; that step's optimizer
+    waits for the copy, so the checkpoint holds the state after its own step, not the next one's."""
+    layout = (1, 1, 2)
+    uninterrupted, out = train(tmp_path, layout, tmp_path / "full", "full",
+                               checkpoint={"interval": SAVED_AT, "async_save": True},
+                               env={"RH_TEST_SNAPSHOT_DELAY": "2"})
+    blocked = float(re.search(rf"^checkpoint step {SAVED_AT} blocked training ([\d.]+) s", out, re.M)[1])
+    assert blocked > 1.0, "the next step's optimizer waited for the slow copy"
+    checkpoints = only_step(tmp_path / "full", SAVED_AT, tmp_path / "resume-ckpt")
+    after, out = train(tmp_path, layout, checkpoints, "resume")
+    assert f"resuming after step {SAVED_AT}" in out
+    assert after == uninterrupted[SAVED_AT:]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_earlier_format_still_resumes(tmp_path):
+    """Checkpoints of format roundhouse-dcp-1 (DCP's own torch.save files) are read with DCP's own reader,
+    so a job checkpointed before an upgrade resumes after it."""
+    layout = (1, 1, 2)
+    uninterrupted, _ = train(tmp_path, layout, tmp_path / "full", "full")
+    current = step_dir(tmp_path / "full", SAVED_AT)
+    earlier = step_dir(tmp_path / "earlier", SAVED_AT)
+    stored = FileSystemReader(current).read_metadata().state_dict_metadata
+    state = {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in stored.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP in one process, without torch.distributed
+        dcp.load(state, storage_reader=RawFileReader(current), no_dist=True)
+        dcp.save(state, storage_writer=FileSystemWriter(earlier), no_dist=True)
+    files = {path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)} for path in earlier.iterdir()}
+    Manifest(**{**asdict(Manifest.read(current)), "files": files, "format": "roundhouse-dcp-1"}).write(earlier)
+    after, out = train(tmp_path, layout, tmp_path / "earlier", "resume-earlier")
+    assert f"resuming after step {SAVED_AT}" in out
+    assert after == uninterrupted[SAVED_AT:]
 
 
 @pytest.mark.slow

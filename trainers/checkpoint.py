@@ -1,6 +1,8 @@
 """Checkpoints that reshape: save at one (tp, pp, dp) layout, load at any other valid one, resume exactly.
 
-Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>/`, plus `manifest.json`.
+Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>/`, plus `manifest.json`. DCP
+plans, deduplicates and indexes it (`.metadata`); the shard files hold each tensor's raw bytes, written and
+read by trainers.checkpoint_storage.
 
 - Every tensor is stored at its global name and global shape. A tensor-parallel parameter is a DTensor on
   this pipeline stage's (dp, tp) mesh, `Shard(dim)` over tp and `Replicate()` over dp, so DCP writes each
@@ -9,18 +11,20 @@ Format: one PyTorch distributed checkpoint (DCP) per step in `<root>/step-<step>
   for the layers its stage holds.
 - Contents: `model.<name>` (the fp32 master weights), `optim.exp_avg.<name>` and `optim.exp_avg_sq.<name>`
   (Adam's moments, gathered over ZeRO's data-parallel partitions as DeepSpeed's `safe_get_full_*` do),
-  `optim.step`, and each rank's RNG states (`rng.rank<r>`, and `rng.cuda.rank<r>` on GPUs; restored only at the
-  same layout). The learning
-  rate and the data position are functions of the step (trainers.schedule, trainers.data), so the step is
-  all they need.
-- The manifest (step, samples consumed, layout, every file's size and SHA-256) is written last, atomically:
+  `optim.step`, and each rank's RNG states (`rng.rank<r>`, and `rng.cuda.rank<r>` on GPUs; restored only at
+  the same layout). The learning rate and the data position are functions of the step (trainers.schedule,
+  trainers.data), so the step is all they need.
+- The manifest (step, samples consumed, layout, every file's size and SHA-256, computed as the file was
+  written) is written last, atomically:
   a temporary name, fsync, rename, fsync of the directory. A directory without a manifest is not a
   checkpoint: no reader looks at it, and the next save at that step replaces it.
 
 Saving copies this rank's ZeRO partition of the state into buffers kept from save to save (one copy, no
-allocation, no collective: the only time training waits), then a background thread gathers each tensor over
-the data-parallel group and writes it, over process groups of its own, so training goes on meanwhile. At most
-one save is in flight: the buffers (1/dp of the state) and the gathered tensors are the only extra memory.
+allocation, no collective), then gathers each tensor over the data-parallel group and writes it, over process
+groups of its own. An asynchronous save does all of it in a background thread: the weights and moments change
+only in the optimizer's step, so the copy overlaps the next step's forward and backward, and that step's
+optimizer waits for it (a pre-step hook); training waits for nothing else. At most one save is in flight: the
+buffers (1/dp of the state) and the gathered tensors are the only extra memory.
 
 Loading verifies the checksums of the newest committed checkpoint (each rank hashes a share of the files); a
 torn or corrupt one is reported and the next older one is tried."""
@@ -35,24 +39,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.serialization import config as serialization_config
-
+from torch.distributed.checkpoint import FileSystemReader
+from trainers.checkpoint_storage import RawFileReader, RawFileWriter
 from trainers.model import SHARD_DIM
 from trainers.parallel import ParallelDims
 
 MANIFEST = "manifest.json"
-FORMAT = "roundhouse-dcp-1"
+FORMAT = "roundhouse-dcp-2"  # DCP with raw tensor bytes (trainers.checkpoint_storage)
+# Each format this version reads, and DCP's storage reader for it: "roundhouse-dcp-1" was DCP's own torch.save
+# files, kept readable so a job that was checkpointed before an upgrade resumes after it.
+READERS = {FORMAT: RawFileReader, "roundhouse-dcp-1": FileSystemReader}
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 HASH_BLOCK = 8 << 20
-# Each rank writes its shards as this many files, by as many threads, and hashes them in parallel: torch.save's
-# serialisation and SHA-256 release the GIL, so one thread per file keeps two cores and the disk busy where a
-# single writer left them half idle.
+# Each rank writes its shards as this many files, by as many threads, each hashing its file's bytes as it
+# writes them: SHA-256 and file writes release the GIL, so two threads keep two cores and the disk busy.
 WRITER_THREADS = 2
 
 
@@ -86,8 +91,8 @@ class Manifest:
             manifest = cls(**data)
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{directory / MANIFEST}: unreadable manifest: {exc}") from None
-        if manifest.format != FORMAT:
-            raise CheckpointError(f"{directory}: format {manifest.format!r}, expected {FORMAT!r}")
+        if manifest.format not in READERS:
+            raise CheckpointError(f"{directory}: format {manifest.format!r}, expected one of {sorted(READERS)}")
         return manifest
 
     def write(self, directory: Path) -> None:
@@ -174,20 +179,25 @@ def named_parameters(module: torch.nn.Module) -> list[tuple[str, str, torch.nn.P
 
 @dataclass
 class Fragment:
-    """This rank's slice of one parameter's fp32 weight or Adam moment in ZeRO-1's flat partition, copied
-    out at snapshot time: elements [start, start + buffer.numel()) of the flattened parameter."""
+    """This rank's slice of one parameter's fp32 weight or Adam moment in ZeRO-1's flat partition: elements
+    [start, start + source.numel()) of the flattened parameter, copied from `source` (the live state) into
+    `buffer` by the snapshot."""
 
     key: str  # "model.<global name>" or "optim.<moment>.<global name>"
     name: str  # within its pipeline layer (which dimension tensor parallelism splits)
     shape: torch.Size
     start: int
-    buffer: torch.Tensor | None  # None: the parameter lies wholly in other data-parallel ranks' partitions
+    source: torch.Tensor | None  # None: the parameter lies wholly in other data-parallel ranks' partitions
+    buffer: torch.Tensor | None = None
 
 
 @dataclass
 class PendingSave:
     step: int
     thread: threading.Thread
+    copied: threading.Event  # the snapshot is taken: the optimizer may change the state again
+    blocked: float = 0.0  # seconds the training thread has waited for this save
+    settled: bool = False  # its blocked time is final (and printed)
     error: BaseException | None = None
 
 
@@ -197,7 +207,8 @@ class Checkpointer:
 
     def __init__(self, root: Path, engine, dims: ParallelDims, *, global_batch_size: int, keep_last: int = 2,
                  keep_every: int = 0, report: Callable[..., None] | None = None,
-                 on_shards_written: Callable[[int], None] | None = None):
+                 on_shards_written: Callable[[int], None] | None = None,
+                 before_snapshot_copy: Callable[[int], None] | None = None):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.root = root
@@ -208,6 +219,7 @@ class Checkpointer:
         self.keep_every = keep_every
         self.report = report or (lambda *args, **kwargs: None)
         self.on_shards_written = on_shards_written or (lambda step: None)
+        self.before_snapshot_copy = before_snapshot_copy or (lambda step: None)  # a test hook
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         # The whole world as (pp, dp, tp), in the rank order of trainers.parallel; each stage's tensors live
@@ -219,44 +231,79 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")
         self.dp_group = self._own_data_parallel_group()
         self.buffers: dict[str, torch.Tensor] = {}  # snapshot buffers by key, reused by every save
-        # DCP writes each tensor with torch.save, whose zip CRC-32 costs more than the write itself; the manifest's
-        # SHA-256 of every file already guards the bytes, and torch.load reads files saved without it.
-        # (A process-wide setting: this process is a trainer rank, and its checkpoints are its only saves.)
-        serialization_config.save.compute_crc32 = False
         self.pending: PendingSave | None = None
+        # The fp32 weights and Adam's moments change only in the optimizer's step, so an asynchronous save copies
+        # them while the next step's forward and backward run, and that step's optimizer waits for the copy.
+        self._zero_optimizer().optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self.copy_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
 
     # -- saving ---------------------------------------------------------------------------------------------
 
-    def save(self, step: int, blocking: bool) -> float:
-        """Snapshots the state after `step` and writes it (in the background unless `blocking`); returns the
-        seconds training was blocked."""
+    def save(self, step: int, blocking: bool) -> None:
+        """Snapshots the state after `step` and writes it: at once, or (not `blocking`) in the background, the
+        snapshot's copy overlapping the next step until that step's optimizer. Rank 0 prints how long training
+        was blocked once that is known."""
         started = time.perf_counter()
         self.wait()  # one save in flight at most: bounded memory
-        state = self._snapshot()
+        fragments, state = self._prepare_snapshot()
+        ready = None
+        if self.copy_stream is not None:  # the copy (on its own stream) starts once the GPU has done this step
+            ready = torch.cuda.Event()
+            ready.record()
         if blocking:
-            self._write(step, state, started)
-            return time.perf_counter() - started
+            self.before_snapshot_copy(step)
+            self._copy(fragments, ready)
+            self._write(step, fragments, state, started)
+            self._print_blocked(step, time.perf_counter() - started)
+            return
         pending = PendingSave(step, threading.Thread(
-            target=lambda: self._write_in_background(pending, state, started), name=f"checkpoint-{step}",
-            daemon=True))
+            target=lambda: self._save_in_background(pending, fragments, state, ready, started),
+            name=f"checkpoint-{step}", daemon=True), threading.Event())
         self.pending = pending
         pending.thread.start()
-        return time.perf_counter() - started
+        pending.blocked = time.perf_counter() - started
 
     def wait(self) -> None:
         """Waits for the save in flight; raises what it raised."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
+        waited = time.perf_counter()
+        pending.copied.wait()
+        self._settle(pending, time.perf_counter() - waited)
         pending.thread.join()
         if pending.error is not None:
             raise CheckpointError(f"saving the checkpoint of step {pending.step} failed") from pending.error
 
-    def _write_in_background(self, pending: PendingSave, state: dict, started: float) -> None:
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """The optimizer's pre-step hook: the state may change only once the snapshot in flight is taken."""
+        pending = self.pending
+        if pending is not None and not pending.settled:
+            waited = time.perf_counter()
+            pending.copied.wait()
+            self._settle(pending, time.perf_counter() - waited)
+
+    def _settle(self, pending: PendingSave, waited: float) -> None:
+        if not pending.settled:
+            pending.blocked += waited
+            pending.settled = True
+            self._print_blocked(pending.step, pending.blocked)
+
+    def _print_blocked(self, step: int, seconds: float) -> None:
+        if self.rank == 0:  # a fixed form: benchmarks/checkpoint.py reads it
+            print(f"checkpoint step {step} blocked training {seconds:.3f} s", flush=True)
+
+    def _save_in_background(self, pending: PendingSave, fragments: list[Fragment], state: dict,
+                            ready, started: float) -> None:
         try:
-            self._write(pending.step, state, started)
+            try:
+                self.before_snapshot_copy(pending.step)
+                self._copy(fragments, ready)
+            finally:
+                pending.copied.set()  # also on failure: the optimizer must not wait forever
+            self._write(pending.step, fragments, state, started)
         except BaseException as exc:  # surfaced by wait() on the training thread
             pending.error = exc
 
@@ -273,10 +320,10 @@ class Checkpointer:
                 own = group
         return own
 
-    def _snapshot(self) -> dict[str, object]:
-        """Copies this rank's partition of the weights and moments into the reused buffers; the rest of the
-        state is small. The mapping from parameter to partition slice is DeepSpeed's `_hp_mapping`, which its
-        `safe_get_full_*` read too."""
+    def _prepare_snapshot(self) -> tuple[list[Fragment], dict[str, torch.Tensor]]:
+        """This rank's partition of the weights and moments, as views of the live state (the mapping from
+        parameter to partition slice is DeepSpeed's `_hp_mapping`, which its `safe_get_full_*` read too), and
+        the small rest of the state, taken now."""
         self._link_optimizer_state()
         fragments = []
         for global_name, name, param in named_parameters(self.engine.module):
@@ -285,19 +332,37 @@ class Checkpointer:
                                 *((f"optim.{m}.{global_name}", m) for m in OPTIMIZER_MOMENTS)):
                 if mapping is None:
                     fragments.append(Fragment(key, name, param.shape, 0, None))
-                    continue
-                source = mapping.get_hp_fragment(moment)
-                buffer = self.buffers.get(key)
-                if buffer is None or buffer.shape != source.shape:
-                    # Pinned host memory on GPUs: the copy runs at full PCIe speed, and all that follows (the
-                    # gather, the write) works on host memory, off the GPU.
-                    buffer = self.buffers[key] = torch.empty(source.shape, dtype=source.dtype,
-                                                             pin_memory=source.is_cuda)
-                buffer.copy_(source, non_blocking=source.is_cuda)
-                fragments.append(Fragment(key, name, param.shape, mapping.lp_fragment_address.start, buffer))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies are done before training changes the state
-        return {"fragments": fragments, "optim.step": self._optimizer_step(), **self._rng_states()}
+                else:
+                    fragments.append(Fragment(key, name, param.shape, mapping.lp_fragment_address.start,
+                                              mapping.get_hp_fragment(moment)))
+        return fragments, {"optim.step": self._optimizer_step(), **self._rng_states()}
+
+    def _copy(self, fragments: list[Fragment], ready=None) -> None:
+        """Copies each fragment into its buffer, kept from save to save (one copy, no allocation after the first
+        save, no collective); on GPUs, on a stream of its own once `ready`."""
+        for fragment in fragments:
+            source = fragment.source
+            if source is None:
+                continue
+            buffer = self.buffers.get(fragment.key)
+            if buffer is None or buffer.shape != source.shape:
+                # Pinned host memory on GPUs: the copy runs at full PCIe speed, and all that follows (the
+                # gather, the write) works on host memory, off the GPU.
+                buffer = self.buffers[fragment.key] = torch.empty(source.shape, dtype=source.dtype,
+                                                                  pin_memory=source.is_cuda)
+            fragment.buffer = buffer
+        if self.copy_stream is None:
+            for fragment in fragments:
+                if fragment.buffer is not None:
+                    fragment.buffer.copy_(fragment.source)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if ready is not None:
+                self.copy_stream.wait_event(ready)
+            for fragment in fragments:
+                if fragment.buffer is not None:
+                    fragment.buffer.copy_(fragment.source, non_blocking=True)
+        self.copy_stream.synchronize()  # the buffers hold the state before the optimizer may change it
 
     def _rng_states(self) -> dict[str, torch.Tensor]:
         states = {f"rng.rank{self.rank}": torch.get_rng_state()}
@@ -305,12 +370,12 @@ class Checkpointer:
             states[f"rng.cuda.rank{self.rank}"] = torch.cuda.get_rng_state()
         return states
 
-    def _gather(self, snapshot: dict[str, object]) -> dict[str, object]:
+    def _gather(self, fragments: list[Fragment], small: dict[str, torch.Tensor]) -> dict[str, object]:
         """The snapshot at global shapes (background thread): each tensor summed over the data-parallel group
         from the ranks' slices, zeros elsewhere (what `safe_get_full_*` computes)."""
-        state = {k: v for k, v in snapshot.items() if k != "fragments"}
+        state: dict[str, object] = dict(small)
         alone = dist.get_world_size(self.dp_group) == 1
-        for fragment in snapshot["fragments"]:
+        for fragment in fragments:
             if alone and fragment.buffer is not None and fragment.buffer.numel() == fragment.shape.numel():
                 full = fragment.buffer.view(fragment.shape)  # written before the next snapshot reuses it
             else:
@@ -322,11 +387,10 @@ class Checkpointer:
             state[fragment.key] = self._global(full, fragment.name)
         return state
 
-    def _write(self, step: int, state: dict, started: float) -> None:
+    def _write(self, step: int, fragments: list[Fragment], small: dict[str, torch.Tensor], started: float) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
 
-        state = self._gather(state)
+        state = self._gather(fragments, small)
         directory = step_dir(self.root, step)
         if self.rank == 0:
             # A torn save at this step from an earlier attempt, or a checkpoint rejected as corrupt: replaced.
@@ -334,19 +398,14 @@ class Checkpointer:
             directory.mkdir(parents=True)
         dist.barrier(group=self.group)
         writing = time.perf_counter()
-        dcp.save(state, storage_writer=FileSystemWriter(directory, sync_files=True, thread_count=WRITER_THREADS),
-                 process_group=self.group)
+        writer = RawFileWriter(directory, threads=WRITER_THREADS)
+        dcp.save(state, storage_writer=writer, process_group=self.group)
         self.on_shards_written(step)
         hashing = time.perf_counter()
-        # Every rank's shard files and DCP's .metadata: dcp.save returns on every rank only after the coordinator
-        # has finished, and the directory held nothing else (read the directory: the returned metadata lists
-        # the files only on some torch versions).
-        files = sorted(entry.name for entry in directory.iterdir() if entry.name != MANIFEST)
-        my_files = files[self.rank::self.world_size]
-        with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="checksum") as pool:
-            digests = list(pool.map(lambda name: sha256_file(directory / name), my_files))
-        mine = {name: {"size": (directory / name).stat().st_size, "sha256": digest}
-                for name, digest in zip(my_files, digests)}
+        mine = dict(writer.files)  # this rank's shard files, hashed as they were written
+        if self.rank == 0:  # and DCP's index, which the coordinator wrote before dcp.save returned on any rank
+            mine[".metadata"] = {"size": (directory / ".metadata").stat().st_size,
+                                 "sha256": sha256_file(directory / ".metadata")}
         gathered: list[dict] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(gathered, mine, group=self.group)
         if self.rank == 0:
@@ -437,7 +496,7 @@ class Checkpointer:
         if same_layout:  # the RNG states this checkpoint has for this rank (a CPU run's has no CUDA state)
             saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
             state.update({key: value for key, value in self._rng_states().items() if key in saved})
-        dcp.load(state, checkpoint_id=directory, process_group=self.group)
+        dcp.load(state, storage_reader=READERS[manifest.format](directory), process_group=self.group)
 
         optimizer_step = state["optim.step"]
         self._initialise_optimizer_state(optimizer_step)

@@ -26,6 +26,8 @@ Test hooks (set through the spec's `env`, so tests can make a rank misbehave on 
     RH_FAULT_RANK=R                which rank the fault hits
     RH_FAULT_ATTEMPT=A             faults fire only in attempt A (default: in every attempt)
     RH_TEST_STEP_SLEEP=seconds     sleep that long after every step, so a test can catch a job mid-run
+    RH_TEST_SNAPSHOT_DELAY=seconds every rank waits that long before a checkpoint's snapshot copy, as a slow copy
+                                   would (an async save's copy then outlasts the next step's forward and backward)
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class TestHooks:
     fault_rank: int = 0
     fault_attempt: int | None = None
     step_sleep: float = 0.0
+    snapshot_delay: float = 0.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> TestHooks:
@@ -106,13 +109,15 @@ class TestHooks:
             return int(value) if value else None
 
         sleep = environ.get("RH_TEST_STEP_SLEEP")
+        delay = environ.get("RH_TEST_SNAPSHOT_DELAY")
         try:
             return cls(fault_exit_at_step=optional("RH_FAULT_EXIT_AT_STEP"),
                        fault_exit_in_save_at_step=optional("RH_FAULT_EXIT_IN_SAVE_AT_STEP"),
                        fault_hang_at_step=optional("RH_FAULT_HANG_AT_STEP"),
                        fault_rank=_int(environ, "RH_FAULT_RANK", 0),
                        fault_attempt=optional("RH_FAULT_ATTEMPT"),
-                       step_sleep=float(sleep) if sleep else 0.0)
+                       step_sleep=float(sleep) if sleep else 0.0,
+                       snapshot_delay=float(delay) if delay else 0.0)
         except ValueError as exc:
             raise ConfigError(f"bad test hook setting: {exc}") from None
 

@@ -137,9 +137,7 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                 interval = spec.checkpoint.interval
                 last = step == t.steps
                 if preempted or (interval and (step % interval == 0 or last)):
-                    blocked = checkpointer.save(step, blocking=preempted or last or not spec.checkpoint.async_save)
-                    if rank0:
-                        print(f"step {step}/{t.steps} checkpoint blocked training {blocked:.3f} s", flush=True)
+                    checkpointer.save(step, blocking=preempted or last or not spec.checkpoint.async_save)
             if preempted:
                 print(f"rank {env.rank}: SIGTERM: stopped after step {step}"
                       f"{', checkpoint committed' if checkpointer else ' (no checkpoint directory)'}", flush=True)
@@ -187,7 +185,8 @@ def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dim
 
     return Checkpointer(Path(root), engine, dims, global_batch_size=spec.training.global_batch_size,
                         keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every,
-                        report=report, on_shards_written=crash_in_save)
+                        report=report, on_shards_written=crash_in_save,
+                        before_snapshot_copy=lambda step: time.sleep(hooks.snapshot_delay))
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:
