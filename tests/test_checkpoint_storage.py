@@ -5,6 +5,7 @@ filesystem that refuses O_DIRECT gets the same files through the page cache."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import warnings
@@ -100,4 +101,24 @@ def test_a_filesystem_without_o_direct_gets_the_same_files(tmp_path, monkeypatch
     assert buffered_files == direct_files  # the same bytes, whichever way they went
     loaded = empty_like(saved)
     load(tmp_path / "buffered", loaded)
+    assert_same(loaded, saved)
+
+
+def test_a_filesystem_that_refuses_o_direct_at_the_first_write_gets_the_same_files(tmp_path, monkeypatch):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_write = os.write
+
+    def refuse_direct_writes(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    saved = state()
+    direct_files = save(tmp_path / "direct", saved).files
+    monkeypatch.setattr(os, "write", refuse_direct_writes)
+    fallen_back = save(tmp_path / "fallen-back", saved).files
+    assert fallen_back == direct_files
+    loaded = empty_like(saved)
+    load(tmp_path / "fallen-back", loaded)
     assert_same(loaded, saved)

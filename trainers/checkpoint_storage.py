@@ -16,6 +16,8 @@ DCP's own FileSystemReader cannot, as it expects torch.save archives."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
+import fcntl
 import hashlib
 import io
 import mmap
@@ -151,7 +153,15 @@ class StagedFile:
         with memoryview(self._buffers[buffer]) as view:
             written = 0
             while written < length:
-                written += os.write(self.fd, view[written:length])
+                try:
+                    written += os.write(self.fd, view[written:length])
+                except OSError as exc:
+                    # Some filesystems accept O_DIRECT at open and refuse it at the first write: the rest of
+                    # the file goes through the page cache (Linux lets F_SETFL clear the flag).
+                    if not (self.direct and exc.errno == errno.EINVAL):
+                        raise
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    self.direct = False
 
     def _wait_for_disk(self) -> None:
         if self._in_flight is not None:
