@@ -270,26 +270,25 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending is None:
             return
-        waited = time.perf_counter()
-        pending.copied.wait()
-        self._settle(pending, time.perf_counter() - waited)
+        self._wait_for_snapshot(pending)
         pending.thread.join()
         if pending.error is not None:
             raise CheckpointError(f"saving the checkpoint of step {pending.step} failed") from pending.error
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         """The optimizer's pre-step hook: the state may change only once the snapshot in flight is taken."""
-        pending = self.pending
-        if pending is not None and not pending.settled:
-            waited = time.perf_counter()
-            pending.copied.wait()
-            self._settle(pending, time.perf_counter() - waited)
+        if self.pending is not None:
+            self._wait_for_snapshot(self.pending)
 
-    def _settle(self, pending: PendingSave, waited: float) -> None:
-        if not pending.settled:
-            pending.blocked += waited
-            pending.settled = True
-            self._print_blocked(pending.step, pending.blocked)
+    def _wait_for_snapshot(self, pending: PendingSave) -> None:
+        """Waits (once per save) for its snapshot's copy; the wait is blocked time, which is then final."""
+        if pending.settled:
+            return
+        waited = time.perf_counter()
+        pending.copied.wait()
+        pending.blocked += time.perf_counter() - waited
+        pending.settled = True
+        self._print_blocked(pending.step, pending.blocked)
 
     def _print_blocked(self, step: int, seconds: float) -> None:
         if self.rank == 0:  # a fixed form: benchmarks/checkpoint.py reads it

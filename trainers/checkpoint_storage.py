@@ -4,11 +4,11 @@ The checkpoint is still a PyTorch distributed checkpoint: DCP plans it, deduplic
 `.metadata` (every tensor's global name, shape, dtype and chunks) and, when loading, works out which bytes
 each rank needs at its layout. Only the bytes in the files differ from DCP's FileSystemWriter, which wraps
 each tensor in its own torch.save zip archive: here a tensor chunk is its C-order bytes at an offset
-(`RawChunk`, kept in `.metadata`), so writing is one `write` per tensor and reading one `readinto`.
+(`RawChunk`, kept in `.metadata`), so writing is a copy into a staging buffer and reading one `readinto`.
 
 Why: torch.save costs a fixed amount per tensor (hundreds of tensors per rank), and the manifest's SHA-256
-then had to read every file back. Here the writer threads hash each tensor's bytes from memory as they write
-them, and the file's digest is ready when its fsync returns (benchmarks/checkpoint.py, docs/benchmarks.md).
+then had to read every file back. Here the writer threads hash the bytes in memory on their way to the disk,
+and a file's digest is ready when its fsync returns (benchmarks/checkpoint.py, docs/benchmarks.md).
 
 Read these files with `RawFileReader` (for example `dcp.load(state, storage_reader=RawFileReader(path))`);
 DCP's own FileSystemReader cannot, as it expects torch.save archives."""
@@ -193,7 +193,7 @@ def balanced_buckets(items: list[WriteItem], count: int) -> list[list[WriteItem]
     def size(item: WriteItem) -> int:
         if item.tensor_data is None:
             return 0
-        return item.tensor_data.size.numel() * torch._utils._element_size(item.tensor_data.properties.dtype)
+        return item.tensor_data.size.numel() * item.tensor_data.properties.dtype.itemsize
 
     buckets: list[list[WriteItem]] = [[] for _ in range(max(1, min(count, len(items))))]
     loads = [0] * len(buckets)
