@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
 	@# DeepSpeed compiles its CPU communication op on first use; do it once here, not in every rank.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	TORCH_EXTENSIONS_DIR="$(CURDIR)/$(VENV)/torch_extensions" $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (never `playwright install`).

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from orchestrator.launcher.local import free_port  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
+from contract.spec import parse_spec  # noqa: E402
 from trainers.checkpoint import Manifest, committed_steps, step_dir  # noqa: E402
 
 COMMIT = re.compile(r"^checkpoint step (\d+) committed: (\d+) bytes in ([\d.]+) s \(snapshot\+wait ([\d.]+) s, "

@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
 ECHO_METHOD = "/bench.Echo/Echo"

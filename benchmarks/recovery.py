@@ -60,7 +60,7 @@ from sqlalchemy import select  # noqa: E402
 from orchestrator.config import token_file  # noqa: E402
 from orchestrator.reconciler import ReconcilerSettings  # noqa: E402
 from orchestrator.server import ControlPlane, ServerSettings  # noqa: E402
-from orchestrator.spec import parse_spec, spec_to_proto  # noqa: E402
+from contract.spec import parse_spec, spec_to_proto  # noqa: E402
 from orchestrator.store import Event, Metric  # noqa: E402
 from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc  # noqa: E402
 from trainers.checkpoint import committed_steps  # noqa: E402

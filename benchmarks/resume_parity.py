@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from orchestrator.launcher.local import free_port  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
+from contract.spec import parse_spec  # noqa: E402
 
 STEP = re.compile(r"^step (\d+)/\d+ loss (\S+)", re.M)
 CHECKPOINT_LINE = re.compile(r"^.*checkpoint (?:step \d+ committed|restored).*$", re.M)

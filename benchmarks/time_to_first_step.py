@@ -18,7 +18,7 @@ from pathlib import Path
 from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
-from orchestrator.spec import load_spec_file, spec_to_proto
+from contract.spec import load_spec_file, spec_to_proto
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
 import grpc

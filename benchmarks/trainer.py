@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import plain_gpt  # noqa: E402
 
 from orchestrator.launcher.local import free_port  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
+from contract.spec import parse_spec  # noqa: E402
 from trainers.data import TextData  # noqa: E402
 from trainers.optim import build_optimizer, set_lr  # noqa: E402
 from trainers.schedule import lr_at  # noqa: E402

@@ -28,7 +28,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 
 from orchestrator import config
 from orchestrator.client import ClientError, JobClient, connect, short_name
-from orchestrator.spec import SpecError, load_spec_file, parse_spec, spec_to_proto
+from contract.spec import SpecError, load_spec_file, parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2
 
 app = typer.Typer(help="Roundhouse: run the control plane, submit training jobs to it and watch them.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from orchestrator.spec import JobSpec, ParallelismSpec, parse_spec
+from contract.spec import JobSpec, ParallelismSpec, parse_spec
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def plan_layout(spec: JobSpec, available: int | None) -> LayoutPlan:
 
 def valid_layouts(spec: JobSpec) -> list[tuple[int, int, int]]:
     """Every (tp, pp, dp) of at most the spec's ranks that the model and batch allow: the same divisibility
-    rules as orchestrator/spec.py (tp divides heads and vocab_size, pp divides layers, micro_batch_size*dp
+    rules as contract/spec.py (tp divides heads and vocab_size, pp divides layers, micro_batch_size*dp
     divides global_batch_size)."""
     m, t = spec.model, spec.training
     most = spec.world_size

@@ -27,7 +27,7 @@ from orchestrator.auth import job_token
 from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase
 from orchestrator.lifecycle import record_event, transition
 from orchestrator.planner import NoLayout, plan_layout, spec_at_layout
-from orchestrator.spec import JobSpec, parse_spec
+from contract.spec import JobSpec, parse_spec
 from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, RankStatus, utcnow
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 from sqlalchemy import func, select
 
 from orchestrator.lifecycle import transition
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import Event, Job, JobState
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.auth import digest, new_token
 from orchestrator.config import token_file
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import ApiToken, Job
 from roundhouse.v1 import job_service_pb2 as js
 

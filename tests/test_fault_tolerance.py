@@ -25,7 +25,7 @@ from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
 from orchestrator.reconciler import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import Checkpoint
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps, step_dir

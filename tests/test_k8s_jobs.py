@@ -26,7 +26,7 @@ from orchestrator.launcher.local import free_port
 from orchestrator.process import wait_healthy
 from orchestrator.reconciler import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps
 

@@ -17,7 +17,7 @@ from k8s import manifests
 from k8s.launcher import KubernetesLauncher, KubernetesSettings
 from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
-from orchestrator.spec import parse_spec
+from contract.spec import parse_spec
 
 from .fake_kube import FakeKube, now_iso
 

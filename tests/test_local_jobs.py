@@ -17,7 +17,7 @@ import pytest
 from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
 from .conftest import Client, processes_of, start_plane
@@ -137,7 +137,7 @@ def test_the_3d_example_trains_through_the_control_plane(tmp_path):
 
 
 def _train_the_3d_example(client):
-    from orchestrator.spec import load_spec_file
+    from contract.spec import load_spec_file
 
     example = load_spec_file(str(Path(__file__).parent.parent / "examples" / "gpt-3d.yaml"))
     example.training.steps, example.training.warmup_steps, example.training.eval_interval = 3, 0, 0

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
 from orchestrator.launcher.local import LocalLauncher
 from orchestrator.planner import spec_at_layout
-from orchestrator.spec import parse_spec
+from contract.spec import parse_spec
 
 # Behaves like the trainer where it matters here: SIGTERM -> exit 4 ("preempted"); RH_CHILD_CRASH_RANK exits 17.
 RANK_SCRIPT = """\

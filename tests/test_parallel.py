@@ -75,7 +75,7 @@ def test_every_layout_trains_the_same_losses(tmp_path, model, layouts):
 SHARD_CHECK = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     from megatron.core import parallel_state
-    from orchestrator.spec import ModelSpec
+    from contract.spec import ModelSpec
     from trainers import parallel
     from trainers.model import SHARD_DIM, Block, Embedding, GPTConfig, Head, global_shape, initial_global_tensor
     tp, rank = 2, int(os.environ["RANK"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout, valid_layouts
-from orchestrator.spec import parse_spec
+from contract.spec import parse_spec
 
 
 def spec_3d(**sections):

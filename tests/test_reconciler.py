@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
 from orchestrator.reconciler import Reconciler, ReconcilerSettings
-from orchestrator.spec import parse_spec
+from contract.spec import parse_spec
 from orchestrator.store import Database, Event, Job, JobState, RankStatus, migrate, utcnow
 
 RUNNING = AttemptStatus(Phase.RUNNING)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec_file, parse_spec, spec_from_proto, spec_to_proto
+from contract.spec import SpecError, load_spec_file, parse_spec, spec_from_proto, spec_to_proto
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

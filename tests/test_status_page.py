@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event, insert
 
 from orchestrator.auth import digest, new_token
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import ApiToken, Job, JobLabel, Metric, utcnow
 from roundhouse.v1 import job_service_pb2 as js
 

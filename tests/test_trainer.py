@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from orchestrator.launcher.local import free_port
-from orchestrator.spec import load_spec_file, parse_spec
+from contract.spec import load_spec_file, parse_spec
 from roundhouse.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc
 from trainers import data as data_module
 from trainers import main as main_module

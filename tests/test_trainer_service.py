@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.auth import job_token, rank_credential_key
-from orchestrator.spec import parse_spec, spec_to_proto
+from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job
 from roundhouse.v1 import job_pb2, job_service_pb2 as js, trainer_service_pb2 as ts, trainer_service_pb2_grpc
 

@@ -37,7 +37,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from orchestrator.spec import JobSpec, parse_spec
+from contract.spec import JobSpec, parse_spec
 
 
 class ConfigError(Exception):

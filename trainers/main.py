@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orchestrator.spec import JobSpec
+from contract.spec import JobSpec
 from roundhouse.v1 import job_pb2, trainer_service_pb2 as ts
 from trainers import parallel
 from trainers.checkpoint import Checkpointer, Manifest

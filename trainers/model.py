@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.spec import ModelSpec
+from contract.spec import ModelSpec
 
 INIT_STD = 0.02
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orchestrator.spec import TrainingSpec
+from contract.spec import TrainingSpec
 
 BETAS = (0.9, 0.95)
 EPS = 1e-8

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from orchestrator.spec import JobSpec
+from contract.spec import JobSpec
 from trainers.model import Block, Embedding, GPTConfig, Head, loss_fn
 from trainers.optim import build_optimizer
 from trainers.parallel import ParallelDims

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from orchestrator.spec import TrainingSpec
+from contract.spec import TrainingSpec
 
 COSINE_FLOOR = 0.1
 

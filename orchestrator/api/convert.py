@@ -8,7 +8,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator import store
-from orchestrator.spec import dict_to_message
+from contract.spec import dict_to_message
 from roundhouse.v1 import job_pb2
 
 _JOB_NAME = re.compile(r"^(?:jobs/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)$")

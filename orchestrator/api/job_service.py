@@ -19,7 +19,7 @@ from orchestrator.api.errors import abort_field, abort_invalid
 from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import AttemptRef, Launcher
 from orchestrator.lifecycle import record_event
-from orchestrator.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
+from contract.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
 from orchestrator.store import (AttemptState, Checkpoint, Database, Event, Job, JobLabel, JobState, Metric, NameTaken,
                                 NewJob, utcnow)
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc

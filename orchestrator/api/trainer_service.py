@@ -17,7 +17,7 @@ from orchestrator.api import convert
 from orchestrator.api.errors import abort_invalid
 from orchestrator.auth import bearer_token, job_token
 from orchestrator.lifecycle import record_event
-from orchestrator.spec import FieldViolation
+from contract.spec import FieldViolation
 from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestrator.spec import JobSpec
+from contract.spec import JobSpec
 
 
 # The reason of a FAILED attempt whose ranks were taken away (SIGTERM, eviction, a lost node): it spends the
