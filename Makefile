@@ -1,12 +1,12 @@
 # The two commands of the README:
 #   make demo   start the control plane (SQLite + local launcher), submit examples/tiny-gpt.yaml, watch it
 #               train to the end, print the dashboard address
-#   make test   the whole test suite (SQLite and the PostgreSQL at 127.0.0.1:5432)
+#   make test   the whole test suite (SQLite and the PostgreSQL at 127.0.0.1:5432), slowest tests listed last
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install chromium demo test bench proto clean
+.PHONY: install chromium demo test test-stress bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The multi-process tests three times in a row while two CPU hogs run (issue 13's stress check).
+test-stress: install
+	bash scripts/stress.sh 3 $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/create_job.py

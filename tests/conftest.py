@@ -16,6 +16,22 @@ from orchestrator.config import token_file
 from orchestrator.reconciler import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
 from roundhouse.v1 import job_service_pb2_grpc
+from tests.support.processes import become_subreaper, descendants, kill_all
+
+# Orphaned grandchildren (the ranks of a control plane started as a subprocess) are re-parented to this
+# process rather than to init, so the sweep below still finds them.
+become_subreaper()
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_the_test_started() -> Iterator[None]:
+    """Kills every process this test started (each one's whole process group), whatever the outcome.
+
+    Runs after the wider-scoped fixtures have started theirs (pytest sets those up first), so a module's
+    server survives its tests while a failed test's ranks do not outlive it."""
+    before = descendants()
+    yield
+    kill_all(descendants() - before)
 
 # The project's machines and CI run PostgreSQL here (trust auth, database "test").
 POSTGRES_URL = os.environ.get("ROUNDHOUSE_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")

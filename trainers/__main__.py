@@ -2,6 +2,10 @@
 
 import sys
 
-from trainers.main import main
+from trainers.quiet import silence_library_noise
+
+silence_library_noise()  # before trainers.main imports megatron-core and DeepSpeed
+
+from trainers.main import main  # noqa: E402
 
 sys.exit(main())

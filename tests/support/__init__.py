@@ -1,0 +1,1 @@
+"""What the tests and benchmarks share: fakes, waiting helpers and process clean-up."""
