@@ -22,7 +22,8 @@ chromium:
 
 install: $(VENV)/.installed chromium
 
-demo: install
+# The demo needs no browser: only the venv.
+demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 test: install

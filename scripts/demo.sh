@@ -19,6 +19,12 @@ echo
 echo "Job status page: http://127.0.0.1:$HTTP_PORT/jobs/$name"
 echo "Dashboard:       http://127.0.0.1:$HTTP_PORT/"
 echo "Log in with the admin token in $ROUNDHOUSE_HOME/admin-token"
+echo
+echo "To use the CLI against this server, in another shell:"
+echo "  cd $PWD && . .venv/bin/activate"
+echo "  export ROUNDHOUSE_HOME=$ROUNDHOUSE_HOME ROUNDHOUSE_SERVER=$ROUNDHOUSE_SERVER"
+echo "  roundhouse get $name"
+echo "  roundhouse logs $name --rank 0"
 if [ -n "${DEMO_EXIT:-}" ]; then exit 0; fi
 echo "Serving until Ctrl-C."
 wait $server
