@@ -6,9 +6,11 @@
 2. Scaling: tokens/s and peak memory (RSS) per rank for 1, 2, 4 and 8 ranks over the layouts
    (1,1,1) (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,2,2), same model and global batch.
 
-Tokens/s is the median over the measured steps (the first steps, warm-up, are left out).
+Tokens/s is the median over the measured steps (the first steps, warm-up, are left out). The overhead ratio
+is measured --repeats times (default 5), plain and trainer interleaved so both see the same machine; the
+median ratio decides, printed with its spread (min-max).
 
-    python benchmarks/trainer.py [--steps 12] [--skip-scaling]
+    python benchmarks/trainer.py [--steps 12] [--repeats 5] [--skip-scaling]
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def run_plain(spec) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-scaling", action="store_true")
     args = parser.parse_args()
     machine = f"{platform.node()} ({platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch " \
@@ -105,15 +108,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = spec_for(1, 1, 1, args.steps, micro_batch_size=8)
-        plain = run_plain(spec)
-        trainer, peaks = run_trainer(spec, Path(tmp))
+        ratios, plains, trainers = [], [], []
+        for repeat in range(args.repeats):
+            directory = Path(tmp) / f"overhead-{repeat}"
+            directory.mkdir()
+            plain = run_plain(spec)
+            trainer, _ = run_trainer(spec, directory)
+            plains.append(plain)
+            trainers.append(trainer)
+            ratios.append(trainer / plain)
+            print(f"repeat {repeat + 1}/{args.repeats}: plain {plain:,.0f} tok/s, trainer {trainer:,.0f} tok/s, "
+                  f"{trainer / plain:.2f}x", flush=True)
+        ratio = statistics.median(ratios)
         print(f"Trainer overhead at (1,1,1), layers 4, hidden 256, seq 128, global batch 16 (2 micro-batches), "
-              f"{machine}")
+              f"{machine}, median of {args.repeats} interleaved repeats (min-max)")
         print()
         print("| run | tokens/s | vs plain PyTorch |")
         print("|---|---:|---:|")
-        print(f"| plain PyTorch GPT | {plain:,.0f} | 1.00x |")
-        print(f"| roundhouse trainer (1,1,1) | {trainer:,.0f} | {trainer / plain:.2f}x |")
+        print(f"| plain PyTorch GPT | {statistics.median(plains):,.0f} ({min(plains):,.0f}-{max(plains):,.0f}) "
+              f"| 1.00x |")
+        print(f"| roundhouse trainer (1,1,1) | {statistics.median(trainers):,.0f} "
+              f"({min(trainers):,.0f}-{max(trainers):,.0f}) | **{ratio:.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) |")
+        print(f"Goal >= 0.85x: {'met' if ratio >= 0.85 else 'NOT met'}")
         if args.skip_scaling:
             return
 
