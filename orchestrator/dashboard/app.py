@@ -72,8 +72,6 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
                             status_code=401)
 
     def refused(error: service.ServiceError) -> Response:
-        if isinstance(error, service.Unauthenticated):
-            return unauthenticated()
         return JSONResponse({"error": str(error)}, status_code=HTTP_STATUS.get(type(error), 500))
 
     # -- login -------------------------------------------------------------------------------------------
