@@ -19,6 +19,7 @@ Nothing here must survive a restart: what `launch` returned names the objects, t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -36,6 +37,9 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from k8s import manifests
 from k8s.manifests import PodSettings
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
+
+if TYPE_CHECKING:
+    from orchestrator.server import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -506,3 +510,25 @@ def _lines(response: Any, stopping: threading.Event) -> Iterator[str]:
             return
     if pending.strip():
         yield pending.decode("utf-8")
+
+
+# What `roundhouse serve --launcher kubernetes` may set through ServerSettings.launcher_options.
+POD_OPTIONS = ("namespace", "image", "volume_claim")
+LAUNCHER_OPTIONS = ("unschedulable_timeout_seconds",)
+
+
+def create_launcher(settings: ServerSettings) -> KubernetesLauncher:
+    """The `kubernetes` entry point of roundhouse.launchers: `settings.kubernetes` if given, else the
+    defaults with `settings.launcher_options` applied; the cluster from `settings.kubeconfig`."""
+    options = dict(settings.launcher_options)
+    unknown = sorted(set(options) - set(POD_OPTIONS) - set(LAUNCHER_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown Kubernetes launcher option(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(POD_OPTIONS + LAUNCHER_OPTIONS)})")
+    k8s_settings = settings.kubernetes or KubernetesSettings()
+    pods = dataclasses.replace(k8s_settings.pods, **{k: v for k, v in options.items() if k in POD_OPTIONS})
+    k8s_settings = dataclasses.replace(k8s_settings, pods=pods,
+                                       **{k: v for k, v in options.items() if k in LAUNCHER_OPTIONS})
+    if settings.max_ranks is not None:
+        k8s_settings = dataclasses.replace(k8s_settings, max_ranks=settings.max_ranks)
+    return KubernetesLauncher(api_client(settings.kubeconfig), k8s_settings)

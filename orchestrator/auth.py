@@ -1,5 +1,6 @@
-"""Bearer tokens. Users' tokens guard the JobService; each job has its own token for its ranks, which
-guards the TrainerService. Only SHA-256 digests are stored."""
+"""Bearer tokens: who a caller is (authentication). Users' tokens guard the JobService and the dashboard;
+each job has its own token for its ranks, which guards the TrainerService. Only SHA-256 digests are stored.
+What a caller may do once known is decided in orchestrator/service/access.py."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from orchestrator.store import ApiToken, Database, ServerSecret
 # Calls any client may make: health checks and reflection (what grpcurl and load balancers use).
 PUBLIC_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 TRAINER_SERVICE_PREFIX = "/roundhouse.v1.TrainerService/"
-# admin: may cancel any job; user: may cancel its own (submitting and reading are open to both).
-ROLES = ("admin", "user")
+# What each role may do is decided in one place, orchestrator/service/access.py.
+ADMIN = "admin"
+USER = "user"
+ROLES = (ADMIN, USER)
 
 
 def new_token() -> str:
@@ -70,7 +73,7 @@ def ensure_admin_token(db: Database, home: Path) -> None:
         if session.scalar(select(ApiToken.id).limit(1)) is not None:
             return
         token = new_token()
-        session.add(ApiToken(user="admin", role="admin", token_hash=digest(token)))
+        session.add(ApiToken(user="admin", role=ADMIN, token_hash=digest(token)))
         home.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

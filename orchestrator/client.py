@@ -7,6 +7,7 @@ Every failure surfaces as `ClientError`, whose text is meant to be shown as it i
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import closing
 from typing import Self
 
 import grpc
@@ -18,6 +19,8 @@ from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc
 
 JOB_PREFIX = "jobs/"
 UNARY_TIMEOUT_SECONDS = 30.0
+# The most events the server sends in one WatchJob update; a shorter batch is the end of the history.
+WATCH_EVENT_BATCH = 1000
 # gRPC's own reconnect backoff grows to two minutes; a CLI waiting out a control-plane restart should notice
 # the new server within a few seconds.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
@@ -81,6 +84,24 @@ class JobClient:
         return self._stream("StreamLogs", js.StreamLogsRequest(name=job_name(name), rank=rank, attempt=attempt,
                                                                follow=follow))
 
+    def job_events(self, name: str) -> list[job_pb2.Event]:
+        """Every event of the job so far, oldest first: the history a watch sends before any change."""
+        events: list[job_pb2.Event] = []
+        # A deadline: a history of exactly a multiple of the batch, on a job that then stays still, would
+        # otherwise wait for its next change.
+        updates = self._stream("WatchJob", js.WatchJobRequest(name=job_name(name), after_step=-1),
+                               timeout=UNARY_TIMEOUT_SECONDS)
+        try:
+            with closing(updates):
+                for update in updates:
+                    events += update.events
+                    if len(update.events) < WATCH_EVENT_BATCH:
+                        break
+        except ClientError as exc:
+            if exc.code is not grpc.StatusCode.DEADLINE_EXCEEDED or not events:
+                raise
+        return events
+
     # -- plumbing ------------------------------------------------------------------------------------------
 
     def _call(self, method: str, request):
@@ -89,8 +110,8 @@ class JobClient:
         except grpc.RpcError as exc:
             raise ClientError(describe(exc, self.address), exc.code()) from None
 
-    def _stream(self, method: str, request) -> Iterator:
-        call = getattr(self.stub, method)(request, metadata=self.metadata)
+    def _stream(self, method: str, request, timeout: float | None = None) -> Iterator:
+        call = getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
         try:
             yield from call
         except grpc.RpcError as exc:
@@ -105,10 +126,12 @@ def connect(server: str | None = None, token: str | None = None) -> JobClient:
     address = config.server_address(server)
     resolved = config.user_token(token)
     if not resolved:
+        home = config.home_dir()
         raise ClientError(
-            f"no API token found. Start `roundhouse serve` once on this machine (it writes an admin token to "
-            f"{config.token_file(config.home_dir())}, where the CLI finds it), or set ROUNDHOUSE_TOKEN "
-            f"(or pass --token).")
+            f"no API token found. The CLI looks for --token, then ROUNDHOUSE_TOKEN, then the admin token that "
+            f"`roundhouse serve` writes to its home directory, here {config.token_file(home)} (ROUNDHOUSE_HOME "
+            f"or ~/.roundhouse). For a server started with `roundhouse serve --home DIR`, set "
+            f"ROUNDHOUSE_HOME=DIR; for another machine's server, pass --token or set ROUNDHOUSE_TOKEN.")
     return JobClient(address, resolved)
 
 

@@ -3,14 +3,13 @@ reconciler, all over one database."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import grpc
 import uvicorn
@@ -23,13 +22,10 @@ from orchestrator.api.trainer_service import TrainerService
 from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
 from orchestrator.dashboard import ServiceMetrics, create_app
 from orchestrator.launcher import Launcher
-from orchestrator.launcher.local import LocalLauncher
+from orchestrator.launcher.registry import create_launcher
 from orchestrator.reconciler import Reconciler, ReconcilerSettings
 from orchestrator.store import Database, migrate
 from roundhouse.v1 import job_service_pb2, job_service_pb2_grpc, trainer_service_pb2, trainer_service_pb2_grpc
-
-if TYPE_CHECKING:
-    from k8s.launcher import KubernetesSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +37,28 @@ class ServerSettings:
     host: str = "127.0.0.1"
     grpc_port: int = config.DEFAULT_GRPC_PORT
     http_port: int = config.DEFAULT_HTTP_PORT
+    # A launcher's name in the roundhouse.launchers entry points (orchestrator/launcher/registry.py).
     launcher: str = "local"
+    # The launcher's own options by name, as `roundhouse serve` passes them (kubernetes: namespace, image,
+    # volume_claim, unschedulable_timeout_seconds).
+    launcher_options: dict[str, Any] = field(default_factory=dict)
     # The most ranks the launcher runs at once (None: no limit); jobs that ask for more are reshaped.
     max_ranks: int | None = None
     # --launcher kubernetes: a k8s.launcher.KubernetesSettings (namespace, image, ...; None: the defaults), and
     # the kubeconfig to reach the cluster (None: the in-cluster config inside a pod, else ~/.kube/config).
-    kubernetes: KubernetesSettings | None = None
+    kubernetes: Any = None
     kubeconfig: str | None = None
     # How ranks reach this control plane when it is not `host:grpc_port` (a Service's DNS name in a cluster).
     advertise_address: str | None = None
     # Off only for benchmarks of the API alone: jobs are recorded but never launched.
     reconcile: bool = True
     reconciler: ReconcilerSettings = ReconcilerSettings()
+    # Directories a spec's data.path may name (`serve --data-root`, repeatable).
+    data_roots: tuple[Path, ...] = ()
+    # Lets a spec's env set the trainer's test hooks (RH_TEST_*, RH_FAULT_*): for tests only.
+    allow_test_hooks: bool = False
+    # Workers of the controller's work queue.
+    controller_workers: int = 4
 
 
 class ControlPlane:
@@ -80,7 +86,7 @@ class ControlPlane:
         migrate(self.db)
         ensure_admin_token(self.db, self.settings.home)
         credential_key = rank_credential_key(self.db)
-        launcher = self.launcher = self._make_launcher()
+        launcher = self.launcher = create_launcher(self.settings)
         users = self.users = UserTokens(self.db)
         self.metrics = ServiceMetrics(self.db)
 
@@ -96,7 +102,9 @@ class ControlPlane:
         launcher.on_rank_exit = self.reconciler.wake
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobService(self.db, users, launcher, self.reconciler.wake), server)
-        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerService(self.db, credential_key), server)
+        trainer_service = TrainerService(self.db, credential_key,
+                                         on_checkpoint_commit=self.metrics.checkpoint_committed)
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -110,18 +118,6 @@ class ControlPlane:
             self.reconciler.start()
         for name in ("", *services):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    def _make_launcher(self) -> Launcher:
-        if self.settings.launcher == "local":
-            return LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks)
-        if self.settings.launcher == "kubernetes":
-            from k8s.launcher import KubernetesLauncher, KubernetesSettings, api_client
-
-            k8s_settings = self.settings.kubernetes or KubernetesSettings()
-            if self.settings.max_ranks is not None:
-                k8s_settings = dataclasses.replace(k8s_settings, max_ranks=self.settings.max_ranks)
-            return KubernetesLauncher(api_client(self.settings.kubeconfig), k8s_settings)
-        raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local, kubernetes)")
 
     def _start_http(self) -> None:
         app = create_app(self.db, self.users, self.launcher, self.metrics, self.reconciler.wake)

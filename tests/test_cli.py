@@ -18,12 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 import typer
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from typer.testing import CliRunner
 
-from orchestrator import cli
-from orchestrator.cli import app, parse_labels, parse_state
+from orchestrator.cli import app
+from orchestrator.cli import jobs as cli
+from orchestrator.cli.jobs import parse_labels, parse_state
 from orchestrator.client import ClientError, JobClient, connect, describe, job_name, short_name
 from orchestrator.process import wait_healthy
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
@@ -84,8 +85,10 @@ def event(id_: int, to: int, frm: int = 0, type_: str = "StateChanged", reason: 
 class FakeClient:
     """Stands in for JobClient: canned answers, and a record of every call."""
 
-    def __init__(self, jobs=(), pages=None, watches=None, cancel=None, gets=None, create_error=None, checkpoints=()):
+    def __init__(self, jobs=(), pages=None, watches=None, cancel=None, gets=None, create_error=None, checkpoints=(),
+                 events=()):
         self.jobs = list(jobs)
+        self.events = list(events)
         self.checkpoints = list(checkpoints)
         self.pages = pages or [js.ListJobsResponse(jobs=self.jobs)]
         self.watches = list(watches or [])
@@ -112,6 +115,10 @@ class FakeClient:
         if self.gets:
             return self.gets.pop(0)
         return next(j for j in self.jobs if j.name == job_name(name))
+
+    def job_events(self, name):
+        self.calls.append(("job_events", job_name(name)))
+        return list(self.events)
 
     def list_checkpoints(self, name, page_size=0, page_token=""):
         self.calls.append(("list_checkpoints", job_name(name), page_size))
@@ -231,8 +238,10 @@ def test_renaming_on_submit_is_validated_too(tmp_path, no_server):
 def test_missing_token_says_how_to_get_one(tmp_path):
     result = run("list", "--server", UNUSED_SERVER, env={"ROUNDHOUSE_HOME": str(tmp_path)})
     assert result.exit_code == 1
-    assert "no API token" in result.output
+    assert "no API token" in result.output and str(tmp_path / "admin-token") in result.output
     assert "roundhouse serve" in result.output and "ROUNDHOUSE_TOKEN" in result.output
+    # A server started with --home DIR keeps its token there: the message says how to point the CLI at it.
+    assert "--home DIR" in result.output and "ROUNDHOUSE_HOME=DIR" in result.output
     assert "Traceback" not in result.output
 
 
@@ -306,28 +315,65 @@ def test_labels_parse():
     assert parse_labels(["a=b", "c=", "k=v=w"]) == {"a": "b", "c": "", "k": "v=w"}
 
 
-def test_serve_passes_max_ranks_to_the_server(monkeypatch, tmp_path):
+def test_serve_passes_its_options_to_the_server_settings(monkeypatch, tmp_path):
     import orchestrator.server
 
     started = []
     monkeypatch.setattr(orchestrator.server, "run_server", started.append)
-    assert run("serve", "--home", str(tmp_path), "--max-ranks", "3").exit_code == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    assert run("serve", "--home", str(tmp_path), "--max-ranks", "3", "--data-root", str(data), "--data-root",
+               str(tmp_path), "--allow-test-hooks", "--controller-workers", "8").exit_code == 0
     assert run("serve", "--home", str(tmp_path)).exit_code == 0
-    assert [s.max_ranks for s in started] == [3, None]
-    assert run("serve", "--home", str(tmp_path), "--max-ranks", "0").exit_code == 2
+    configured, default = started
+    assert (configured.max_ranks, configured.data_roots, configured.allow_test_hooks,
+            configured.controller_workers) == (3, (data, tmp_path), True, 8)
+    assert (default.max_ranks, default.data_roots, default.allow_test_hooks, default.controller_workers,
+            default.launcher, default.launcher_options) == (None, (), False, 4, "local", {})
+    for bad in (["--max-ranks", "0"], ["--controller-workers", "0"], ["--data-root", str(tmp_path / "nope")],
+                ["--launcher", "slurm"]):
+        result = run("serve", "--home", str(tmp_path), *bad)
+        assert result.exit_code == 2, (bad, result.output)
+    assert "not an installed launcher (one of: kubernetes, local)" in result.output
+    assert len(started) == 2
+
+
+def test_serve_passes_the_kubernetes_options_to_its_launcher(monkeypatch, tmp_path):
+    import orchestrator.server
+
+    started = []
+    monkeypatch.setattr(orchestrator.server, "run_server", started.append)
+    result = run("serve", "--home", str(tmp_path), "--launcher", "kubernetes", "--namespace", "ml", "--image",
+                 "registry.example/trainer:2", "--volume-claim", "shared", "--unschedulable-timeout", "60")
+    assert result.exit_code == 0, result.output
+    assert started[0].launcher == "kubernetes"
+    assert started[0].launcher_options == {"namespace": "ml", "image": "registry.example/trainer:2",
+                                           "volume_claim": "shared", "unschedulable_timeout_seconds": 60.0}
 
 
 # -- rendering ---------------------------------------------------------------------------------------------
 
-def test_get_json_is_the_job_message_as_a_dict(fake):
+def test_get_json_has_numbers_short_enum_names_and_the_events(fake):
     job = make_job("tiny")
-    fake["client"] = FakeClient(jobs=[job])
+    history = [event(1, job_pb2.JOB_STATE_QUEUED, reason="Created"),
+               event(2, job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_RUNNING, reason="Completed")]
+    fake["client"] = FakeClient(jobs=[job], events=history)
     result = run("get", "tiny", "--output", "json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert data == {**json_format.MessageToDict(job, preserving_proto_field_name=True), "checkpoints": []}
-    assert data["state"] == "JOB_STATE_SUCCEEDED" and data["current_step"] == "5" and data["last_loss"] == 4.25
+    assert data["name"] == "jobs/tiny" and data["state"] == "SUCCEEDED" and data["state_reason"] == "Completed"
+    # 64-bit integers are numbers, not the strings of proto3's JSON mapping; unset fields are null.
+    assert data["current_step"] == 5 and data["total_steps"] == 5 and data["restart_count"] == 1
+    assert data["last_loss"] == 4.25 and data["tokens_per_second"] == 12345.6
+    assert data["checkpoint_step"] == 0 and data["end_time"] is None and data["cancel_requested"] is False
+    assert data["spec"]["parallelism"]["dp"] == 2 and data["spec"]["labels"] == {"team": "cli"}
+    assert data["attempts"][0]["state"] == "FAILED" and data["attempts"][0]["world_size"] == 2
+    assert data["attempts"][0]["layout"] == {"tp": 1, "pp": 1, "dp": 2}
     assert data["attempts"][0]["end_reason"] == "rank 1: exit 17"
+    assert data["create_time"].endswith("Z")
+    assert [(e["id"], e["from_state"], e["to_state"], e["reason"]) for e in data["events"]] == [
+        (1, None, "QUEUED", "Created"), (2, "RUNNING", "SUCCEEDED", "Completed")]
+    assert data["checkpoints"] == []
     assert "\x1b[" not in result.stdout  # no colour codes: it must pipe into jq
 
 
@@ -339,6 +385,7 @@ def test_list_json_holds_every_page_with_all(fake):
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert [j["name"] for j in data["jobs"]] == ["jobs/b", "jobs/a"] and data["next_page_token"] == ""
+    assert [(j["state"], j["current_step"]) for j in data["jobs"]] == [("SUCCEEDED", 5), ("RUNNING", 5)]
     assert [c[4] for c in client.calls] == ["", "1"]
 
     client.calls.clear()
@@ -383,7 +430,21 @@ def test_get_lists_the_kept_checkpoints_newest_first(fake):
     assert rows[2].split()[:4] == ["40", "1×1×2", "307.0", "MB"] and rows[2].endswith("/ck/step-00000040")
     assert rows[3].split()[0] == "30"
     data = json.loads(run("get", "tiny", "-o", "json").stdout)
-    assert [c["step"] for c in data["checkpoints"]] == ["40", "30"]
+    assert [c["step"] for c in data["checkpoints"]] == [40, 30]
+    assert data["checkpoints"][0]["size_bytes"] == 307_000_000 and data["checkpoints"][0]["path"] == "/ck/step-00000040"
+
+
+def test_get_shows_checkpoint_paths_whole(fake):
+    """However narrow the terminal, a path is printed whole on its line (never cut or folded)."""
+    path = "/var/lib/roundhouse/a-rather-long-home-directory/runs/a-job-with-a-long-name/checkpoints/step-00000040"
+    kept = [job_pb2.Checkpoint(step=40, attempt=1, layout=job_pb2.Layout(tp=1, pp=1, dp=1), path=path,
+                               size_bytes=1_000_000)]
+    fake["client"] = FakeClient(jobs=[make_job("tiny")], checkpoints=kept)
+    result = runner.invoke(app, ["get", "tiny"], env={**CLEAN_ENV, "COLUMNS": "60"}, catch_exceptions=False)
+    assert result.exit_code == 0
+    rows = result.output[result.output.index("checkpoints (kept, newest first)"):].splitlines()
+    assert rows[1].split() == ["STEP", "LAYOUT", "SIZE", "ATTEMPT", "COMMITTED", "PATH"]
+    assert rows[2].split()[:4] == ["40", "1×1×1", "1.0", "MB"] and rows[2].endswith(" " + path)
 
 
 def test_server_field_violations_are_listed_one_per_line():
@@ -474,6 +535,20 @@ def test_wait_gives_up_when_the_server_stays_away(tmp_path, fake, monkeypatch):
     assert result.exit_code == 1 and "UNAVAILABLE" in result.output
 
 
+def test_watch_follows_a_submitted_job_to_its_end(fake):
+    running = make_job("tiny", job_pb2.JOB_STATE_RUNNING, step=2)
+    done = make_job("tiny", job_pb2.JOB_STATE_CANCELLED)
+    fake["client"] = client = FakeClient(watches=[_updates(
+        js.JobUpdate(job=running, events=[event(4, job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_LAUNCHING)]),
+        js.JobUpdate(job=done, events=[event(5, job_pb2.JOB_STATE_CANCELLED, job_pb2.JOB_STATE_RUNNING,
+                                             reason="CancelRequested")]))])
+    result = run("watch", "tiny")
+    assert result.exit_code == 1  # it ended, but not SUCCEEDED
+    assert "LAUNCHING → RUNNING" in result.output and "RUNNING → CANCELLED" in result.output
+    assert "jobs/tiny: CANCELLED" in result.output
+    assert client.calls == [("watch_job", "jobs/tiny", 0)]
+
+
 def test_wait_does_not_retry_a_refusal(tmp_path, fake):
     path = tmp_path / "ok.yaml"
     path.write_text("name: tiny\n")
@@ -550,7 +625,8 @@ class ServeProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*roundhouse_command(), "serve", "--home", str(self.home), "--grpc-port", str(self.grpc_port),
-                 "--http-port", str(self.http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                 "--http-port", str(self.http_port), "--allow-test-hooks"], env=env, stdout=log,
+                stderr=subprocess.STDOUT)
         try:
             wait_healthy(self.address, process=self.proc)
         except (RuntimeError, TimeoutError):
@@ -578,7 +654,7 @@ class ServeProcess:
             return
         listed = run("list", "--all", "-o", "json", env=self.env)
         for job in json.loads(listed.stdout or '{"jobs": []}')["jobs"]:
-            if job["state"] not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
+            if job["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED"):
                 run("cancel", job["name"], "--timeout", "60", env=self.env)
 
 
@@ -612,15 +688,18 @@ def test_submit_wait_list_get_logs_and_cancel(plane, tmp_path):
     listed = run("list", "--output", "json", env=env)
     assert listed.exit_code == 0
     jobs = {j["name"]: j for j in json.loads(listed.stdout)["jobs"]}
-    assert jobs["jobs/cli-tiny"]["state"] == "JOB_STATE_SUCCEEDED" and jobs["jobs/cli-tiny"]["current_step"] == "5"
+    assert jobs["jobs/cli-tiny"]["state"] == "SUCCEEDED" and jobs["jobs/cli-tiny"]["current_step"] == 5
     assert "cli-tiny" in run("list", "--state", "SUCCEEDED", "--label", "team=cli", env=env).output
     assert "cli-tiny" not in run("list", "--state", "running", env=env).output
 
     got = run("get", "cli-tiny", env=env)
     assert got.exit_code == 0, got.output
     assert "SUCCEEDED" in got.output and "5/5" in got.output and "1×1×1" in got.output
-    assert json.loads(run("get", "jobs/cli-tiny", "-o", "json", env=env).stdout)["attempts"][0]["state"] == \
-        "ATTEMPT_STATE_SUCCEEDED"
+    got = json.loads(run("get", "jobs/cli-tiny", "-o", "json", env=env).stdout)
+    assert got["attempts"][0]["state"] == "SUCCEEDED" and got["attempts"][0]["world_size"] == 1
+    events = got["events"]  # the whole history, oldest first
+    assert events[0]["reason"] == "Created" and events[0]["to_state"] == "QUEUED" and events[0]["from_state"] is None
+    assert events[-1]["to_state"] == "SUCCEEDED" and [e["id"] for e in events] == sorted(e["id"] for e in events)
 
     log = run("logs", "cli-tiny", "--rank", "0", env=env)
     assert log.exit_code == 0
@@ -645,7 +724,7 @@ def test_cancel_stops_a_running_job(plane, tmp_path):
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         job = json.loads(run("get", "cli-long", "-o", "json", env=env).stdout)
-        if job["state"] == "JOB_STATE_RUNNING" and int(job.get("current_step", 0)) >= 2:
+        if job["state"] == "RUNNING" and job["current_step"] >= 2:
             break
         time.sleep(0.2)
     assert processes_of("cli-long")
@@ -669,7 +748,7 @@ def test_submit_wait_survives_a_control_plane_restart(tmp_path):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             got = run("get", "cli-restart", "-o", "json", env=server.env)
-            if got.exit_code == 0 and int(json.loads(got.stdout).get("current_step", 0)) >= 3:
+            if got.exit_code == 0 and json.loads(got.stdout)["current_step"] >= 3:
                 break
             time.sleep(0.2)
         else:

@@ -1,4 +1,4 @@
-"""Prepared token datasets: the on-disk format, its writer and reader, the sampler, `roundhouse data prepare`,
+"""Prepared token datasets: the on-disk format, its writer and reader, the sampler, `roundhouse-data prepare`,
 and the tokenizers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from trainers.prepare_cli import app
 from trainers.data import DataError, TextData, builtin_corpus_files
 from trainers.indexed_dataset import (
     IndexedDataset,
@@ -210,7 +210,7 @@ def test_cli_prepares_a_directory_the_trainer_can_read(tmp_path):
     (src / "empty.txt").write_text("")
     prefix = tmp_path / "out" / "corpus"
 
-    result = runner.invoke(app, ["data", "prepare", str(src), "--output", str(prefix)], catch_exceptions=False)
+    result = runner.invoke(app, ["prepare", str(src), "--output", str(prefix)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for expected in ("documents   3", "skipped     2 not UTF-8 text, 1 empty", "bytes (vocab 256, uint16)"):
         assert expected in result.output
@@ -231,7 +231,7 @@ def test_cli_prepares_a_directory_the_trainer_can_read(tmp_path):
 def test_cli_prepares_the_builtin_corpus_with_eod(tmp_path):
     files = builtin_corpus_files()[:50]
     prefix = tmp_path / "stdlib"
-    result = runner.invoke(app, ["data", "prepare", *map(str, files), "-o", str(prefix), "--tokenizer", "bytes+eod"],
+    result = runner.invoke(app, ["prepare", *map(str, files), "-o", str(prefix), "--tokenizer", "bytes+eod"],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     ds = IndexedDataset(prefix)
@@ -249,15 +249,15 @@ def test_cli_prepares_the_builtin_corpus_with_eod(tmp_path):
 
 
 def test_cli_refuses_bad_inputs(tmp_path):
-    missing = runner.invoke(app, ["data", "prepare", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
+    missing = runner.invoke(app, ["prepare", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "neither a file nor a directory" in missing.output
     (tmp_path / "t.txt").write_text("hello")
-    bad_tok = runner.invoke(app, ["data", "prepare", str(tmp_path / "t.txt"), "-o", str(tmp_path / "x"),
+    bad_tok = runner.invoke(app, ["prepare", str(tmp_path / "t.txt"), "-o", str(tmp_path / "x"),
                                   "--tokenizer", "gpt9"])
     assert bad_tok.exit_code == 2 and "unknown tokenizer" in bad_tok.output
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "z").write_bytes(b"\0\1\2")
-    nothing = runner.invoke(app, ["data", "prepare", str(tmp_path / "bin"), "-o", str(tmp_path / "x")])
+    nothing = runner.invoke(app, ["prepare", str(tmp_path / "bin"), "-o", str(tmp_path / "x")])
     assert nothing.exit_code == 2 and "no text found" in nothing.output
     assert not any(p.name.startswith("x.") for p in tmp_path.iterdir())
 
@@ -307,7 +307,7 @@ def test_hf_tokenizer_trained_here(tmp_path):
     src.mkdir()
     for i, line in enumerate(corpus[:3]):
         (src / f"{i}.txt").write_text(line * 30)
-    result = runner.invoke(app, ["data", "prepare", str(src), "-o", str(tmp_path / "bpe"), "--tokenizer", str(path)],
+    result = runner.invoke(app, ["prepare", str(src), "-o", str(tmp_path / "bpe"), "--tokenizer", str(path)],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     ds = IndexedDataset(tmp_path / "bpe")

@@ -188,3 +188,37 @@ def test_a_jobs_curve_comes_in_batches_after_a_cursor(client, api_plane, monkeyp
             break
         after = body["metrics"][-1]["id"]
     assert steps == list(range(1, 13))
+
+
+def test_checkpoint_commits_is_a_counter_that_retention_does_not_lower(client, api_plane):
+    from .test_trainer_service import COMMITTED, REMOVED, Ranks
+
+    def commits() -> float:
+        text = httpx.get(f"http://127.0.0.1:{api_plane.http_port}/metrics").text
+        return metrics_of(text)[("roundhouse_checkpoint_commits_total", ())]
+
+    ranks = Ranks(client, api_plane)
+    ranks.report(COMMITTED, 10, path="/ck/step-10")
+    ranks.report(COMMITTED, 10, path="/ck/step-10")  # a retried report is not another commit
+    ranks.report(COMMITTED, 20, path="/ck/step-20")
+    assert commits() == 2
+    ranks.report(REMOVED, 10)  # retention deleted the row: the count of commits stays
+    assert [c[0] for c in ranks.checkpoints()] == [20] and commits() == 2
+    ranks.report(COMMITTED, 10, attempt=1, path="/ck/old")  # a late report of an older attempt's write
+    ranks.report(COMMITTED, 30, path="/ck/step-30")
+    assert commits() == 4
+
+
+def test_an_owner_who_is_not_an_admin_may_cancel_their_own_job_both_ways(client, api_plane):
+    owner = add_user(api_plane, "owner", "user")
+    spec = spec_to_proto(parse_spec({"name": "owned"}))
+    for name in ("owned", "owned-too"):
+        spec.name = name
+        client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=[("authorization", f"Bearer {owner}")])
+    base = f"http://127.0.0.1:{api_plane.http_port}"
+    assert httpx.get(f"{base}/api/jobs/owned", headers={"Authorization": f"Bearer {owner}"}).json()["can_cancel"]
+    assert httpx.post(f"{base}/api/jobs/owned/cancel", headers={"Authorization": f"Bearer {owner}"}
+                      ).status_code == 200
+    job = client.jobs.CancelJob(js.CancelJobRequest(name="jobs/owned-too"),
+                                metadata=[("authorization", f"Bearer {owner}")])
+    assert job.cancel_requested and job.owner == "owner"

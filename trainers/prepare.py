@@ -1,4 +1,4 @@
-"""Text files to a prepared token dataset (`trainers.indexed_dataset`): `roundhouse data prepare`.
+"""Text files to a prepared token dataset (`trainers.indexed_dataset`): `roundhouse-data prepare`.
 
 Each input is a file or a directory read recursively (symbolic links to directories are not followed), files
 in sorted relative-path order, inputs in the order given. Every file is one document; the tokenizer's

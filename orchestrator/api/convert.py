@@ -1,8 +1,7 @@
-"""Store rows to API messages, and resource names to ids."""
+"""Store rows to API messages."""
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,21 +10,17 @@ from orchestrator import store
 from contract.spec import dict_to_message
 from roundhouse.v1 import job_pb2
 
-_JOB_NAME = re.compile(r"^(?:jobs/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
-
-
-def job_id_from_name(name: str) -> str | None:
-    """"jobs/{id}" or a bare id; None if it cannot name a job."""
-    match = _JOB_NAME.match(name or "")
-    return match.group(1) if match and len(match.group(1)) <= 63 else None
-
-
 def job_state_to_proto(state: str | None) -> int:
     return job_pb2.JobState.Value(f"JOB_STATE_{state}") if state else job_pb2.JOB_STATE_UNSPECIFIED
 
 
-def job_state_from_proto(value: int) -> store.JobState:
-    return store.JobState(job_pb2.JobState.Name(value).removeprefix("JOB_STATE_"))
+def job_state_name(value: int) -> str:
+    """JOB_STATE_RUNNING -> "RUNNING"; a number this version does not know stays a number (and is refused
+    as an unknown state)."""
+    try:
+        return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+    except ValueError:
+        return str(value)
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

@@ -3,7 +3,8 @@ the same text in its message for clients that read only that."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf import any_pb2
@@ -11,6 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from contract.spec import FieldViolation
+from orchestrator import service
 
 
 def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViolation]):
@@ -26,3 +28,28 @@ def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViola
 
 def abort_field(context: grpc.ServicerContext, field: str, description: str):
     abort_invalid(context, [FieldViolation(field, description)])
+
+
+# The service layer's refusals as gRPC status codes (the dashboard maps the same ones to HTTP statuses).
+_CODES = {
+    service.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    service.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    service.NotFound: grpc.StatusCode.NOT_FOUND,
+    service.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def abort_refused(context: grpc.ServicerContext, error: service.ServiceError):
+    """Ends the call with the status that stands for the service layer's refusal."""
+    if isinstance(error, service.InvalidArgument):
+        abort_field(context, error.field, error.description)
+    context.abort(_CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+
+
+@contextmanager
+def refusals(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turns a service-layer refusal raised inside the block into the call's status."""
+    try:
+        yield
+    except service.ServiceError as error:
+        abort_refused(context, error)

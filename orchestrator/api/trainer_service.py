@@ -8,15 +8,16 @@ rank may report late, after buffering while the control plane was down, from an 
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Callable
 
 import grpc
 from sqlalchemy import delete, exists, func, select
 
-from orchestrator.api import convert
 from orchestrator.api.errors import abort_invalid
-from orchestrator.auth import bearer_token, job_token
+from orchestrator.auth import bearer_token
 from orchestrator.lifecycle import record_event
+from orchestrator.service.access import rank_may_report
+from orchestrator.service.jobs import job_id
 from contract.spec import FieldViolation
 from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
@@ -25,9 +26,11 @@ _EVENTS = trainer_service_pb2.CheckpointEvent
 
 
 class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, db: Database, credential_key: bytes):
+    def __init__(self, db: Database, credential_key: bytes, on_checkpoint_commit: Callable[[], None] = lambda: None):
         self.db = db
         self.credential_key = credential_key
+        # Called once for each commit recorded (not for a retried report): the checkpoint-commit counter.
+        self.on_checkpoint_commit = on_checkpoint_commit
 
     def Heartbeat(self, request, context):
         with self.db.session() as session:
@@ -64,6 +67,7 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
         return trainer_service_pb2.ReportMetricsResponse(stop=stop, stop_reason=reason)
 
     def ReportCheckpoint(self, request, context):
+        committed = False
         with self.db.session() as session:
             # Locked (PostgreSQL; SQLite writers queue anyway): one job's reports apply one at a time, so
             # checkpoint_step is always the newest row's step.
@@ -72,7 +76,7 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
             if violations:
                 abort_invalid(context, violations)
             if request.event == _EVENTS.CHECKPOINT_EVENT_COMMITTED:
-                _record_commit(session, job, request)
+                committed = _record_commit(session, job, request)
             elif request.event == _EVENTS.CHECKPOINT_EVENT_RESTORED:
                 _record_restore(session, job, request)
             elif request.event == _EVENTS.CHECKPOINT_EVENT_REJECTED:
@@ -83,14 +87,14 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
             else:  # REMOVED by the retention policy: nothing to tell a user
                 _forget_checkpoint(session, job, request.step)
             stop, reason = _should_stop(job, request.attempt)
+        if committed:
+            self.on_checkpoint_commit()
         return trainer_service_pb2.ReportCheckpointResponse(stop=stop, stop_reason=reason)
 
     def _authorized_job(self, session, name: str, attempt: int, context, lock: bool = False) -> Job:
-        job_id = convert.job_id_from_name(name)
-        job = session.get(Job, job_id, with_for_update=lock) if job_id else None
-        token = bearer_token(context.invocation_metadata())
-        # One answer for "no such job" and "wrong credential": a rank's token proves which job it is.
-        if job is None or token is None or not hmac.compare_digest(token, job_token(self.credential_key, job.uid, attempt)):
+        found = job_id(name)
+        job = session.get(Job, found, with_for_update=lock) if found else None
+        if not rank_may_report(self.credential_key, job, attempt, bearer_token(context.invocation_metadata())):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential does not match this job and attempt")
         return job
 
@@ -110,11 +114,13 @@ def _checkpoint_report_violations(request) -> list[FieldViolation]:
     return out
 
 
-def _record_commit(session, job: Job, request) -> None:
-    """Upserts the checkpoint's row: a report sent twice (a retry) changes nothing."""
+def _record_commit(session, job: Job, request) -> bool:
+    """Upserts the checkpoint's row: a report sent twice (a retry) changes nothing. True if this report is
+    a commit not recorded before (a new step, or a step written again by a later attempt)."""
     row = session.scalar(select(Checkpoint).where(Checkpoint.job_name == job.name, Checkpoint.step == request.step))
     if row is not None and row.attempt > request.attempt:
-        return  # a newer attempt wrote this step again; what is on disk is its
+        return False  # a newer attempt wrote this step again; what is on disk is its
+    new = row is None or row.attempt < request.attempt  # else a retry of a report already recorded
     if row is None:
         row = Checkpoint(job_name=job.name, step=request.step, commit_time=utcnow())
         session.add(row)
@@ -125,6 +131,7 @@ def _record_commit(session, job: Job, request) -> None:
     if request.step > job.checkpoint_step:
         job.checkpoint_step = request.step
         job.update_time = utcnow()
+    return new
 
 
 def _record_restore(session, job: Job, request) -> None:

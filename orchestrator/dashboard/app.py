@@ -7,7 +7,8 @@ below and refreshes every few seconds. Charts use Plotly, whose JavaScript comes
 Auth: the same user tokens as the gRPC API, sent as `Authorization: Bearer` or kept in an HttpOnly,
 SameSite=Strict cookie set by the login page. Everything but the login page, static files, /healthz and
 /metrics needs one. /metrics is open: it carries only counts (no job names or owners) and Prometheus
-scrapers hold no browser cookie."""
+scrapers hold no browser cookie. Queries, and who may see or cancel what, are the service layer's
+(orchestrator/service/), as for the gRPC API; this module only turns them into HTTP."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote
 
 import plotly
-from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -24,14 +24,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from orchestrator.api.job_service import (
-    MAX_PAGE_SIZE, CancelRefused, decode_page_token, encode_page_token, list_filter_key, may_cancel, request_cancel,
-    select_jobs,
-)
+from orchestrator import service
 from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
-from orchestrator.launcher import AttemptRef, Launcher
-from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
+from orchestrator.launcher import Launcher
+from orchestrator.service import jobs as job_queries
+from orchestrator.store import Database, Job, JobState, utcnow
 
 PACKAGE = Path(__file__).resolve().parent.parent  # orchestrator/
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
@@ -40,6 +38,14 @@ LIST_PAGE_SIZE = 50
 EVENTS_SHOWN = 500
 METRIC_BATCH = 5000
 LOG_LINES = 200
+# The service layer's refusals as HTTP statuses (orchestrator/api/errors.py maps them to gRPC codes).
+HTTP_STATUS = {
+    service.InvalidArgument: 400,
+    service.Unauthenticated: 401,
+    service.PermissionDenied: 403,
+    service.NotFound: 404,
+    service.FailedPrecondition: 409,
+}
 
 
 def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher | None = None,
@@ -64,6 +70,9 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
     def unauthenticated() -> Response:
         return JSONResponse({"error": "a valid token is required (log in, or send Authorization: Bearer)"},
                             status_code=401)
+
+    def refused(error: service.ServiceError) -> Response:
+        return JSONResponse({"error": str(error)}, status_code=HTTP_STATUS.get(type(error), 500))
 
     # -- login -------------------------------------------------------------------------------------------
 
@@ -101,22 +110,20 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         if principal is None:
             return to_login(request)
         name = request.path_params["name"]
-        with db.read() as session:
-            exists = session.get(Job, name) is not None
-        if not exists:
+        try:
+            with db.read() as session:
+                job_queries.get_job(session, principal, name)
+        except (service.NotFound, service.InvalidArgument):
             return page("missing.html", request, principal, status_code=404, name=name)
         return page("job.html", request, principal, name=name)
 
     # -- JSON --------------------------------------------------------------------------------------------
 
     async def jobs_json(request: Request) -> Response:
-        if principal_of(request) is None:
+        principal = principal_of(request)
+        if principal is None:
             return unauthenticated()
         params = request.query_params
-        states = [s for s in params.getlist("state") if s]
-        unknown = [s for s in states if s not in JobState.__members__]
-        if unknown:
-            return JSONResponse({"error": f"state: unknown {unknown}"}, status_code=400)
         labels = {}
         for item in params.getlist("label"):
             key, sep, value = item.partition("=")
@@ -124,89 +131,48 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
                 return JSONResponse({"error": f"label: {item!r} is not key=value"}, status_code=400)
             labels[key.strip()] = value.strip()
         try:
-            page_size = min(max(int(params.get("page_size") or LIST_PAGE_SIZE), 1), MAX_PAGE_SIZE)
+            page_size = min(max(int(params.get("page_size") or LIST_PAGE_SIZE), 1), job_queries.MAX_PAGE_SIZE)
         except ValueError:
             return JSONResponse({"error": "page_size: not a number"}, status_code=400)
-        filter_key = list_filter_key(states, labels, page_size)
-        after = None
-        if params.get("page_token"):
-            after = decode_page_token(params["page_token"], filter_key)
-            if after is None:
-                return JSONResponse({"error": "page_token: not from a listing with the same filter"},
-                                    status_code=400)
-        with db.read() as session:
-            jobs = session.scalars(select_jobs(states, labels, after, page_size + 1)).all()
-            now = utcnow()
-            body = {"jobs": [_job_summary(j, now) for j in jobs[:page_size]], "next_page_token": ""}
-        if len(jobs) > page_size:
-            last = jobs[page_size - 1]
-            body["next_page_token"] = encode_page_token(last.create_time, last.name, filter_key)
-        return JSONResponse(body)
+        try:
+            with db.read() as session:
+                listed = job_queries.list_jobs(session, principal, [s for s in params.getlist("state") if s], labels,
+                                               page_size, params.get("page_token", ""))
+                now = utcnow()
+                return JSONResponse({"jobs": [_job_summary(j, now) for j in listed.items],
+                                     "next_page_token": listed.next_page_token})
+        except service.ServiceError as error:
+            return refused(error)
 
     async def job_json(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
-        name = request.path_params["name"]
         try:
             after_metric = int(request.query_params.get("after_metric") or 0)
         except ValueError:
             return JSONResponse({"error": "after_metric: not a number"}, status_code=400)
-        with db.read() as session:
-            job = session.get(Job, name)
-            if job is None:
-                return JSONResponse({"error": f"job {name} not found"}, status_code=404)
-            now = utcnow()
-            events = session.scalars(select(Event).where(Event.job_name == name)
-                                     .order_by(Event.id.desc()).limit(EVENTS_SHOWN)).all()
-            checkpoints = session.scalars(select(Checkpoint).where(Checkpoint.job_name == name)
-                                          .order_by(Checkpoint.step)).all()
-            attempt = job.current_attempt
-            ranks = session.scalars(select(RankStatus).where(RankStatus.job_name == name,
-                                                             RankStatus.attempt == (attempt.number if attempt else 0))
-                                    .order_by(RankStatus.rank)).all() if attempt else []
-            points = session.scalars(select(Metric).where(Metric.job_name == name, Metric.id > after_metric)
-                                     .order_by(Metric.id).limit(METRIC_BATCH)).all()
-            body = {
-                "job": _job_summary(job, now),
-                "can_cancel": may_cancel(principal, job) and not JobState(job.state).terminal,
-                "attempts": [{"number": a.number, "state": a.state, "layout": _layout(a), "world_size": a.world_size,
-                              "start_step": a.start_step, "start_time": _time(a.start_time or a.create_time),
-                              "end_time": _time(a.end_time), "end_reason": a.end_reason} for a in job.attempts],
-                "checkpoints": [{"step": c.step, "attempt": c.attempt, "layout": f"{c.tp}×{c.pp}×{c.dp}",
-                                 "size_bytes": c.size_bytes, "commit_time": _time(c.commit_time)}
-                                for c in checkpoints],
-                "events": [{"id": e.id, "time": _time(e.create_time), "type": e.type, "attempt": e.attempt,
-                            "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason,
-                            "message": e.message} for e in reversed(events)],
-                "ranks": [{"rank": r.rank, "attempt": r.attempt, "step": r.step,
-                           "heartbeat_age_seconds": round((now - r.last_heartbeat).total_seconds(), 1)}
-                          for r in ranks],
-                "world_size": attempt.world_size if attempt else 0,
-                "metrics": [{"id": m.id, "attempt": m.attempt, "step": m.step, "loss": m.loss, "val_loss": m.val_loss,
-                             "tokens_per_second": m.tokens_per_second, "memory_bytes": m.memory_bytes}
-                            for m in points],
-                "metric_batch": METRIC_BATCH,  # a full batch: more points follow (ask again after the last id)
-            }
-        return JSONResponse(body)
+        try:
+            with db.read() as session:
+                job = job_queries.get_job(session, principal, request.path_params["name"])
+                return JSONResponse(_job_detail(session, job, principal, after_metric, utcnow()))
+        except service.ServiceError as error:
+            return refused(error)
 
     async def job_log(request: Request) -> Response:
-        if principal_of(request) is None:
+        principal = principal_of(request)
+        if principal is None:
             return unauthenticated()
-        name = request.path_params["name"]
         try:
             rank = int(request.query_params.get("rank", "0"))
             lines = min(max(int(request.query_params.get("lines") or LOG_LINES), 1), 5000)
         except ValueError:
             return PlainTextResponse("rank and lines must be numbers", status_code=400)
-        with db.read() as session:
-            job = session.get(Job, name)
-            attempt = job.current_attempt if job else None
-            if attempt is None:
-                return PlainTextResponse("not launched yet", status_code=404)
-            if not 0 <= rank < attempt.world_size:
-                return PlainTextResponse(f"rank must be in [0, {attempt.world_size})", status_code=400)
-            ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
+        try:
+            with db.read() as session:
+                ref = job_queries.log_source(session, principal, request.path_params["name"], rank)
+        except service.ServiceError as error:
+            return PlainTextResponse(str(error), status_code=HTTP_STATUS.get(type(error), 500))
         if launcher is None:
             return PlainTextResponse("no launcher to read logs from", status_code=404)
         text = "".join(launcher.logs(ref, rank, False, lambda: True))
@@ -219,15 +185,11 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         # CSRF: the cookie is SameSite=Strict, and a cookie-authenticated POST must come from this origin.
         if "authorization" not in request.headers and not _same_origin(request):
             return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
-        name = request.path_params["name"]
-        with db.session() as session:
-            job = session.get(Job, name)
-            if job is None:
-                return JSONResponse({"error": f"job {name} not found"}, status_code=404)
-            try:
-                request_cancel(session, job, principal)
-            except CancelRefused as exc:
-                return JSONResponse({"error": str(exc)}, status_code=exc.http_status)
+        try:
+            with db.session() as session:
+                job_queries.cancel_job(session, principal, request.path_params["name"])
+        except service.ServiceError as error:
+            return refused(error)
         wake_reconciler()
         return JSONResponse({"cancel_requested": True})
 
@@ -258,6 +220,33 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         Route("/static/plotly.min.js", plotly_js),
         Mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static"),
     ])
+
+
+def _job_detail(session, job: Job, principal: Principal, after_metric: int, now: datetime) -> dict:
+    """What the job page shows: the job, its attempts, checkpoints, newest events, the current attempt's
+    ranks, and its metric points after the cursor `after_metric`."""
+    attempt = job.current_attempt
+    return {
+        "job": _job_summary(job, now),
+        "can_cancel": job_queries.may_cancel(principal, job),
+        "attempts": [{"number": a.number, "state": a.state, "layout": _layout(a), "world_size": a.world_size,
+                      "start_step": a.start_step, "start_time": _time(a.start_time or a.create_time),
+                      "end_time": _time(a.end_time), "end_reason": a.end_reason} for a in job.attempts],
+        "checkpoints": [{"step": c.step, "attempt": c.attempt, "layout": f"{c.tp}×{c.pp}×{c.dp}",
+                         "size_bytes": c.size_bytes, "commit_time": _time(c.commit_time)}
+                        for c in job_queries.checkpoints_of(session, job)],
+        "events": [{"id": e.id, "time": _time(e.create_time), "type": e.type, "attempt": e.attempt,
+                    "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "message": e.message}
+                   for e in job_queries.newest_events(session, job, EVENTS_SHOWN)],
+        "ranks": [{"rank": r.rank, "attempt": r.attempt, "step": r.step,
+                   "heartbeat_age_seconds": round((now - r.last_heartbeat).total_seconds(), 1)}
+                  for r in job_queries.ranks_of(session, job)],
+        "world_size": attempt.world_size if attempt else 0,
+        "metrics": [{"id": m.id, "attempt": m.attempt, "step": m.step, "loss": m.loss, "val_loss": m.val_loss,
+                     "tokens_per_second": m.tokens_per_second, "memory_bytes": m.memory_bytes}
+                    for m in job_queries.metrics_after(session, job, after_metric, METRIC_BATCH)],
+        "metric_batch": METRIC_BATCH,  # a full batch: more points follow (ask again after the last id)
+    }
 
 
 def _job_summary(job: Job, now: datetime) -> dict:

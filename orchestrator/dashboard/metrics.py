@@ -1,8 +1,11 @@
 """Prometheus metrics of the control plane, served at /metrics.
 
-Two kinds: what the database knows (jobs by state, restarts, checkpoint commits), read at scrape time so
-every replica reports the same; and what this process saw (API calls and their latencies), recorded by a
-gRPC interceptor. Each ControlPlane has its own registry, so several in one process (tests) don't clash."""
+Two kinds: what the database knows (jobs by state, restarts), read at scrape time so every replica reports
+the same; and what this process saw: API calls and their latencies, recorded by a gRPC interceptor, and
+checkpoint commits, counted as the TrainerService records them. A commit's row may later be deleted by the
+job's retention policy, so the rows are no counter; like every process counter, this one starts at 0 when
+the process does (Prometheus' rate() and increase() handle that) and is summed over replicas. Each
+ControlPlane has its own registry, so several in one process (tests) don't clash."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
-from orchestrator.store import Checkpoint, Database, Event, Job, JobState
+from orchestrator.store import Database, Event, Job, JobState
 
 
 class ServiceMetrics:
@@ -24,10 +27,15 @@ class ServiceMetrics:
                                  ["method", "code"], registry=self.registry)
         self.api_latency = Histogram("roundhouse_api_call_seconds", "gRPC call latency, by method",
                                      ["method"], registry=self.registry)
+        self.checkpoint_commits = Counter("roundhouse_checkpoint_commits", "Checkpoints committed (reports "
+                                          "recorded by this process; retries not counted)", registry=self.registry)
         self.interceptor = _ApiMetricsInterceptor(self)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def checkpoint_committed(self) -> None:
+        self.checkpoint_commits.inc()
 
     def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self.api_calls.labels(method, code.name).inc()
@@ -44,14 +52,12 @@ class _DatabaseCollector:
             restarts = session.scalar(select(func.count()).select_from(Event).where(Event.type == "StateChanged",
                                                                                     Event.to_state == "RESTARTING",
                                                                                     Event.from_state != "RESTARTING"))
-            commits = session.scalar(select(func.count()).select_from(Checkpoint))
         jobs = GaugeMetricFamily("roundhouse_jobs", "Jobs by state", labels=["state"])
         for state in JobState:
             jobs.add_metric([state.value], by_state.get(state.value, 0))
         yield jobs
         yield CounterMetricFamily("roundhouse_job_restarts", "Restarts of jobs (transitions to RESTARTING)",
                                   value=restarts or 0)
-        yield CounterMetricFamily("roundhouse_checkpoint_commits", "Checkpoints committed", value=commits or 0)
 
 
 class _ApiMetricsInterceptor(grpc.ServerInterceptor):

@@ -21,9 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
+
+if TYPE_CHECKING:
+    from orchestrator.server import ServerSettings
 
 # $1: pid file, $2: exit-code file, the rest: the rank's command. The wrapper is in the rank's process group,
 # so a SIGTERM to the group reaches it too: it traps TERM (sh runs the trap only once the rank has exited)
@@ -277,3 +280,11 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def create_launcher(settings: ServerSettings) -> LocalLauncher:
+    """The `local` entry point of roundhouse.launchers: ranks as processes of this machine, their files under
+    the server's home."""
+    if settings.launcher_options:
+        raise ValueError(f"the local launcher takes no options, not {', '.join(sorted(settings.launcher_options))}")
+    return LocalLauncher(settings.home / "runs", max_ranks=settings.max_ranks)

@@ -1,0 +1,5 @@
+"""`python -m orchestrator.cli` is `roundhouse`."""
+
+from orchestrator.cli import app
+
+app()

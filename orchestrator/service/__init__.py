@@ -1,0 +1,14 @@
+"""The service layer: queries and authorization over the store, shared by every way in (the gRPC
+servicers in orchestrator/api/, the dashboard in orchestrator/dashboard/). Neither way in queries the
+store for a user or decides who may do what on its own; each maps `ServiceError`s to its own statuses.
+
+- `access`: who may do what (the one rule)
+- `jobs`: get, list, checkpoints, events, metrics, ranks, logs, cancel
+- `pages`: page tokens
+- `errors`: the refusals"""
+
+from orchestrator.service.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                                         ServiceError, Unauthenticated)
+
+__all__ = ["FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "ServiceError",
+           "Unauthenticated"]
