@@ -149,7 +149,9 @@ class _SimStream:
             if work is None:
                 return
             try:
-                work()
+                # Grad mode is per thread; the host views are of tensors that may require grad.
+                with torch.no_grad():
+                    work()
             except BaseException as e:  # surfaced by synchronize()
                 self.error = e
 
