@@ -98,13 +98,19 @@ def test_a_random_placement_each_step_is_bit_identical(device):
     assert_same_as_fused_adamw(device, placement, steps=6)
 
 
-@pytest.mark.parametrize("skipped", [H2D, COMPUTE, D2H])
+@pytest.mark.parametrize("skipped", [H2D, COMPUTE, D2H, None])
 def test_simulated_device_catches_a_missing_event_wait(skipped):
+    """None: the control, every wait kept, under the same throttles: exact."""
     class SkipsWaits(SimulatedDevice):
         def wait(self, stream, event):
             if stream != skipped:
                 super().wait(stream, event)
-    device = SkipsWaits(memory_bytes=1 << 24, h2d_bytes_per_s=50e6, d2h_bytes_per_s=50e6, jitter=0.5)
+    # What the skipped wait was for is made slow (~5 ms per 2 KiB subgroup tensor), so the stream that no longer
+    # waits always runs ahead of it: the update reads a slot whose copy in has not landed (NaN), the copy out
+    # takes values not yet updated, the copy in overwrites a slot whose copy out has not finished.
+    slow = {COMPUTE: dict(h2d_bytes_per_s=4e5), D2H: dict(adam_elems_per_s=1e5),
+            H2D: dict(d2h_bytes_per_s=4e5), None: dict(h2d_bytes_per_s=4e5, d2h_bytes_per_s=4e5)}[skipped]
+    device = SkipsWaits(memory_bytes=1 << 24, **slow)
     try:
         ref_params, params = flat_params(), flat_params()
         reference = torch.optim.AdamW(groups(ref_params), betas=BETAS, fused=True)
@@ -113,7 +119,8 @@ def test_simulated_device_catches_a_missing_event_wait(skipped):
         set_grads([ref_params, params], 0)
         reference.step()
         step_like_deepspeed(opt)
-        assert not all(torch.equal(r, p) for r, p in zip(ref_params, params))
+        exact = all(torch.equal(r, p) for r, p in zip(ref_params, params))
+        assert exact == (skipped is None)
     finally:
         device.close()
 
@@ -208,3 +215,17 @@ def test_build_modes_and_settings_errors_name_the_field(device):
                           (dict(cpu_threads=0), "cpu_threads"), (dict(placement="fixed"), "placement")]:
         with pytest.raises(ValueError, match=f"training.offload.{field}"):
             OffloadSettings(**kwargs)
+
+
+def test_build_interleaved_auto_plans_at_the_first_step_and_matches_fused_adamw(device):
+    ref_params, params = flat_params(), flat_params()
+    reference = torch.optim.AdamW(groups(ref_params), betas=BETAS, fused=True)
+    built = build(OffloadSettings(mode="interleaved", profile="h100-pcie5", subgroup_size=500), groups(params),
+                  lr=1e-3, betas=BETAS, eps=1e-8, device=device)
+    for step in range(2):
+        set_grads([ref_params, params], step)
+        reference.step()
+        step_like_deepspeed(built.optimizer)
+    placement = built.optimizer.placement
+    assert placement.on_device and len(placement.on_device) < len(built.optimizer.table)
+    assert all(torch.equal(r, p) for r, p in zip(ref_params, params))

@@ -110,3 +110,17 @@ def test_plan_command_explains_the_decision():
     bad = subprocess.run([sys.executable, "-m", "offload", "plan", "--params", "lots", "--profile", "h200-pcie5"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--params" in bad.stderr
+
+
+def test_calibration_measures_every_input_of_the_model():
+    from offload.calibrate import measure
+    from offload.device import SimulatedDevice
+    device = SimulatedDevice(memory_bytes=1 << 26)
+    try:
+        profile = measure(device, numel=1 << 15, repeats=1)
+    finally:
+        device.close()
+    assert not profile.estimate
+    assert profile.device_free_bytes == profile.device_memory_bytes == 1 << 26  # calibration slots freed
+    d = choose_placement(TABLE, profile)  # usable by the model as it is
+    assert d.interleaved_s > 0
