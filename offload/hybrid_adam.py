@@ -63,6 +63,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._table_key: tuple | None = None
         self._placement = placement
         self._ring: list[_Slot] = []
+        self._prefetched: list[int] = []  # subgroups whose param and moments are already in ring slots 0, 1, ...
 
     # placement ----------------------------------------------------------------------------------------------
     @property
@@ -83,6 +84,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._check_placement(placement)
         if self._ring and placement.slots != len(self._ring):
             self.release_device_memory()
+        self._prefetched = []
         self._placement = placement
 
     def replan(self) -> Placement:
@@ -92,6 +94,7 @@ class HybridAdam(torch.optim.Optimizer):
         return self.placement
 
     def release_device_memory(self) -> None:
+        self._prefetched = []
         for slot in self._ring:
             for buffer in slot.buffers:
                 self.device.free(buffer)
@@ -172,24 +175,59 @@ class HybridAdam(torch.optim.Optimizer):
             steps.append(torch.tensor(step_before, dtype=torch.float32))
         adamw_fused(params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
 
+    def _ensure_ring(self, slots: int) -> None:
+        numel = max(s.numel for s in self._table)  # sized once, for the largest subgroup of any group
+        if len(self._ring) != slots or self._ring[0].buffers[0].numel() < numel:
+            self.release_device_memory()
+            self._ring = [_Slot(self.device, numel) for _ in range(slots)]
+
+    def prefetch(self) -> int:
+        """Start copying in the parameters and moments of the first K device subgroups of the first group
+        DeepSpeed will step, so the next step() starts its device work at once and copies only their gradients.
+        Call it when the host master and moments will not change before step() (e.g. just before the training
+        batch, after any checkpoint load); load_state_dict and placement changes drop a prefetch. Returns the
+        number of subgroups prefetched."""
+        placement = self.placement
+        self._prefetched = []
+        if not placement.on_device:
+            return 0
+        first_group = min(s.group for s in self._table if s.index in placement.on_device)
+        params = self._all_groups[first_group]["params"]
+        chosen = [s for s in self._table if s.group == first_group and s.index in placement.on_device]
+        chosen = chosen[:placement.slots]
+        self._ensure_ring(placement.slots)
+        for j, s in enumerate(chosen):
+            p = params[s.param]
+            state = self._state(p)
+            slot = self._ring[j]
+            if slot.free_after is not None:
+                self.device.wait(H2D, slot.free_after)
+            for dst, src in ((slot.buffers[0], p), (slot.buffers[2], state["exp_avg"]),
+                             (slot.buffers[3], state["exp_avg_sq"])):
+                self.device.copy(H2D, dst[:s.numel], views(src, s))
+            self._prefetched.append(s.index)
+        return len(chosen)
+
     def _start_on_device(self, work, hyper: AdamHyper, slots: int) -> None:
         """Queue every device subgroup through the ring and return at once (the CPU works meanwhile)."""
         if not work:
             return
-        numel = max(s.numel for _, _, s, _ in work)
-        if len(self._ring) != slots or self._ring[0].buffers[0].numel() < numel:
-            self.release_device_memory()
-            numel = max(s.numel for s in self._table)  # sized once, for the largest subgroup of any group
-            self._ring = [_Slot(self.device, numel) for _ in range(slots)]
+        self._ensure_ring(slots)
+        prefetched = self._prefetched if [s.index for _, _, s, _ in work[:len(self._prefetched)]] == \
+            self._prefetched else []
+        self._prefetched = []
         device = self.device
         for j, (p, state, s, step_before) in enumerate(work):
             slot = self._ring[j % slots]
             host = [views(p, s), views(p.grad, s), views(state["exp_avg"], s), views(state["exp_avg_sq"], s)]
             param, grad, exp_avg, exp_avg_sq = (b[:s.numel] for b in slot.buffers)
-            if slot.free_after is not None:
-                device.wait(H2D, slot.free_after)  # the slot's previous subgroup has left the device
-            for dst, src in zip((param, grad, exp_avg, exp_avg_sq), host):
-                device.copy(H2D, dst, src)
+            if j < len(prefetched):
+                device.copy(H2D, grad, host[1])  # param and moments came in with prefetch()
+            else:
+                if slot.free_after is not None:
+                    device.wait(H2D, slot.free_after)  # the slot's previous subgroup has left the device
+                for dst, src in zip((param, grad, exp_avg, exp_avg_sq), host):
+                    device.copy(H2D, dst, src)
             loaded = device.record(H2D)
             device.wait(COMPUTE, loaded)
             device.adamw(COMPUTE, [param], [grad], [exp_avg], [exp_avg_sq], step_before, hyper)
@@ -203,6 +241,7 @@ class HybridAdam(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then the loaded values copied into the tensors that existed before, so the state stays
         allocated once (DeepSpeed's fragment views keep pointing at live memory)."""
+        self._prefetched = []
         before = {p: dict(s) for p, s in self.state.items()}
         super().load_state_dict(state_dict)
         self._all_groups = self.param_groups

@@ -229,3 +229,38 @@ def test_build_interleaved_auto_plans_at_the_first_step_and_matches_fused_adamw(
     placement = built.optimizer.placement
     assert placement.on_device and len(placement.on_device) < len(built.optimizer.table)
     assert all(torch.equal(r, p) for r, p in zip(ref_params, params))
+
+
+def test_prefetch_before_each_step_is_bit_identical_and_saves_copies():
+    class CountsCopies(SimulatedDevice):
+        copies = 0
+
+        def copy(self, stream, dst, src):
+            if stream == H2D:
+                CountsCopies.copies += 1
+            super().copy(stream, dst, src)
+    device = CountsCopies(memory_bytes=1 << 24, h2d_bytes_per_s=50e6, d2h_bytes_per_s=50e6, jitter=1.0)
+    try:
+        ref_params, params = flat_params(), flat_params()
+        reference = torch.optim.AdamW(groups(ref_params), betas=BETAS, fused=True)
+        opt = HybridAdam(groups(params), betas=BETAS, device=device, subgroup_size=SUBGROUP,
+                         placement=Placement(frozenset(range(1, 13)), slots=3))  # not subgroup 0: group 0 from 1
+        on_device = len(opt.placement.on_device)
+        for step in range(3):
+            set_grads([ref_params, params], step)
+            reference.step()
+            assert opt.prefetch() == 3
+            CountsCopies.copies = 0
+            step_like_deepspeed(opt)
+            # four tensors per device subgroup, less the param and moments of the three prefetched
+            assert CountsCopies.copies == 4 * on_device - 3 * 3
+            for r, p in zip(ref_params, params):
+                assert torch.equal(r, p) and torch.equal(reference.state[r]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+        opt.prefetch()
+        opt.set_placement(Placement.all_cpu())  # a placement change drops the prefetch
+        set_grads([ref_params, params], 3)
+        reference.step()
+        step_like_deepspeed(opt)
+        assert all(torch.equal(r, p) for r, p in zip(ref_params, params))
+    finally:
+        device.close()
