@@ -106,9 +106,12 @@ def train(engine, tokens: torch.Tensor, steps: int, micro_batch: int, global_bat
     dev = next(engine.module.parameters()).device
     losses, step_s, update_s = [], [], []
     row = first_row
+    prefetch = getattr(getattr(engine.optimizer, "optimizer", None), "prefetch", None)
     for _ in range(steps):
         _sync()
         started = time.perf_counter()
+        if prefetch is not None:
+            prefetch()  # HybridAdam: the first device subgroups come in while forward and backward run
         total = 0.0
         for _ in range(global_batch // micro_batch):
             batch = tokens[row:row + micro_batch].to(dev)
