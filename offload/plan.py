@@ -29,6 +29,7 @@ class PlanReport:
     dp: int
     weight_bytes: int
     profile: MachineProfile
+    device_memory_bytes: int
     usable_bytes: int
     activation_bytes: int
     device_bytes_no_offload: int
@@ -45,7 +46,7 @@ class PlanReport:
             f"model: {self.params:,} parameters; layout tp={self.tp} pp={self.pp} dp={self.dp}; "
             f"weights and gradients at {self.weight_bytes} bytes",
             f"machine: {p.name} ({'ESTIMATE from public specs' if p.estimate else 'measured'}; {p.source})",
-            f"  device memory {_gib(p.device_memory_bytes)}, usable {_gib(self.usable_bytes)} "
+            f"  device memory {_gib(self.device_memory_bytes)}, usable {_gib(self.usable_bytes)} "
             f"({USABLE_FRACTION:.0%}); activations counted: {_gib(self.activation_bytes)}",
             f"  copies {p.h2d_bytes_per_s / 1e9:.1f} GB/s in, {p.d2h_bytes_per_s / 1e9:.1f} GB/s out alone, "
             f"{p.h2d_concurrent_bytes_per_s / 1e9:.1f}/{p.d2h_concurrent_bytes_per_s / 1e9:.1f} GB/s together; "
@@ -104,7 +105,7 @@ def plan(params: int, profile: MachineProfile, dp: int = 1, tp: int = 1, pp: int
     fits_with = decision is not None and with_offload + decision.ring_bytes <= usable
     mode = "none" if fits_without else "interleaved" if fits_with else "does not fit"
     return PlanReport(params=params, tp=tp, pp=pp, dp=dp, weight_bytes=weight_bytes, profile=profile,
-                      usable_bytes=usable, activation_bytes=activation_bytes, device_bytes_no_offload=no_offload,
+                      device_memory_bytes=memory, usable_bytes=usable, activation_bytes=activation_bytes, device_bytes_no_offload=no_offload,
                       device_bytes_offload=with_offload,
                       host_pinned_bytes_offload=(16 + weight_bytes) * shard, fits_without_offload=fits_without,
                       fits_with_offload=fits_with, mode=mode, decision=decision)
