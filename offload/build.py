@@ -137,7 +137,10 @@ def build(settings: OffloadSettings, param_groups, *, lr: float, betas: tuple[fl
         planner = static_planner(device, settings.device_fraction)
     else:
         from offload.calibrate import measure
-        profile = load_profile(settings.profile) if settings.profile else measure(device, numel=1 << 22)
+        try:
+            profile = load_profile(settings.profile) if settings.profile else measure(device, numel=1 << 22)
+        except ValueError as e:
+            raise ValueError(f"training.offload.profile: {e}") from None
         planner = auto_planner(device, profile)
     optimizer = HybridAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, device=device,
                            subgroup_size=settings.subgroup_size, planner=planner)

@@ -37,7 +37,7 @@ class PlanReport:
     host_pinned_bytes_offload: int
     fits_without_offload: bool
     fits_with_offload: bool
-    mode: str                      # "none" | "interleaved" | "does not fit"
+    mode: str                      # "none" | "cpu" | "interleaved" | "does not fit"
     decision: Decision | None      # the interleaved placement and predicted times (None: nothing fits)
 
     def explain(self) -> str:
@@ -74,6 +74,9 @@ class PlanReport:
     def _reason(self) -> str:
         if self.mode == "none":
             return "mode none: the optimizer state fits on the device; offloading would only slow the update"
+        if self.mode == "cpu":
+            return ("mode cpu: the model fits only with the optimizer state on the host, and on this machine the "
+                    "device would not shorten the update (its copies cost more than they save)")
         if self.mode == "interleaved":
             return ("mode interleaved: the model fits only with the optimizer state on the host; interleaving "
                     "updates part of it on the device")
@@ -103,7 +106,12 @@ def plan(params: int, profile: MachineProfile, dp: int = 1, tp: int = 1, pp: int
         decision = choose_placement(table, profile, free_bytes=usable - with_offload, weight_bytes=weight_bytes)
     fits_without = no_offload <= usable
     fits_with = decision is not None and with_offload + decision.ring_bytes <= usable
-    mode = "none" if fits_without else "interleaved" if fits_with else "does not fit"
+    if fits_without:
+        mode = "none"
+    elif fits_with:
+        mode = "interleaved" if decision.placement.on_device else "cpu"
+    else:
+        mode = "does not fit"
     return PlanReport(params=params, tp=tp, pp=pp, dp=dp, weight_bytes=weight_bytes, profile=profile,
                       device_memory_bytes=memory, usable_bytes=usable, activation_bytes=activation_bytes, device_bytes_no_offload=no_offload,
                       device_bytes_offload=with_offload,

@@ -124,3 +124,10 @@ def test_calibration_measures_every_input_of_the_model():
     assert profile.device_free_bytes == profile.device_memory_bytes == 1 << 26  # calibration slots freed
     d = choose_placement(TABLE, profile)  # usable by the model as it is
     assert d.interleaved_s > 0
+
+
+def test_plan_picks_cpu_offload_when_the_device_would_not_help():
+    slow_link = dataclasses.replace(with_bandwidth(PROFILE, 1e-4), device_adam_params_per_s=1e6)
+    report = plan(7_000_000_000, slow_link)
+    assert report.mode == "cpu" and not report.decision.placement.on_device
+    assert "mode cpu" in report.explain()
