@@ -116,6 +116,7 @@ class HybridAdam(torch.optim.Optimizer):
                 self._placement = None  # a different table: plan again; an explicit placement is re-checked
             self._table = build_table([list(k) for k in key], self.subgroup_size)
             self._table_key = key
+            self._prefetched = []
             if self._placement is not None:
                 self._check_placement(self._placement)
 
