@@ -164,11 +164,11 @@ def child_update(args) -> dict:
         times = []
         for i in range(1 + args.update_repeats):
             started = time.perf_counter()
-            for group in list(opt._all_groups):  # as DeepSpeed: one step() per group
-                full = opt.param_groups
+            full = opt.param_groups
+            for group in full:  # as DeepSpeed: one step() per group, param_groups narrowed to it
                 opt.param_groups = [group]
                 opt.step()
-                opt.param_groups = full
+            opt.param_groups = full
             if i:  # the first is a warm-up
                 times.append(time.perf_counter() - started)
         refresh = bf16_refresh_seconds(sum(numels), 2, profile)

@@ -1,4 +1,4 @@
-"""HybridAdam inside a real DeepSpeed ZeRO-1 engine with CPU offload (one rank, gloo): the same losses as
+"""HybridAdam inside a real DeepSpeed ZeRO-1 engine with CPU offload (one rank, gloo, bf16): the same losses as
 DeepSpeed with torch's fused AdamW, and a checkpoint of its state that loads back to an equal state.
 
 The engines run in a child process (DeepSpeed's process group and globals stay out of pytest's)."""
@@ -84,7 +84,9 @@ def _child(out: Path) -> None:
                 {"params": no_decay, "weight_decay": 0.0, "lr": 1e-2, "eps": 1e-6}]
 
     base = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-            "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1}
+            "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1,
+            # bf16 as the trainer runs: DeepSpeed casts the host fp32 master to bf16 right after each step()
+            "bf16": {"enabled": True}}
     config = merge_ds_config(base, ds_config_for("interleaved"))
     devices = []
 
@@ -119,7 +121,7 @@ def _child(out: Path) -> None:
             prefetch()  # HybridAdam: the first device subgroups come in during forward and backward
             for _ in range(2):
                 x, y = next(data)
-                loss = nn.functional.cross_entropy(eng(x), y)
+                loss = nn.functional.cross_entropy(eng(x).float(), y)
                 eng.backward(loss)
                 eng.step()
             losses.append(float(loss))
@@ -162,7 +164,8 @@ def _child(out: Path) -> None:
     loaded = eng.optimizer.optimizer
     before = {k: loaded.state[loaded.param_groups[0]["params"][0]][k] for k in ("exp_avg", "exp_avg_sq")}
     eng.load_checkpoint(str(out / "ckpt"), tag="t")
-    saved = torch.load(out / "ckpt" / "t" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    (optim_file,) = (out / "ckpt" / "t").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    saved = torch.load(optim_file, weights_only=False)
     saved_state = saved["optimizer_state_dict"]["base_optimizer_state"]["state"]
     loaded_flat = loaded.param_groups[0]["params"][0]
     results["loaded_state_equal"] = all(
