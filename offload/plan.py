@@ -113,8 +113,8 @@ def plan(params: int, profile: MachineProfile, dp: int = 1, tp: int = 1, pp: int
     else:
         mode = "does not fit"
     return PlanReport(params=params, tp=tp, pp=pp, dp=dp, weight_bytes=weight_bytes, profile=profile,
-                      device_memory_bytes=memory, usable_bytes=usable, activation_bytes=activation_bytes, device_bytes_no_offload=no_offload,
-                      device_bytes_offload=with_offload,
+                      device_memory_bytes=memory, usable_bytes=usable, activation_bytes=activation_bytes,
+                      device_bytes_no_offload=no_offload, device_bytes_offload=with_offload,
                       host_pinned_bytes_offload=(16 + weight_bytes) * shard, fits_without_offload=fits_without,
                       fits_with_offload=fits_with, mode=mode, decision=decision)
 

@@ -60,7 +60,8 @@ def test_pipeline_time_grows_with_work_and_shrinks_with_bandwidth_and_slots():
     # one subgroup through one slot: in, update, out
     n = 10_000_000
     assert device_pipeline_seconds([n], 1, PROFILE) == pytest.approx(
-        n * BYTES_IN / PROFILE.h2d_bytes_per_s + n / PROFILE.device_adam_params_per_s + n * 12 / PROFILE.d2h_bytes_per_s)
+        n * BYTES_IN / PROFILE.h2d_bytes_per_s + n / PROFILE.device_adam_params_per_s
+        + n * 12 / PROFILE.d2h_bytes_per_s)
 
 
 def test_ring_respects_the_memory_cap():
