@@ -57,6 +57,11 @@ def test_checkpoint_loads_to_equal_state_and_resumes_exactly(results):
     assert results["resumed"] == results["hybrid_mixed"][SAVE_AT:]
 
 
+def test_checkpoint_with_offload_resumes_without_it_and_the_reverse(results):
+    assert results["resumed_without_offload"] == results["hybrid_mixed"][SAVE_AT:]
+    assert results["resumed_with_offload_from_plain"] == results["hybrid_mixed"][SAVE_AT:]
+
+
 # --- the child process -------------------------------------------------------------------------------------
 def _child(out: Path) -> None:
     import logging
@@ -92,7 +97,7 @@ def _child(out: Path) -> None:
 
     def engine(kind: str):
         m = model()
-        if kind == "torch_adamw":
+        if kind in ("torch_adamw", "no_offload"):
             opt = torch.optim.AdamW(groups(m), betas=(0.9, 0.95), fused=True)
         else:
             device = SimulatedDevice(h2d_bytes_per_s=2e9, d2h_bytes_per_s=2e9, jitter=0.5)
@@ -105,7 +110,8 @@ def _child(out: Path) -> None:
                     return Placement.all_device(table, slots=2)
                 return Placement.fraction(table, 0.5, slots=2)
             opt = HybridAdam(groups(m), betas=(0.9, 0.95), device=device, subgroup_size=1000, planner=planner)
-        eng, _, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=config)
+        eng, _, _, _ = deepspeed.initialize(model=m, optimizer=opt,
+                                            config=base if kind == "no_offload" else config)
         return eng
 
     def batches():
@@ -176,6 +182,23 @@ def _child(out: Path) -> None:
     for _ in range(SAVE_AT * 2):
         next(data)
     results["resumed"] = train(eng, data, STEPS - SAVE_AT)
+
+    def rest_of_data():
+        data = batches()
+        for _ in range(SAVE_AT * 2):
+            next(data)
+        return data
+
+    # A checkpoint written with interleaved offload resumes without offload, and the reverse.
+    eng = engine("no_offload")
+    eng.load_checkpoint(str(out / "ckpt"), tag="t")
+    results["resumed_without_offload"] = train(eng, rest_of_data(), STEPS - SAVE_AT)
+    eng = engine("no_offload")
+    train(eng, batches(), SAVE_AT)
+    eng.save_checkpoint(str(out / "ckpt"), tag="plain")
+    eng = engine("hybrid_mixed")
+    eng.load_checkpoint(str(out / "ckpt"), tag="plain")
+    results["resumed_with_offload_from_plain"] = train(eng, rest_of_data(), STEPS - SAVE_AT)
     for device in devices:
         device.close()
     (out / "results.json").write_text(json.dumps(results))
