@@ -31,7 +31,7 @@ WATCH_BATCH = 1000
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[], None]):
+    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[str], None]):
         self.db = db
         self.users = users
         self.launcher = launcher
@@ -60,7 +60,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             self.db.create_job(new_job)
         except NameTaken:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
-        self.wake_reconciler()
+        self.wake_reconciler(spec.name)
         created = convert.timestamp(now)
         return job_pb2.Job(name=f"jobs/{spec.name}", uid=new_job.job["uid"], spec=spec_to_proto(spec),
                            state=job_pb2.JOB_STATE_QUEUED, state_reason="Created", owner=owner,
@@ -125,7 +125,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             except CancelRefused as exc:
                 context.abort(exc.grpc_code, str(exc))
             result = convert.job_to_proto(job)
-        self.wake_reconciler()
+        self.wake_reconciler(job.name)
         return result
 
     # -- WatchJob ----------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ LOG_LINES = 200
 
 
 def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher | None = None,
-               metrics: ServiceMetrics | None = None, wake_reconciler=lambda: None) -> Starlette:
+               metrics: ServiceMetrics | None = None, wake_reconciler=lambda name: None) -> Starlette:
     users = users or UserTokens(db)
     metrics = metrics or ServiceMetrics(db)
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
@@ -228,7 +228,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
                 request_cancel(session, job, principal)
             except CancelRefused as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.http_status)
-        wake_reconciler()
+        wake_reconciler(name)
         return JSONResponse({"cancel_requested": True})
 
     # -- service -----------------------------------------------------------------------------------------
