@@ -336,3 +336,56 @@ def test_a_failure_that_is_not_retryable_fails_the_job_at_once_with_budget_left(
     assert "registry.example/trainer:missing" in after.state_message and "not retried" in after.state_message
     assert after.restart_count == 0 and len(after.attempts) == 1
     assert launcher.stops[-1] == (1, 1)  # the rest of the gang is stopped all the same
+
+
+def test_a_cancel_signals_the_ranks_kills_them_after_the_grace_and_ends_the_job_once_they_are_gone(
+        db, launcher, reconciler):
+    add_job(db)
+    run_attempt(reconciler, db)
+    launcher.running.add(1)  # the ranks take their time to leave
+    with db.session() as session:
+        session.get(Job, "j").cancel_requested = True
+    assert reconciler.reconcile("j") == 0
+    assert launcher.stops == [(1, 10)]  # SIGTERM with the grace; the pass did not wait
+    stopping = job(db)
+    attempt = stopping.current_attempt
+    assert stopping.state == JobState.RUNNING and attempt.state == "RUNNING" and attempt.stopping
+    assert attempt.stop_outcome == "CANCELLED" and 9 < (attempt.stop_deadline - utcnow()).total_seconds() <= 10
+    assert "told to stop (10 s grace)" in events(db, "StoppingRanks")[0].message
+
+    assert 0 < reconciler.reconcile("j") <= SETTINGS.interval_seconds  # within the grace: look again later
+    assert launcher.stops == [(1, 10)]
+    with db.session() as session:  # the grace is over
+        session.get(Job, "j").current_attempt.stop_deadline = utcnow() - timedelta(seconds=1)
+    reconciler.reconcile("j")
+    assert launcher.stops == [(1, 10), (1, 0)]  # what is left is killed
+    assert job(db).state == JobState.RUNNING
+
+    launcher.running.clear()
+    reconciler.reconcile("j")
+    after = job(db)
+    assert after.state == JobState.CANCELLED and after.current_attempt.state == "CANCELLED"
+    assert after.current_attempt.end_reason == "cancelled by user"
+
+
+def test_a_restart_waits_for_the_old_gang_to_be_gone_and_its_ranks_stay_taken_meanwhile(db, launcher, reconciler):
+    launcher.max_ranks = 8
+    add_job(db, restart_policy={"max_preemptions": 1})
+    run_attempt(reconciler, db)
+    launcher.running.add(1)
+    launcher.status_of[1] = AttemptStatus(Phase.FAILED, "Preempted", "rank 0 was preempted (exit code 4)")
+    reconciler.reconcile("j")
+    assert job(db).state == JobState.RESTARTING and job(db).preemption_count == 1
+    for _ in range(3):
+        reconciler.reconcile("j")
+    assert len(job(db).attempts) == 1, "a new attempt started while the old ranks ran"
+
+    add_job(db, "other")
+    reconciler.reconcile("other")
+    assert job(db, "other").state_reason == "WaitingForRanks"
+    assert job(db, "other").state_message.startswith("0 of 8 ranks available")
+
+    launcher.running.clear()
+    del launcher.status_of[1]
+    after = run_attempt(reconciler, db)
+    assert [a.state for a in after.attempts] == ["FAILED", "RUNNING"]
