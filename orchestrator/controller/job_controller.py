@@ -23,25 +23,39 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import lazyload
+from sqlalchemy import bindparam, func, select
 
 from contract.spec import JobSpec, parse_spec
 from orchestrator.auth import job_token
 from orchestrator.controller.failure_policy import HUNG, decide, hang_message
 from orchestrator.controller.runtime import ControllerRuntime, Requeue
+from orchestrator.controller.waiting_writer import WAITING_FOR_RANKS, WaitingNote, WaitingWriter
 from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase
 from orchestrator.lifecycle import record_event, transition
 from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout
-from orchestrator.store import Attempt, AttemptState, Database, Event, Job, JobState, RankStatus, utcnow
+from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, RankStatus, utcnow
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.LAUNCHING, JobState.RUNNING, JobState.RESTARTING)
-WAITING_FOR_RANKS = "WaitingForRanks"
 SPECS_CACHED = 4096  # parsed specs kept, by job uid (a spec never changes)
+
+# What a pass reads of a job and of its current attempt: plain columns, not ORM objects, in statements built
+# once (a pass over a waiting job is the hot path when thousands wait).
+_JOBS, _ATTEMPTS = Job.__table__, Attempt.__table__
+_READ_JOB = select(*(_JOBS.c[c] for c in ("name", "uid", "spec", "state", "state_reason", "state_message",
+                                          "cancel_requested", "next_attempt_time", "total_steps"))) \
+    .where(_JOBS.c.name == bindparam("name"))
+_READ_CURRENT_ATTEMPT = select(*(_ATTEMPTS.c[c] for c in (
+    "number", "state", "tp", "pp", "dp", "world_size", "start_step", "launch_info", "create_time", "start_time",
+    "stop_deadline", "stop_outcome"))).where(_ATTEMPTS.c.job_name == bindparam("name")) \
+    .order_by(_ATTEMPTS.c.number.desc()).limit(1)
+# Ranks held by other jobs' attempts that have not ended (an attempt ends only once its ranks are gone).
+_RANKS_HELD_BY_OTHERS = select(func.coalesce(func.sum(_ATTEMPTS.c.world_size), 0)).where(
+    _ATTEMPTS.c.job_name != bindparam("name"),
+    _ATTEMPTS.c.state.in_([AttemptState.PENDING.value, AttemptState.RUNNING.value]))
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,44 @@ class ReconcilerSettings:
     hang_start_end_grace_seconds: float = 60.0
 
 
+@dataclass(frozen=True)
+class AttemptView:
+    number: int
+    state: str
+    tp: int
+    pp: int
+    dp: int
+    world_size: int
+    start_step: int
+    launch_info: dict
+    create_time: datetime
+    start_time: datetime | None
+    stop_deadline: datetime | None
+    stop_outcome: str | None
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_deadline is not None and not AttemptState(self.state).terminal
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    uid: str
+    spec: dict
+    state: str
+    state_reason: str
+    state_message: str
+    cancel_requested: bool
+    next_attempt_time: datetime | None
+    total_steps: int
+    attempt: AttemptView | None  # the current (newest) attempt; attempts are numbered from 1
+
+    @property
+    def attempts(self) -> int:
+        return self.attempt.number if self.attempt else 0
+
+
 class JobController:
     def __init__(self, db: Database, launcher: Launcher, credential_key: bytes, server_address: str,
                  settings: ReconcilerSettings = ReconcilerSettings(), workers: int = 4):
@@ -75,6 +127,7 @@ class JobController:
         self.settings = settings
         self.runtime = ControllerRuntime("jobs", self.reconcile, self.unfinished_jobs, workers,
                                          settings.resync_seconds)
+        self.waiting_writer = WaitingWriter(db)
         # The launcher's capacity is shared by every job: planning and recording an attempt is one critical
         # section, or two workers would hand out the same free ranks.
         self._admission = threading.Lock()
@@ -88,10 +141,12 @@ class JobController:
 
     def start(self) -> None:
         self.launcher.subscribe(self.runtime.notify)
+        self.waiting_writer.start()
         self.runtime.start()
 
     def stop(self) -> None:
         self.runtime.stop()
+        self.waiting_writer.close()
 
     def wake(self, job_name: str | None = None) -> None:
         """A user changed a job (created, cancelled): look at it now. Without a name, look at every job."""
@@ -118,11 +173,10 @@ class JobController:
 
     def reconcile(self, name: str) -> Requeue:
         """One pass over one job; returns when to look again (see runtime.Requeue)."""
-        with self.db.read() as session:
-            job = session.scalar(select(Job).where(Job.name == name).options(lazyload(Job.labels)))
+        job = self._read(name)
         if job is None:
             return None
-        attempt = job.current_attempt
+        attempt = job.attempt
         if attempt is not None and attempt.stopping:
             return self._finish_stop(job, attempt)
         state = JobState(job.state)
@@ -139,9 +193,17 @@ class JobController:
             return self._launch(job, attempt)
         return self._observe(job, attempt)
 
+    def _read(self, name: str) -> JobView | None:
+        with self.db.read_connection() as conn:
+            row = conn.execute(_READ_JOB, {"name": name}).one_or_none()
+            if row is None:
+                return None
+            attempt = conn.execute(_READ_CURRENT_ATTEMPT, {"name": name}).one_or_none()
+        return JobView(**row._asdict(), attempt=AttemptView(**attempt._asdict()) if attempt else None)
+
     # -- starting an attempt -----------------------------------------------------------------------------
 
-    def _admit(self, job: Job) -> Requeue:
+    def _admit(self, job: JobView) -> Requeue:
         """Plans and records a new attempt (the launch follows in the next pass, so a crash in between is
         safe). With too few ranks for any valid layout, records why the job waits."""
         spec = self._spec(job)
@@ -157,11 +219,10 @@ class JobController:
             self._wait_for_ranks(job, waiting)
         return None  # planned again when ranks are freed, or at the resync
 
-    def _record_attempt(self, job: Job, spec: JobSpec, plan: LayoutPlan) -> Requeue:
+    def _record_attempt(self, job: JobView, spec: JobSpec, plan: LayoutPlan) -> Requeue:
         with self.db.session() as session:
             current = session.get(Job, job.name)
-            if (current.state, current.cancel_requested, len(current.attempts)) != (
-                    job.state, False, len(job.attempts)):
+            if (current.state, current.cancel_requested, len(current.attempts)) != (job.state, False, job.attempts):
                 return 0  # changed while we looked: look again
             number = len(current.attempts) + 1
             start_step = current.checkpoint_step  # the trainer resumes from the newest valid one it finds
@@ -182,25 +243,15 @@ class JobController:
         return 0  # launch it now
 
     def _ranks_held_by_other_jobs(self, name: str) -> int:
-        """Ranks of other jobs' attempts that have not ended: an attempt ends only once its ranks are gone."""
-        with self.db.read() as session:
-            held = session.scalar(select(func.coalesce(func.sum(Attempt.world_size), 0)).where(
-                Attempt.job_name != name, Attempt.state.in_([AttemptState.PENDING, AttemptState.RUNNING])))
-        return int(held)
+        with self.db.read_connection() as conn:
+            return int(conn.execute(_RANKS_HELD_BY_OTHERS, {"name": name}).scalar())
 
-    def _wait_for_ranks(self, job: Job, reason: str) -> None:
+    def _wait_for_ranks(self, job: JobView, reason: str) -> None:
         """The job stays where it is (QUEUED or RESTARTING) and says why; later passes plan it again."""
-        now = utcnow()
-        last = job.current_attempt
-        with self.db.session() as session:
-            changed = session.execute(
-                update(Job).where(Job.name == job.name, Job.state == job.state, Job.cancel_requested.is_(False))
-                .values(state_reason=WAITING_FOR_RANKS, state_message=reason, update_time=now)).rowcount
-            if changed:
-                session.add(Event(job_name=job.name, attempt=last.number if last else None, type="Waiting",
-                                  reason=WAITING_FOR_RANKS, message=reason, create_time=now))
+        self.waiting_writer.note(WaitingNote(job.name, job.state, job.attempt.number if job.attempt else None,
+                                             reason, utcnow()))
 
-    def _launch(self, job: Job, attempt: Attempt) -> Requeue:
+    def _launch(self, job: JobView, attempt: AttemptView) -> Requeue:
         ref = AttemptRef(job.name, attempt.number, {})
         request = LaunchRequest(
             job=job.name, job_uid=job.uid, attempt=attempt.number,
@@ -225,7 +276,7 @@ class JobController:
 
     # -- watching an attempt -----------------------------------------------------------------------------
 
-    def _observe(self, job: Job, attempt: Attempt) -> Requeue:
+    def _observe(self, job: JobView, attempt: AttemptView) -> Requeue:
         ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
         status = self.launcher.status(ref)
         state = JobState(job.state)
@@ -266,7 +317,7 @@ class JobController:
             return None
         return self.settings.interval_seconds
 
-    def _hang(self, job: Job, attempt: Attempt) -> str:
+    def _hang(self, job: JobView, attempt: AttemptView) -> str:
         """A running attempt with a rank silent for the job's hang timeout is hung: names the silent ranks."""
         timeout = self._spec(job).restart_policy.hang_timeout_seconds
         if time.monotonic() - self.started_at < timeout:
@@ -280,7 +331,7 @@ class JobController:
 
     # -- stopping an attempt -----------------------------------------------------------------------------
 
-    def _cancel(self, job: Job, attempt: Attempt | None) -> Requeue:
+    def _cancel(self, job: JobView, attempt: AttemptView | None) -> Requeue:
         if attempt is None or AttemptState(attempt.state).terminal:
             with self.db.session() as session:
                 current = session.get(Job, job.name)
@@ -299,7 +350,7 @@ class JobController:
         self.launcher.stop(ref, grace)
         return 0  # see whether they are gone
 
-    def _fail(self, job: Job, attempt: Attempt, ref: AttemptRef, reason: str, message: str, grace: float,
+    def _fail(self, job: JobView, attempt: AttemptView, ref: AttemptRef, reason: str, message: str, grace: float,
               retryable: bool = True) -> Requeue:
         """Records the failure's decision (a restart, or the job fails once its ranks are gone) and starts
         stopping the gang. The decision is durable before any rank is signalled: a hung gang, once killed,
@@ -324,7 +375,7 @@ class JobController:
         self.launcher.stop(ref, grace)
         return 0  # see whether they are gone
 
-    def _finish_stop(self, job: Job, attempt: Attempt) -> Requeue:
+    def _finish_stop(self, job: JobView, attempt: AttemptView) -> Requeue:
         """Ends a stopping attempt once its ranks are gone; kills what is left after the grace."""
         ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
         if not self.launcher.ranks_gone(ref):
@@ -353,7 +404,7 @@ class JobController:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    def _spec(self, job: Job) -> JobSpec:
+    def _spec(self, job: JobView) -> JobSpec:
         """The job's parsed spec (validated when the job was created; parsed once per job here)."""
         with self._specs_lock:
             spec = self._specs.get(job.uid)
