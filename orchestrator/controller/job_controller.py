@@ -45,16 +45,20 @@ SPECS_CACHED = 4096  # parsed specs kept, by job uid (a spec never changes)
 # What a pass reads of a job and of its current attempt: plain columns, not ORM objects, in statements built
 # once (a pass over a waiting job is the hot path when thousands wait).
 _JOBS, _ATTEMPTS = Job.__table__, Attempt.__table__
-_READ_JOB = select(*(_JOBS.c[c] for c in ("name", "uid", "spec", "state", "state_reason", "state_message",
-                                          "cancel_requested", "next_attempt_time", "total_steps"))) \
+_JOB_FIELDS = ("name", "uid", "spec", "state", "state_reason", "state_message", "cancel_requested",
+               "next_attempt_time", "total_steps")
+_ATTEMPT_FIELDS = ("number", "state", "tp", "pp", "dp", "world_size", "start_step", "launch_info", "create_time",
+                   "start_time", "stop_deadline", "stop_outcome")
+_NEWER = _ATTEMPTS.alias("newer")
+# One statement, one round trip: the job's row and its newest attempt's (NULLs when it has none).
+_READ_JOB = select(*(_JOBS.c[f] for f in _JOB_FIELDS),
+                   *(_ATTEMPTS.c[f].label(f"attempt_{f}") for f in _ATTEMPT_FIELDS)) \
+    .select_from(_JOBS.outerjoin(_ATTEMPTS, (_ATTEMPTS.c.job_name == _JOBS.c.name) & (
+        _ATTEMPTS.c.number == select(func.max(_NEWER.c.number)).where(_NEWER.c.job_name == _JOBS.c.name)
+        .correlate(_JOBS).scalar_subquery()))) \
     .where(_JOBS.c.name == bindparam("name"))
-_READ_CURRENT_ATTEMPT = select(*(_ATTEMPTS.c[c] for c in (
-    "number", "state", "tp", "pp", "dp", "world_size", "start_step", "launch_info", "create_time", "start_time",
-    "stop_deadline", "stop_outcome"))).where(_ATTEMPTS.c.job_name == bindparam("name")) \
-    .order_by(_ATTEMPTS.c.number.desc()).limit(1)
-# Ranks held by other jobs' attempts that have not ended (an attempt ends only once its ranks are gone).
-_RANKS_HELD_BY_OTHERS = select(func.coalesce(func.sum(_ATTEMPTS.c.world_size), 0)).where(
-    _ATTEMPTS.c.job_name != bindparam("name"),
+# Ranks held by attempts that have not ended (an attempt ends only once its ranks are gone).
+_RANKS_HELD = select(func.coalesce(func.sum(_ATTEMPTS.c.world_size), 0)).where(
     _ATTEMPTS.c.state.in_([AttemptState.PENDING.value, AttemptState.RUNNING.value]))
 
 
@@ -131,6 +135,10 @@ class JobController:
         # The launcher's capacity is shared by every job: planning and recording an attempt is one critical
         # section, or two workers would hand out the same free ranks.
         self._admission = threading.Lock()
+        # The ranks held by unfinished attempts, as last read (None: read it again). Only this controller
+        # changes that sum, always under the admission lock: a new attempt adds to it; an attempt that ended
+        # (after its commit) voids it. So it can be too high for a moment, never too low.
+        self._held: int | None = None
         self._specs: OrderedDict[str, JobSpec] = OrderedDict()
         self._specs_lock = threading.Lock()
         # Heartbeats cannot arrive while no control plane runs, so hangs are judged only once this one has
@@ -161,14 +169,6 @@ class JobController:
             return list(session.scalars(select(Job.name).where(Job.state.in_(ACTIVE_STATES))
                                         .order_by(Job.create_time, Job.name)))
 
-    def _wake_waiting(self) -> None:
-        """Ranks were freed: the jobs waiting for them are planned again, oldest first."""
-        with self.db.read() as session:
-            waiting = session.scalars(select(Job.name).where(
-                Job.state.in_((JobState.QUEUED, JobState.RESTARTING)), Job.state_reason == WAITING_FOR_RANKS)
-                .order_by(Job.create_time, Job.name)).all()
-        self.runtime.queue.add_all(waiting)
-
     # -- one pass ----------------------------------------------------------------------------------------
 
     def reconcile(self, name: str) -> Requeue:
@@ -196,10 +196,12 @@ class JobController:
     def _read(self, name: str) -> JobView | None:
         with self.db.read_connection() as conn:
             row = conn.execute(_READ_JOB, {"name": name}).one_or_none()
-            if row is None:
-                return None
-            attempt = conn.execute(_READ_CURRENT_ATTEMPT, {"name": name}).one_or_none()
-        return JobView(**row._asdict(), attempt=AttemptView(**attempt._asdict()) if attempt else None)
+        if row is None:
+            return None
+        attempt = None
+        if row.attempt_number is not None:
+            attempt = AttemptView(**{f: getattr(row, f"attempt_{f}") for f in _ATTEMPT_FIELDS})
+        return JobView(**{f: getattr(row, f) for f in _JOB_FIELDS}, attempt=attempt)
 
     # -- starting an attempt -----------------------------------------------------------------------------
 
@@ -210,7 +212,8 @@ class JobController:
         with self._admission:
             available = self.launcher.capacity()  # outside any transaction: a launcher may ask a cluster
             if available is not None:
-                available = max(0, available - self._ranks_held_by_other_jobs(job.name))
+                # A job being admitted holds no ranks itself (its previous attempt, if any, has ended).
+                available = max(0, available - self._ranks_held())
             try:
                 return self._record_attempt(job, spec, plan_layout(spec, available))
             except NoLayout as exc:
@@ -240,11 +243,25 @@ class JobController:
             transition(session, current, JobState.LAUNCHING, "AttemptCreated", message, attempt=number)
             if reshaped:
                 record_event(session, current, "Planned", "Reshaped", plan.reason, attempt=number)
+        if self._held is not None:
+            self._held += plan.world_size
         return 0  # launch it now
 
-    def _ranks_held_by_other_jobs(self, name: str) -> int:
-        with self.db.read_connection() as conn:
-            return int(conn.execute(_RANKS_HELD_BY_OTHERS, {"name": name}).scalar())
+    def _ranks_held(self) -> int:  # admission lock held
+        if self._held is None:
+            with self.db.read_connection() as conn:
+                self._held = int(conn.execute(_RANKS_HELD).scalar())
+        return self._held
+
+    def _ranks_freed(self) -> None:
+        """An attempt ended (its ranks are gone): the jobs waiting for ranks are planned again, oldest first."""
+        with self._admission:
+            self._held = None
+        with self.db.read() as session:
+            waiting = session.scalars(select(Job.name).where(
+                Job.state.in_((JobState.QUEUED, JobState.RESTARTING)), Job.state_reason == WAITING_FOR_RANKS)
+                .order_by(Job.create_time, Job.name)).all()
+        self.runtime.queue.add_all(waiting)
 
     def _wait_for_ranks(self, job: JobView, reason: str) -> None:
         """The job stays where it is (QUEUED or RESTARTING) and says why; later passes plan it again."""
@@ -313,7 +330,7 @@ class JobController:
                            attempt=row.number)
                 freed = True
         if freed:
-            self._wake_waiting()
+            self._ranks_freed()
             return None
         return self.settings.interval_seconds
 
@@ -399,7 +416,7 @@ class JobController:
                 transition(session, current, JobState.FAILED, current.state_reason, current.state_message,
                            attempt=row.number)
             # RESTARTING: the next attempt starts when its backoff ends, now that no rank of this one runs.
-        self._wake_waiting()
+        self._ranks_freed()
         return 0
 
     # -- helpers -----------------------------------------------------------------------------------------
