@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # What a reconcile function returns: seconds until it wants to look at the key again (0: as soon as a worker
 # is free, after the keys already queued), or None: only when notified or at the next resync.
 Requeue = float | None
+# A pass that raised (a database hiccup, a launcher error) is retried after this long, not spun on.
+RETRY_AFTER_ERROR_SECONDS = 5.0
 
 
 class WorkQueue:
@@ -146,7 +148,7 @@ class ControllerRuntime:
                 again = self._reconcile(key)
             except Exception:
                 log.exception("%s: reconciling %s failed", self.name, key)
-                again = self._resync_seconds  # an error (a database hiccup) is retried, not spun on
+                again = RETRY_AFTER_ERROR_SECONDS
             finally:
                 self.queue.done(key)
             if again is not None and not self._stopping.is_set():
