@@ -58,7 +58,7 @@ import grpc  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from orchestrator.config import token_file  # noqa: E402
-from orchestrator.reconciler import ReconcilerSettings  # noqa: E402
+from orchestrator.controller import ReconcilerSettings  # noqa: E402
 from orchestrator.server import ControlPlane, ServerSettings  # noqa: E402
 from contract.spec import parse_spec, spec_to_proto  # noqa: E402
 from orchestrator.store import Event, Metric  # noqa: E402

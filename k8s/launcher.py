@@ -56,8 +56,6 @@ class KubernetesSettings:
     # The most ranks to start at once (None: the cluster schedules; a Job waits for room).
     max_ranks: int | None = None
     unschedulable_timeout_seconds: float = 300.0
-    # How long stop() waits for the pods to be gone beyond the grace it gives them.
-    stop_wait_slack_seconds: float = 5.0
     # A watch is re-opened (from the last version it saw) this often.
     watch_seconds: int = 60
 
@@ -110,9 +108,8 @@ class KubernetesLauncher:
         self._stopped_attempts: set[tuple[str, int]] = set()  # deletions of ours are not preemptions
         self._open_watches: dict[str, Any] = {}  # kind -> its streaming response, closed by close()
         self._watches_lock = threading.Lock()
-        # Called when a pod ends or disappears (the control plane wakes its reconciler), so a failure is acted on
-        # at once rather than at the next tick.
-        self.on_rank_exit: Callable[[], None] | None = None
+        # Told the job's name when one of its pods ends or disappears (see `subscribe`).
+        self._notify: Callable[[str], None] | None = None
         self._threads = [threading.Thread(target=self._watch_loop, args=(kind,), name=f"k8s-watch-{kind}",
                                           daemon=True) for kind in ("pods", "jobs")]
         for thread in self._threads:
@@ -130,6 +127,9 @@ class KubernetesLauncher:
             thread.join(timeout=5)
 
     # -- Launcher protocol -------------------------------------------------------------------------------
+
+    def subscribe(self, notify: Callable[[str], None]) -> None:
+        self._notify = notify
 
     def capacity(self) -> int | None:
         return self.settings.max_ranks
@@ -190,9 +190,9 @@ class KubernetesLauncher:
             return AttemptStatus(Phase.RUNNING)
         return AttemptStatus(Phase.PENDING)
 
-    def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
+    def stop(self, ref: AttemptRef, grace_seconds: float) -> None:
         """Deletes the attempt's Job (its Service, Secret and pods go with it); each pod gets SIGTERM and
-        `grace_seconds` (0: killed at once), and this waits for them to be gone."""
+        `grace_seconds` from its kubelet (0: killed at once). Returns without waiting for the pods."""
         name = ref.launch_info.get("name") or manifests.object_name(ref.job, ref.attempt)
         self._stopped_attempts.add((ref.job, ref.attempt))
         grace = max(0, int(grace_seconds))
@@ -203,20 +203,18 @@ class KubernetesLauncher:
             if exc.status != 404:
                 raise
         # The garbage collector would give pods their own grace: delete them with the one asked for.
-        pods = self._list("pods", manifests.selector(ref.job, ref.attempt))["items"]
-        for pod in pods:
+        for pod in self._list("pods", manifests.selector(ref.job, ref.attempt))["items"]:
             try:
                 self._call(self.core.delete_namespaced_pod, pod["metadata"]["name"], self.namespace,
                            grace_period_seconds=grace)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
-        deadline = time.monotonic() + grace + self.settings.stop_wait_slack_seconds
-        while pods and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pods = self._list("pods", manifests.selector(ref.job, ref.attempt))["items"]
-        if pods:
-            log.warning("pods of %s attempt %d still terminating after %.0f s", ref.job, ref.attempt, grace)
+
+    def ranks_gone(self, ref: AttemptRef) -> bool:
+        """Asks the API server, not the cache: a pod still terminating (or one the cache has not seen go)
+        still runs ranks."""
+        return not self._list("pods", manifests.selector(ref.job, ref.attempt))["items"]
 
     def logs(self, ref: AttemptRef, rank: int, follow: bool,
              attempt_ended: Callable[[], bool]) -> Iterator[str]:
@@ -367,8 +365,8 @@ class KubernetesLauncher:
         if kind == "pods" and event_type != "DELETED":
             self._on_pod(obj)
         ended = event_type == "DELETED" or obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
-        if kind == "pods" and ended and self.on_rank_exit is not None:
-            self.on_rank_exit()
+        if kind == "pods" and ended and self._notify is not None:
+            self._notify(_attempt_of(obj)[0])
 
     def _on_pod(self, pod: dict[str, Any]) -> None:
         """Notes the attempt's first failure, and labels the pod with its (first) rank (for `kubectl -l`)."""

@@ -1,5 +1,5 @@
 """The control plane process: gRPC API (with health and reflection), the status page over HTTP, and the
-reconciler, all over one database."""
+job controller, all over one database."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from orchestrator import config
 from orchestrator.api.job_service import JobService
 from orchestrator.api.trainer_service import TrainerService
 from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
+from orchestrator.controller import JobController, ReconcilerSettings
 from orchestrator.dashboard import ServiceMetrics, create_app
 from orchestrator.launcher import Launcher
 from orchestrator.launcher.registry import create_launcher
-from orchestrator.reconciler import Reconciler, ReconcilerSettings
 from orchestrator.store import Database, migrate
 from roundhouse.v1 import job_service_pb2, job_service_pb2_grpc, trainer_service_pb2, trainer_service_pb2_grpc
 
@@ -57,7 +57,7 @@ class ServerSettings:
     data_roots: tuple[Path, ...] = ()
     # Lets a spec's env set the trainer's test hooks (RH_TEST_*, RH_FAULT_*): for tests only.
     allow_test_hooks: bool = False
-    # Workers of the controller's work queue.
+    # Threads of the job controller: jobs are reconciled in parallel, each by one worker at a time.
     controller_workers: int = 4
 
 
@@ -69,7 +69,7 @@ class ControlPlane:
         self.grpc_server: grpc.Server | None = None
         self.grpc_port = 0
         self.http_port = 0
-        self.reconciler: Reconciler | None = None
+        self.job_controller: JobController | None = None
         self.launcher: Launcher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -97,11 +97,11 @@ class ControlPlane:
         self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")
-        self.reconciler = Reconciler(self.db, launcher, credential_key,
-                                     self.settings.advertise_address or self.grpc_address, self.settings.reconciler)
-        launcher.on_rank_exit = self.reconciler.wake
+        self.job_controller = JobController(self.db, launcher, credential_key,
+                                        self.settings.advertise_address or self.grpc_address,
+                                        self.settings.reconciler, workers=self.settings.controller_workers)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, users, launcher, self.reconciler.wake), server)
+            JobService(self.db, users, launcher, self.job_controller.wake), server)
         trainer_service = TrainerService(self.db, credential_key,
                                          on_checkpoint_commit=self.metrics.checkpoint_committed)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
@@ -115,12 +115,12 @@ class ControlPlane:
 
         self._start_http()
         if self.settings.reconcile:
-            self.reconciler.start()
+            self.job_controller.start()
         for name in ("", *services):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def _start_http(self) -> None:
-        app = create_app(self.db, self.users, self.launcher, self.metrics, self.reconciler.wake)
+        app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake)
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
                                                    log_level="warning", lifespan="off"))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
@@ -133,8 +133,8 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Stops serving. Running jobs keep running: a control plane started later adopts them."""
-        if self.reconciler:
-            self.reconciler.stop()
+        if self.job_controller:
+            self.job_controller.stop()
         if self.launcher:
             self.launcher.close()
         if self.grpc_server:

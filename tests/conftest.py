@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from orchestrator.config import token_file
-from orchestrator.reconciler import ReconcilerSettings
+from orchestrator.controller import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
 from roundhouse.v1 import job_service_pb2_grpc
 from tests.support.processes import become_subreaper, descendants, kill_all

@@ -111,6 +111,10 @@ class FakeKubelet:
     def _remove(self, name: str) -> None:
         container = self.containers.pop(name, None)
         if container is not None:
+            # A kubelet removes a pod only once its container's cgroup is empty: what the main process left
+            # running in its group goes first.
+            _signal(container.process, signal.SIGKILL)
+            _wait_group_gone(container.process.pid)
             container.log.close()
         try:
             self.kube.delete("pods", self.namespace, name, grace=0)
@@ -192,6 +196,23 @@ def _container_status(pod: dict[str, Any], state: dict[str, Any]) -> dict[str, A
 def _expand(arg: str, env: dict[str, str]) -> str:
     """$(VAR) in a command or its args becomes the container's VAR, as the kubelet does."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
+    """Until no live (non-zombie) process is left in the process group."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_in_group(entry, pgid) for entry in Path("/proc").iterdir()):
+        time.sleep(0.01)
+
+
+def _in_group(entry: Path, pgid: int) -> bool:
+    if not entry.name.isdigit():
+        return False
+    try:
+        state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+    except (OSError, ValueError):
+        return False
+    return state != "Z" and int(group) == pgid
 
 
 def _signal(process: subprocess.Popen, sig: int) -> None:

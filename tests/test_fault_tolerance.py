@@ -23,7 +23,7 @@ from sqlalchemy import select
 from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
-from orchestrator.reconciler import ReconcilerSettings
+from orchestrator.controller import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
 from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import Checkpoint

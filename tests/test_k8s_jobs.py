@@ -24,7 +24,7 @@ from k8s.manifests import PodSettings
 from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
 from orchestrator.process import wait_healthy
-from orchestrator.reconciler import ReconcilerSettings
+from orchestrator.controller import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
 from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js

@@ -53,7 +53,7 @@ def make_launcher(kube: FakeKube, **settings) -> KubernetesLauncher:
     configuration = client.Configuration()
     configuration.host = kube.url
     defaults = {"pods": PodSettings(namespace=NS, image="registry.example/trainer:1", volume_claim="shared"),
-                "unschedulable_timeout_seconds": 30.0, "stop_wait_slack_seconds": 1.0}
+                "unschedulable_timeout_seconds": 30.0}
     return KubernetesLauncher(client.ApiClient(configuration), KubernetesSettings(**{**defaults, **settings}))
 
 

@@ -63,6 +63,12 @@ def wait_until(predicate, timeout: float = 20.0):
     raise AssertionError("timed out")
 
 
+def stop(launcher: LocalLauncher, ref: AttemptRef, grace_seconds: float) -> None:
+    """Stops the gang and waits until it is gone (the launcher's stop only signals)."""
+    launcher.stop(ref, grace_seconds)
+    wait_until(lambda: launcher.ranks_gone(ref), timeout=grace_seconds + 20)
+
+
 def launch_and_wait_ready(launcher: LocalLauncher, req: LaunchRequest) -> AttemptRef:
     ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
     run = launcher.attempt_dir(req.job, req.attempt)
@@ -80,7 +86,7 @@ def test_sigterm_to_the_group_is_recorded_as_preempted(launcher):
     assert [(run / f"rank-{r}.exit").read_text().strip() for r in range(2)] == ["4", "4"]
     assert status.phase is Phase.FAILED and status.reason == "Preempted"
     assert "was preempted (exit code 4)" in status.message
-    launcher.stop(ref, 1)
+    stop(launcher, ref, 1)
 
 
 def test_a_crash_before_the_others_are_stopped_stays_a_crash(launcher):
@@ -89,24 +95,24 @@ def test_a_crash_before_the_others_are_stopped_stays_a_crash(launcher):
     run = Path(ref.launch_info["dir"])
     wait_until(lambda: (run / "rank-1.exit").exists() and (run / "ready-0").exists())
     time.sleep(0.05)  # the exit files' times order the failures
-    launcher.stop(ref, 5)  # rank 0 gets SIGTERM and exits 4, after rank 1 crashed
+    stop(launcher, ref, 5)  # rank 0 gets SIGTERM and exits 4, after rank 1 crashed
     assert (run / "rank-0.exit").read_text().strip() == "4"
     status = launcher.status(ref)
     assert status.phase is Phase.FAILED and status.reason == "RankFailed"
     assert status.message.startswith("rank 1 exited with code 17")
 
 
-def test_a_rank_that_exits_calls_on_rank_exit_at_once(launcher):
+def test_a_rank_that_exits_notifies_its_job_at_once(launcher):
     exits = []
-    launcher.on_rank_exit = lambda: exits.append(time.monotonic())
+    launcher.subscribe(lambda job: exits.append(job))
     req = request(env={"RH_CHILD_CRASH_RANK": "1"})
     ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
     run = Path(ref.launch_info["dir"])
     wait_until(lambda: exits)  # rank 1 crashed: the control plane is told without polling
     assert (run / "rank-1.exit").read_text().strip() == "17"
     assert launcher.status(ref).reason == "RankFailed"
-    launcher.stop(ref, 0)
-    wait_until(lambda: len(exits) == 2)  # and rank 0, killed
+    stop(launcher, ref, 0)
+    wait_until(lambda: exits == ["j", "j"])  # and rank 0, killed
 
 
 def test_ranks_run_the_spec_at_the_attempts_layout_with_the_jobs_checkpoint_dir(launcher, tmp_path):
@@ -120,20 +126,20 @@ def test_ranks_run_the_spec_at_the_attempts_layout_with_the_jobs_checkpoint_dir(
     checkpoints = tmp_path / "runs" / "j" / "checkpoints"
     assert env["WORLD_SIZE"] == "2" and env["ROUNDHOUSE_START_STEP"] == "7"
     assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == str(checkpoints) and checkpoints.is_dir()
-    launcher.stop(ref, 5)
+    stop(launcher, ref, 5)
 
 
 def test_the_specs_checkpoint_directory_wins(launcher, tmp_path):
     ref = launch_and_wait_ready(launcher, request(checkpoint={"directory": str(tmp_path / "shared")}))
     env = json.loads((Path(ref.launch_info["dir"]) / "env-0.json").read_text())
     assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == str(tmp_path / "shared") and (tmp_path / "shared").is_dir()
-    launcher.stop(ref, 5)
+    stop(launcher, ref, 5)
 
 
 def test_stop_without_grace_kills_at_once_without_sigterm(launcher):
     ref = launch_and_wait_ready(launcher, request())
     started = time.monotonic()
-    launcher.stop(ref, 0)
+    stop(launcher, ref, 0)
     assert time.monotonic() - started < 5
     run = Path(ref.launch_info["dir"])
     assert not list(run.glob("term-*")), "a rank got SIGTERM"

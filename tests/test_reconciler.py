@@ -1,5 +1,6 @@
-"""The reconciler over a fake launcher (no processes) on both databases: layouts fitted to the ranks
-available, waiting for ranks, separate restart budgets for crashes, preemptions and hangs, hang detection."""
+"""The job controller's passes over a fake launcher (no processes) on both databases: layouts fitted to the
+ranks available, waiting for ranks, separate restart budgets for crashes, preemptions and hangs, hang
+detection, stops as a durable phase. The tests call `reconcile` themselves (no worker threads)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phase
-from orchestrator.reconciler import Reconciler, ReconcilerSettings
+from orchestrator.controller import JobController, ReconcilerSettings
 from contract.spec import parse_spec
-from orchestrator.store import Database, Event, Job, JobState, RankStatus, migrate, utcnow
+from orchestrator.store import AttemptState, Database, Event, Job, JobState, RankStatus, migrate, utcnow
 
 RUNNING = AttemptStatus(Phase.RUNNING)
 SETTINGS = ReconcilerSettings(restart_backoff_seconds=0, stop_grace_seconds=10, failed_stop_grace_seconds=1,
@@ -28,6 +29,10 @@ class FakeLauncher:
         self.launched: list[LaunchRequest] = []
         self.status_of: dict[int, AttemptStatus] = {}  # by attempt number
         self.stops: list[tuple[int, float]] = []  # (attempt, grace)
+        self.running: set[int] = set()  # attempts whose ranks still run after a stop (none unless a test says)
+
+    def subscribe(self, notify) -> None:
+        pass
 
     def capacity(self) -> int | None:
         return self.max_ranks
@@ -40,8 +45,11 @@ class FakeLauncher:
     def status(self, ref: AttemptRef) -> AttemptStatus:
         return self.status_of.get(ref.attempt, AttemptStatus(Phase.PENDING))
 
-    def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
+    def stop(self, ref: AttemptRef, grace_seconds: float) -> None:
         self.stops.append((ref.attempt, grace_seconds))
+
+    def ranks_gone(self, ref: AttemptRef) -> bool:
+        return ref.attempt not in self.running
 
     def logs(self, ref, rank, follow, attempt_ended):
         return iter(())
@@ -61,8 +69,8 @@ def launcher() -> FakeLauncher:
 
 
 @pytest.fixture
-def reconciler(db, launcher) -> Reconciler:
-    return Reconciler(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+def reconciler(db, launcher) -> JobController:
+    return JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
 
 
 def add_job(db: Database, name: str = "j", **sections) -> None:
@@ -86,18 +94,33 @@ def events(db: Database, reason: str) -> list[Event]:
         return session.scalars(select(Event).where(Event.reason == reason).order_by(Event.id)).all()
 
 
-def run_attempt(reconciler: Reconciler, db: Database, name: str = "j") -> Job:
+def settle(reconciler: JobController, name: str = "j") -> None:
+    """Passes while the controller asks to look again at once (what its workers would do), at most 10."""
+    for _ in range(10):
+        if reconciler.reconcile(name) != 0:
+            return
+    raise AssertionError("the job never settled")
+
+
+def run_attempt(reconciler: JobController, db: Database, name: str = "j") -> Job:
     """Passes until the current attempt is launched and the job RUNNING."""
-    for _ in range(3):
-        reconciler.reconcile(name)
+    settle(reconciler, name)
     assert job(db, name).state == JobState.RUNNING, job(db, name).state_message
     return job(db, name)
 
 
-def fail_current(reconciler: Reconciler, launcher: FakeLauncher, db: Database, reason: str, message: str) -> Job:
+def end_current(reconciler: JobController, db: Database, name: str = "j") -> Job:
+    """Passes until the current attempt has ended (a failure's stop takes a pass or two)."""
+    for _ in range(10):
+        reconciler.reconcile(name)
+        if AttemptState(job(db, name).current_attempt.state).terminal:
+            return job(db, name)
+    raise AssertionError("the attempt never ended")
+
+
+def fail_current(reconciler: JobController, launcher: FakeLauncher, db: Database, reason: str, message: str) -> Job:
     launcher.status_of[job(db).current_attempt.number] = AttemptStatus(Phase.FAILED, reason, message)
-    reconciler.reconcile("j")
-    return job(db)
+    return end_current(reconciler, db)
 
 
 def test_crashes_preemptions_and_hangs_spend_separate_budgets(db, launcher, reconciler):
@@ -128,8 +151,8 @@ def test_crashes_preemptions_and_hangs_spend_separate_budgets(db, launcher, reco
 
 
 def test_the_restart_backoff_doubles_while_attempts_fail_without_progress_and_resets_after_a_checkpoint(db, launcher):
-    reconciler = Reconciler(db, launcher, b"k" * 32, "127.0.0.1:1",
-                            ReconcilerSettings(restart_backoff_seconds=10, restart_backoff_max_seconds=60))
+    reconciler = JobController(db, launcher, b"k" * 32, "127.0.0.1:1",
+                               ReconcilerSettings(restart_backoff_seconds=10, restart_backoff_max_seconds=60))
     add_job(db, restart_policy={"max_restarts": 10})
 
     def fail_and_get_backoff(checkpoint_step: int | None = None) -> str:
@@ -160,8 +183,7 @@ def test_a_hang_with_no_hang_restarts_fails_the_job(db, launcher, reconciler):
         session.add(RankStatus(job_name="j", attempt=1, rank=0, last_heartbeat=utcnow() - timedelta(seconds=30)))
         for rank in range(1, 8):
             session.add(RankStatus(job_name="j", attempt=1, rank=rank, last_heartbeat=utcnow()))
-    reconciler.reconcile("j")
-    after = job(db)
+    after = end_current(reconciler, db)
     assert after.state == JobState.FAILED and after.state_reason == "Hung"
     assert after.restart_count == 0 and after.state_message.endswith("no hang restarts allowed")
     assert "rank 0 (last heartbeat 30 s ago, at step 0)" in after.state_message
@@ -185,8 +207,7 @@ def test_a_silent_rank_is_a_hang_only_after_the_timeout_and_this_control_plane_w
     assert job(db).state == JobState.RUNNING and launcher.stops == []
 
     reconciler.started_at = time.monotonic() - 10
-    reconciler.reconcile("j")
-    after = job(db)
+    after = end_current(reconciler, db)
     assert after.state == JobState.RESTARTING and after.state_reason == "Hung"
     assert after.hang_restart_count == 1 and after.restart_count == 0
     assert "rank 7 (no heartbeat in the 90 s since the attempt started)" in after.state_message
@@ -239,8 +260,8 @@ def test_the_capacity_is_shared_by_jobs_a_second_job_gets_what_the_first_leaves(
     reconciler.reconcile("c")
     assert job(db, "c").state == JobState.QUEUED and job(db, "c").state_reason == "WaitingForRanks"
     launcher.status_of[1] = AttemptStatus(Phase.SUCCEEDED)  # attempt 1 of both a and b: the fake keys by number
-    reconciler.reconcile("a")
-    reconciler.reconcile("b")
+    settle(reconciler, "a")
+    settle(reconciler, "b")
     assert job(db, "a").state == JobState.SUCCEEDED
     del launcher.status_of[1]  # c's attempt 1 runs
     run_attempt(reconciler, db, "c")
@@ -283,7 +304,7 @@ def test_a_rank_still_starting_gets_the_startup_grace_not_the_hang_timeout(db, l
     reconciler.reconcile("j")
     assert job(db).state == JobState.RUNNING and launcher.stops == []
     set_attempt_start(db, 40)
-    reconciler.reconcile("j")
+    end_current(reconciler, db)
     assert job(db).state_reason == "Hung" and "rank 0 (no heartbeat in the 40 s" in job(db).state_message
 
 
@@ -300,7 +321,7 @@ def test_a_rank_past_its_final_step_gets_the_grace_to_finish(db, launcher, recon
     assert job(db).state == JobState.RUNNING
     with db.session() as session:
         session.get(RankStatus, ("j", 1, 5)).last_heartbeat = utcnow() - timedelta(seconds=40)
-    reconciler.reconcile("j")
+    end_current(reconciler, db)
     assert job(db).state_reason == "Hung" and "rank 5 (last heartbeat 40 s ago, at step 10)" in job(db).state_message
 
 
@@ -310,9 +331,61 @@ def test_a_failure_that_is_not_retryable_fails_the_job_at_once_with_budget_left(
     launcher.status_of[1] = AttemptStatus(Phase.FAILED, "ImagePullFailed",
                                           "rank 0 cannot pull image registry.example/trainer:missing",
                                           retryable=False)
-    reconciler.reconcile("j")
-    after = job(db)
+    after = end_current(reconciler, db)
     assert after.state == JobState.FAILED and after.state_reason == "ImagePullFailed"
     assert "registry.example/trainer:missing" in after.state_message and "not retried" in after.state_message
     assert after.restart_count == 0 and len(after.attempts) == 1
     assert launcher.stops[-1] == (1, 1)  # the rest of the gang is stopped all the same
+
+
+def test_a_cancel_signals_the_ranks_kills_them_after_the_grace_and_ends_the_job_once_they_are_gone(
+        db, launcher, reconciler):
+    add_job(db)
+    run_attempt(reconciler, db)
+    launcher.running.add(1)  # the ranks take their time to leave
+    with db.session() as session:
+        session.get(Job, "j").cancel_requested = True
+    assert reconciler.reconcile("j") == 0
+    assert launcher.stops == [(1, 10)]  # SIGTERM with the grace; the pass did not wait
+    stopping = job(db)
+    attempt = stopping.current_attempt
+    assert stopping.state == JobState.RUNNING and attempt.state == "RUNNING" and attempt.stopping
+    assert attempt.stop_outcome == "CANCELLED" and 9 < (attempt.stop_deadline - utcnow()).total_seconds() <= 10
+    assert "told to stop (10 s grace)" in events(db, "StoppingRanks")[0].message
+
+    assert 0 < reconciler.reconcile("j") <= SETTINGS.interval_seconds  # within the grace: look again later
+    assert launcher.stops == [(1, 10)]
+    with db.session() as session:  # the grace is over
+        session.get(Job, "j").current_attempt.stop_deadline = utcnow() - timedelta(seconds=1)
+    reconciler.reconcile("j")
+    assert launcher.stops == [(1, 10), (1, 0)]  # what is left is killed
+    assert job(db).state == JobState.RUNNING
+
+    launcher.running.clear()
+    reconciler.reconcile("j")
+    after = job(db)
+    assert after.state == JobState.CANCELLED and after.current_attempt.state == "CANCELLED"
+    assert after.current_attempt.end_reason == "cancelled by user"
+
+
+def test_a_restart_waits_for_the_old_gang_to_be_gone_and_its_ranks_stay_taken_meanwhile(db, launcher, reconciler):
+    launcher.max_ranks = 8
+    add_job(db, restart_policy={"max_preemptions": 1})
+    run_attempt(reconciler, db)
+    launcher.running.add(1)
+    launcher.status_of[1] = AttemptStatus(Phase.FAILED, "Preempted", "rank 0 was preempted (exit code 4)")
+    reconciler.reconcile("j")
+    assert job(db).state == JobState.RESTARTING and job(db).preemption_count == 1
+    for _ in range(3):
+        reconciler.reconcile("j")
+    assert len(job(db).attempts) == 1, "a new attempt started while the old ranks ran"
+
+    add_job(db, "other")
+    reconciler.reconcile("other")
+    assert job(db, "other").state_reason == "WaitingForRanks"
+    assert job(db, "other").state_message.startswith("0 of 8 ranks available")
+
+    launcher.running.clear()
+    del launcher.status_of[1]
+    after = run_attempt(reconciler, db)
+    assert [a.state for a in after.attempts] == ["FAILED", "RUNNING"]

@@ -130,3 +130,42 @@ def test_migration_0002_gives_existing_jobs_zero_counts_and_checkpoint_step(db_u
         assert "checkpoint_step" not in {c["name"] for c in inspect(database.engine).get_columns("jobs")}
     finally:
         database.dispose()
+
+
+def test_migration_0003_makes_existing_jobs_plain_jobs_without_a_parent_and_no_attempt_stopping(db_url):
+    from alembic import command
+    from sqlalchemy import text
+
+    from orchestrator.store import Attempt
+    from orchestrator.store.db import alembic_config
+
+    database = Database(db_url)
+    try:
+        command.upgrade(alembic_config(database.engine), "0002")
+        with database.engine.begin() as conn:  # a job and its attempt written by the previous version
+            conn.execute(text(
+                "INSERT INTO jobs (name, uid, spec, state, state_reason, state_message, owner, total_steps, "
+                "current_step, tokens_per_second, max_restarts, restart_count, cancel_requested, create_time, "
+                "update_time) VALUES ('old', 'u-1', '{}', 'RUNNING', '', '', '', 10, 3, 0, 2, 1, false, "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+            conn.execute(text(
+                "INSERT INTO attempts (job_name, number, state, tp, pp, dp, world_size, start_step, launch_info, "
+                "create_time, end_reason) VALUES ('old', 1, 'RUNNING', 1, 1, 1, 1, 0, '{}', "
+                "'2026-01-01 00:00:00', '')"))
+        migrate(database)
+        with database.read() as session:
+            job = session.get(Job, "old")
+            assert (job.kind, job.parent) == ("Job", None)
+            attempt = session.scalars(select(Attempt)).one()
+            assert (attempt.stop_deadline, attempt.stop_outcome, attempt.stopping) == (None, None, False)
+        with database.session() as session:  # a parent's child: the owner finds it by its resource name
+            child = make_job("trial-1")
+            child.kind, child.parent = "Job", "sweeps/lr"
+            session.add(child)
+        with database.read() as session:
+            assert session.scalars(select(Job.name).where(Job.parent == "sweeps/lr")).all() == ["trial-1"]
+        command.downgrade(alembic_config(database.engine), "0002")  # and back
+        assert "parent" not in {c["name"] for c in inspect(database.engine).get_columns("jobs")}
+        assert "stop_deadline" not in {c["name"] for c in inspect(database.engine).get_columns("attempts")}
+    finally:
+        database.dispose()

@@ -26,7 +26,7 @@ WATCH_BATCH = 1000
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[], None]):
+    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[str], None]):
         self.db = db
         self.users = users
         self.launcher = launcher
@@ -55,7 +55,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             self.db.create_job(new_job)
         except NameTaken:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
-        self.wake_reconciler()
+        self.wake_reconciler(spec.name)
         created = convert.timestamp(now)
         return job_pb2.Job(name=f"jobs/{spec.name}", uid=new_job.job["uid"], spec=spec_to_proto(spec),
                            state=job_pb2.JOB_STATE_QUEUED, state_reason="Created", owner=owner,
@@ -87,8 +87,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
     def CancelJob(self, request, context):
         with self.db.session() as session, refusals(context):
-            result = convert.job_to_proto(jobs.cancel_job(session, self._principal(context), request.name))
-        self.wake_reconciler()
+            job = jobs.cancel_job(session, self._principal(context), request.name)
+            result, name = convert.job_to_proto(job), job.name
+        self.wake_reconciler(name)
         return result
 
     # -- WatchJob ----------------------------------------------------------------------------------------

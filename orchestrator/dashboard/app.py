@@ -49,7 +49,7 @@ HTTP_STATUS = {
 
 
 def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher | None = None,
-               metrics: ServiceMetrics | None = None, wake_reconciler=lambda: None) -> Starlette:
+               metrics: ServiceMetrics | None = None, wake_reconciler=lambda name: None) -> Starlette:
     users = users or UserTokens(db)
     metrics = metrics or ServiceMetrics(db)
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
@@ -187,10 +187,10 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
         try:
             with db.session() as session:
-                job_queries.cancel_job(session, principal, request.path_params["name"])
+                name = job_queries.cancel_job(session, principal, request.path_params["name"]).name
         except service.ServiceError as error:
             return refused(error)
-        wake_reconciler()
+        wake_reconciler(name)
         return JSONResponse({"cancel_requested": True})
 
     # -- service -----------------------------------------------------------------------------------------

@@ -74,18 +74,23 @@ class AttemptStatus:
 
 
 class Launcher(Protocol):
-    # Set by the control plane: called (from any thread) when one of the launcher's ranks ends, so the
-    # reconciler looks at once instead of at its next tick. Correctness never depends on it.
-    on_rank_exit: Callable[[], None] | None
+    def subscribe(self, notify: Callable[[str], None]) -> None:
+        """Called once by the control plane's controller runtime: from then on the launcher calls
+        `notify(job_name)` (from any thread) when a rank of that job ends or its pod goes, so the job is looked
+        at at once rather than at its next timer. Correctness never depends on it."""
 
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
         """Starts the attempt's ranks (or finds them already started) and returns what finds them again."""
 
     def status(self, ref: AttemptRef) -> AttemptStatus: ...
 
-    def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
-        """Stops every rank of the attempt (the whole gang); a no-op once they are gone. SIGTERM first (a
-        rank then checkpoints and exits), SIGKILL for what is left after the grace; a grace of 0 kills at once."""
+    def stop(self, ref: AttemptRef, grace_seconds: float) -> None:
+        """Asks every rank of the attempt (the whole gang) to stop, and returns at once: it never waits for
+        them. A grace above 0: SIGTERM (a rank then checkpoints and exits); 0: killed now. The caller records
+        the grace's deadline and calls again with 0 for what is left after it; see `ranks_gone`. Idempotent."""
+
+    def ranks_gone(self, ref: AttemptRef) -> bool:
+        """True once no rank of the attempt runs any more (a new attempt may take their place)."""
 
     def close(self) -> None:
         """Releases what the launcher itself holds (watches, connections); the ranks run on."""

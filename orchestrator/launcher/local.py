@@ -66,9 +66,9 @@ class LocalLauncher:
         self.rank_command = rank_command or [python, "-m", "trainers"]
         # Our own children, kept only to reap them; the files stay the record.
         self._children: dict[int, subprocess.Popen] = {}
-        # Called when a rank we started exits (the control plane wakes its reconciler), so a failure is acted
-        # on at once rather than at the next tick. Ranks adopted after a restart are seen at the tick.
-        self.on_rank_exit: Callable[[], None] | None = None
+        # Told the job's name when a rank we started exits (see `subscribe`). Ranks adopted after a restart
+        # are seen at the job's next timer instead.
+        self._notify: Callable[[str], None] | None = None
 
     def attempt_dir(self, job: str, attempt: int) -> Path:
         return self.runs_dir / job / f"attempt-{attempt}"
@@ -84,6 +84,9 @@ class LocalLauncher:
         return job_dir / Path(configured).expanduser() if configured else job_dir / "checkpoints"
 
     # -- Launcher protocol -------------------------------------------------------------------------------
+
+    def subscribe(self, notify: Callable[[str], None]) -> None:
+        self._notify = notify
 
     def capacity(self) -> int | None:
         return self.max_ranks
@@ -118,7 +121,7 @@ class LocalLauncher:
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, cwd=directory)
             self._children[proc.pid] = proc
-            threading.Thread(target=self._notify_on_exit, args=(proc,), name=f"rank-exit-{proc.pid}",
+            threading.Thread(target=self._notify_on_exit, args=(proc, request.job), name=f"rank-exit-{proc.pid}",
                              daemon=True).start()
             ranks.append({"rank": rank, "pid": proc.pid, "start_time": _process_start_time(proc.pid)})
         info = {"dir": str(directory), "master_port": port, "ranks": ranks}
@@ -160,19 +163,15 @@ class LocalLauncher:
             return AttemptStatus(Phase.RUNNING)
         return AttemptStatus(Phase.SUCCEEDED)
 
-    def stop(self, ref: AttemptRef, grace_seconds: float = 10.0) -> None:
-        ranks = [r for r in ref.launch_info.get("ranks", []) if self._alive(r)]
-        if grace_seconds > 0:  # no grace: no SIGTERM either, so no rank starts a checkpoint it cannot finish
-            for rank in ranks:
-                self._signal_group(rank, signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds
-        while ranks and time.monotonic() < deadline:
-            time.sleep(0.05)
-            ranks = [r for r in ranks if self._alive(r)]
-        for rank in ranks:
-            self._signal_group(rank, signal.SIGKILL)
+    def stop(self, ref: AttemptRef, grace_seconds: float) -> None:
+        # No grace: no SIGTERM either, so no rank starts a checkpoint it cannot finish.
+        sig = signal.SIGTERM if grace_seconds > 0 else signal.SIGKILL
         for rank in ref.launch_info.get("ranks", []):
-            self._reap(rank["pid"], wait=True)
+            if self._alive(rank):
+                self._signal_group(rank, sig)
+
+    def ranks_gone(self, ref: AttemptRef) -> bool:
+        return not any(self._alive(rank) for rank in ref.launch_info.get("ranks", []))
 
     def logs(self, ref: AttemptRef, rank: int, follow: bool,
              attempt_ended: Callable[[], bool]) -> Iterator[str]:
@@ -245,21 +244,15 @@ class LocalLauncher:
         except ProcessLookupError:
             pass
 
-    def _notify_on_exit(self, proc: subprocess.Popen) -> None:
+    def _notify_on_exit(self, proc: subprocess.Popen, job: str) -> None:
         proc.wait()
-        if self.on_rank_exit is not None:
-            self.on_rank_exit()
+        if self._notify is not None:
+            self._notify(job)
 
-    def _reap(self, pid: int, wait: bool = False) -> None:
+    def _reap(self, pid: int) -> None:
         proc = self._children.get(pid)
-        if proc is None:
-            return
-        try:
-            done = proc.wait(timeout=5) if wait else proc.poll()
-        except subprocess.TimeoutExpired:
-            return
-        if done is not None:
-            del self._children[pid]
+        if proc is not None and proc.poll() is not None:
+            self._children.pop(pid, None)
 
 
 def last_line(log: Path, limit: int = 300) -> str:

@@ -78,6 +78,12 @@ class Database:
         with self._read_sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """A transaction that only reads, on a Core connection (for hot paths; never waits for the write lock)."""
+        with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn, conn.begin():
+            yield conn
+
     def create_job(self, new_job: NewJob) -> None:
         """Inserts a job with its labels and first event (group-committed with concurrent creations);
         raises NameTaken if the name is in use."""

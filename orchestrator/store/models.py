@@ -33,6 +33,9 @@ class JobState(enum.StrEnum):
 
 TERMINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
+# The kind of a plain training job. A resource that owns jobs (a sweep's trials) names itself in `parent`.
+JOB_KIND = "Job"
+
 
 class AttemptState(enum.StrEnum):
     PENDING = "PENDING"  # recorded; ranks not yet (all) started
@@ -55,6 +58,10 @@ class Job(Base):
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     uid: Mapped[str] = mapped_column(String(36), unique=True)
+    # What made the job and owns it: "Job" for one a user submitted; a parent resource's children (a
+    # sweep's trials) carry their owner's resource name (e.g. "sweeps/x"), so the owner finds them again.
+    kind: Mapped[str] = mapped_column(String(32), default=JOB_KIND, server_default=JOB_KIND)
+    parent: Mapped[str | None] = mapped_column(String(128), index=True)
     spec: Mapped[dict[str, Any]]
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str] = mapped_column(String(64), default="")
@@ -127,8 +134,17 @@ class Attempt(Base):
     start_time: Mapped[datetime | None] = mapped_column(DateTime)
     end_time: Mapped[datetime | None] = mapped_column(DateTime)
     end_reason: Mapped[str] = mapped_column(Text, default="")
+    # A stop in progress, a durable phase (cancel, a failure, a hang): the ranks were told to stop, and what
+    # still runs at `stop_deadline` is killed. The attempt keeps its state (its ranks may still log and
+    # checkpoint, and they hold their ranks) until they are gone; then it becomes `stop_outcome`.
+    stop_deadline: Mapped[datetime | None] = mapped_column(DateTime)
+    stop_outcome: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (UniqueConstraint("job_name", "number", name="uq_attempts_job_number"),)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_deadline is not None and not AttemptState(self.state).terminal
 
 
 class Event(Base):
