@@ -50,6 +50,11 @@ class ServerSettings:
     kubeconfig: str | None = None
     # How ranks reach this control plane when it is not `host:grpc_port` (a Service's DNS name in a cluster).
     advertise_address: str | None = None
+    # Where a spec's data.path may lead (`--data-root DIR`, repeatable; contract.reach). None: only the built-in
+    # corpus. On Kubernetes, the data directory of the ranks' shared volume instead.
+    data_roots: tuple[Path, ...] = ()
+    # Accept and honour the trainer's test hooks (RH_FAULT_*, RH_TEST_* in a spec's env): for test servers only.
+    allow_test_hooks: bool = False
     # Off only for benchmarks of the API alone: jobs are recorded but never launched.
     reconcile: bool = True
     reconciler: ReconcilerSettings = ReconcilerSettings()
@@ -67,6 +72,8 @@ class ControlPlane:
         self.launcher: Launcher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
+        # Where a spec's data.path may lead, as CreateJob checks it; set with the launcher (_make_launcher).
+        self.data_roots: tuple[str, ...] = ()
 
     @property
     def grpc_address(self) -> str:
@@ -95,7 +102,8 @@ class ControlPlane:
                                      self.settings.advertise_address or self.grpc_address, self.settings.reconciler)
         launcher.on_rank_exit = self.reconciler.wake
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, users, launcher, self.reconciler.wake), server)
+            JobService(self.db, users, launcher, self.reconciler.wake, data_roots=self.data_roots,
+                       allow_test_hooks=self.settings.allow_test_hooks), server)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerService(self.db, credential_key), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -113,13 +121,20 @@ class ControlPlane:
 
     def _make_launcher(self) -> Launcher:
         if self.settings.launcher == "local":
-            return LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks)
+            self.data_roots = tuple(str(root.absolute()) for root in self.settings.data_roots)
+            return LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks,
+                                 data_roots=self.settings.data_roots, allow_test_hooks=self.settings.allow_test_hooks)
         if self.settings.launcher == "kubernetes":
             from k8s.launcher import KubernetesLauncher, KubernetesSettings, api_client
+            from k8s.manifests import data_root
 
             k8s_settings = self.settings.kubernetes or KubernetesSettings()
             if self.settings.max_ranks is not None:
                 k8s_settings = dataclasses.replace(k8s_settings, max_ranks=self.settings.max_ranks)
+            if self.settings.allow_test_hooks:
+                k8s_settings = dataclasses.replace(
+                    k8s_settings, pods=dataclasses.replace(k8s_settings.pods, allow_test_hooks=True))
+            self.data_roots = (data_root(k8s_settings.pods),)  # the ranks' view: the shared volume's data/
             return KubernetesLauncher(api_client(self.settings.kubeconfig), k8s_settings)
         raise ValueError(f"unknown launcher {self.settings.launcher!r} (this version has: local, kubernetes)")
 
