@@ -72,7 +72,7 @@ class Plane:
     def __init__(self, home: Path, restart_backoff_seconds: float = 0.2):
         self.home = home
         self.control = ControlPlane(ServerSettings(
-            home=home, db_url=None, grpc_port=0, http_port=0, reconcile=True,
+            home=home, db_url=None, grpc_port=0, http_port=0, reconcile=True, allow_test_hooks=True,
             reconciler=ReconcilerSettings(interval_seconds=0.2, restart_backoff_seconds=restart_backoff_seconds,
                                           stop_grace_seconds=5)))
         self.control.start()
