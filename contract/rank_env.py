@@ -82,6 +82,8 @@ class RankEnv:
     def to_environ(self, leave_out: Collection[str] = ()) -> dict[str, str]:
         """The variables, as strings; None fields are left out, and so are the names in `leave_out` (those a
         launcher sets another way, as a pod's RANK from its completion index)."""
+        if any(DATA_ROOTS_SEPARATOR in root for root in self.data_roots or ()):
+            raise RankEnvError(f"a data root may not contain {DATA_ROOTS_SEPARATOR!r}: {self.data_roots}")
         values = {
             RANK: self.rank, WORLD_SIZE: self.world_size, LOCAL_RANK: self.local_rank,
             LOCAL_WORLD_SIZE: self.local_world_size, MASTER_ADDR: self.master_addr, MASTER_PORT: self.master_port,

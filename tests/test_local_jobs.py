@@ -53,7 +53,7 @@ def events(client: Client, name: str) -> list[job_pb2.Event]:
 
 @pytest.fixture
 def plane(db_url, tmp_path):
-    plane = start_plane(tmp_path / "home", db_url, reconcile=True)
+    plane = start_plane(tmp_path / "home", db_url, reconcile=True, data_roots=(tmp_path,))
     yield plane
     plane.stop()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import job_dirs
-from contract.rank_env import RankEnv
+from contract.rank_env import DATA_ROOTS_SEPARATOR, RankEnv
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 
 # $1: pid file, $2: exit-code file, the rest: the rank's command. The wrapper is in the rank's process group,
@@ -79,6 +79,9 @@ class LocalLauncher:
         self.python = python
         # Where a rank may read data (its data.path is checked again there), and whether ranks honour test hooks.
         self.data_roots = tuple(str(Path(root).absolute()) for root in data_roots)
+        for root in self.data_roots:  # the ranks get them joined by ':' (contract.rank_env)
+            if DATA_ROOTS_SEPARATOR in root:
+                raise ValueError(f"data root {root}: may not contain {DATA_ROOTS_SEPARATOR!r}")
         self.allow_test_hooks = allow_test_hooks
         # How many ranks this machine may run (None: no limit). Mutable: tests lower it to play lost nodes.
         self.max_ranks = max_ranks
@@ -120,13 +123,15 @@ class LocalLauncher:
                 return info  # already launched: adopt, never launch twice
         # A launch interrupted half-way (or never started): clear what it left and start the gang afresh.
         self._kill_recorded(directory, request.world_size)
-        directory.mkdir(parents=True, exist_ok=True)
+        # Both refused (the launch fails, nothing written) if a symlink inside the job's directory leads out of it;
+        # the rank checks its checkpoint directory again.
+        job_directory = self.job_dir(request.job)
+        checkpoints = job_dirs.make_inside(job_directory, self.checkpoint_dir(request))
+        job_dirs.make_inside(job_directory, directory)
         for stale in directory.glob("rank-*.*"):
             stale.unlink()
         spec_file = directory / "spec.json"
         spec_file.write_text(request.spec.model_dump_json())  # at the attempt's layout (see LaunchRequest)
-        # Refused (the launch fails) if a symlink inside the job's directory leads it out; the rank checks again.
-        checkpoints = job_dirs.make_inside(self.job_dir(request.job), self.checkpoint_dir(request))
         port = free_port()
         ranks = []
         for rank in range(request.world_size):
