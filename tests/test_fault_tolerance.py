@@ -184,7 +184,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, re
 
 def test_kill_9_of_the_control_plane_during_a_run(tmp_path, reference_loss):
     home, port = tmp_path / "home", free_port()
-    server = spawn_server(home, None, port, log_path=tmp_path / "server.log")
+    server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True)
     try:
         client = Client(f"127.0.0.1:{port}", token_file(home).read_text().strip())
         spec = fault_spec("headless")
@@ -193,7 +193,7 @@ def test_kill_9_of_the_control_plane_during_a_run(tmp_path, reference_loss):
         server.send_signal(signal.SIGKILL)
         server.wait()
         time.sleep(2.0)  # checkpoints commit with nobody listening; their reports wait in the ranks
-        server = spawn_server(home, None, port, log_path=tmp_path / "server.log")
+        server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True)
         done = finished(client, "jobs/headless")
         assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
         assert len(done.attempts) == 1
