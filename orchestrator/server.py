@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from contract.errors import FieldViolation
+from contract.reach import reach_violations
+from contract.spec import JobSpec
 from orchestrator import config
 from orchestrator.api.job_service import JobService
 from orchestrator.api.trainer_service import TrainerService
@@ -72,8 +76,10 @@ class ControlPlane:
         self.launcher: Launcher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
-        # Where a spec's data.path may lead, as CreateJob checks it; set with the launcher (_make_launcher).
+        # Where a spec's data.path may lead, as CreateJob checks it, and the launcher's own check of a new job's
+        # directories where it can see them; both set with the launcher (_make_launcher).
         self.data_roots: tuple[str, ...] = ()
+        self._directory_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []
 
     @property
     def grpc_address(self) -> str:
@@ -102,8 +108,7 @@ class ControlPlane:
                                      self.settings.advertise_address or self.grpc_address, self.settings.reconciler)
         launcher.on_rank_exit = self.reconciler.wake
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, users, launcher, self.reconciler.wake, data_roots=self.data_roots,
-                       allow_test_hooks=self.settings.allow_test_hooks), server)
+            JobService(self.db, users, launcher, self.reconciler.wake, self.reach_violations), server)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerService(self.db, credential_key), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,11 +124,20 @@ class ControlPlane:
         for name in ("", *services):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def reach_violations(self, spec: JobSpec) -> list[FieldViolation]:
+        """What CreateJob refuses in a valid spec: what it may not reach under this server's policy
+        (contract.reach), and a job directory that a symlink already leads elsewhere."""
+        policy = reach_violations(spec, self.data_roots, self.settings.allow_test_hooks)
+        return policy + self._directory_violations(spec)
+
     def _make_launcher(self) -> Launcher:
         if self.settings.launcher == "local":
             self.data_roots = tuple(str(root.absolute()) for root in self.settings.data_roots)
-            return LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks,
-                                 data_roots=self.settings.data_roots, allow_test_hooks=self.settings.allow_test_hooks)
+            launcher = LocalLauncher(self.settings.home / "runs", max_ranks=self.settings.max_ranks,
+                                     data_roots=self.settings.data_roots,
+                                     allow_test_hooks=self.settings.allow_test_hooks)
+            self._directory_violations = launcher.directory_violations
+            return launcher
         if self.settings.launcher == "kubernetes":
             from k8s.launcher import KubernetesLauncher, KubernetesSettings, api_client
             from k8s.manifests import data_root

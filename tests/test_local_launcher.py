@@ -77,8 +77,10 @@ def test_sigterm_to_the_group_is_recorded_as_preempted(launcher):
     assert launcher.status(ref).phase is Phase.RUNNING
     for rank in ref.launch_info["ranks"]:
         os.killpg(rank["pid"], signal.SIGTERM)  # what a node's shutdown does: the wrapper gets it too
-    status = wait_until(lambda: (s := launcher.status(ref)).phase is not Phase.RUNNING and s)
     run = Path(ref.launch_info["dir"])
+    # The first exit file already makes the attempt FAILED; wait for both ranks' (no race on the second).
+    wait_until(lambda: all((run / f"rank-{r}.exit").exists() for r in range(2)))
+    status = launcher.status(ref)
     assert [(run / f"rank-{r}.exit").read_text().strip() for r in range(2)] == ["4", "4"]
     assert status.phase is Phase.FAILED and status.reason == "Preempted"
     assert "was preempted (exit code 4)" in status.message

@@ -162,3 +162,29 @@ def test_a_server_without_data_roots_allows_only_the_built_in_corpus(client, api
                           metadata=client.metadata)
     assert rows(api_plane, Job) == 1
 
+
+
+@pytest.mark.parametrize("directory", [None, "keep"])
+def test_a_symlink_already_in_the_job_directory_leading_out_is_refused_at_create(client, api_plane, tmp_path,
+                                                                                  directory):
+    other = tmp_path / "other-job" / "checkpoints"
+    other.mkdir(parents=True)
+    job = api_plane.settings.home / "runs" / "linked"
+    job.mkdir(parents=True)
+    (job / (directory or "checkpoints")).symlink_to(other)
+    checkpoint = {"directory": directory} if directory else {}
+    with pytest.raises(grpc.RpcError) as info:
+        client.jobs.CreateJob(js.CreateJobRequest(spec=spec("linked", checkpoint=checkpoint)), metadata=client.metadata)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(info.value) == ["spec.checkpoint.directory"]
+    assert rows(api_plane, Job) == 0 and rows(api_plane, Event) == 0
+
+
+def test_a_job_directory_that_is_itself_a_symlink_out_is_refused_at_create(client, api_plane, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (api_plane.settings.home / "runs").mkdir(parents=True, exist_ok=True)
+    (api_plane.settings.home / "runs" / "moved").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(grpc.RpcError) as info:
+        client.jobs.CreateJob(js.CreateJobRequest(spec=spec("moved")), metadata=client.metadata)
+    assert field_violations(info.value) == ["spec.checkpoint.directory"]
+    assert rows(api_plane, Job) == 0

@@ -19,8 +19,7 @@ from orchestrator.api.errors import abort_field, abort_invalid
 from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import AttemptRef, Launcher
 from orchestrator.lifecycle import record_event
-from contract.reach import reach_violations
-from contract.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
+from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto
 from orchestrator.store import (AttemptState, Checkpoint, Database, Event, Job, JobLabel, JobState, Metric, NameTaken,
                                 NewJob, utcnow)
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
@@ -33,10 +32,10 @@ WATCH_BATCH = 1000
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[], None],
-                 data_roots: tuple[str, ...] = (), allow_test_hooks: bool = False):
+                 reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
         self.db = db
-        self.data_roots = data_roots  # where a spec's data.path may lead (contract.reach)
-        self.allow_test_hooks = allow_test_hooks
+        # What a valid spec may not reach on this server (data roots, test hooks, directories): server.py.
+        self.reach_violations = reach_violations
         self.users = users
         self.launcher = launcher
         self.wake_reconciler = wake_reconciler
@@ -50,7 +49,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             spec = spec_from_proto(request.spec)
         except SpecError as exc:
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in exc.violations])
-        violations = reach_violations(spec, self.data_roots, self.allow_test_hooks)
+        violations = self.reach_violations(spec)
         if violations:  # what the spec may reach under this server's policy; nothing is written
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in violations])
         principal = self.users.lookup(bearer_token(context.invocation_metadata()))

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from contract import job_dirs
+from contract.errors import FieldViolation
 from contract.rank_env import DATA_ROOTS_SEPARATOR, RankEnv
+from contract.spec import JobSpec
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 
 # $1: pid file, $2: exit-code file, the rest: the rank's command. The wrapper is in the rank's process group,
@@ -106,6 +108,17 @@ class LocalLauncher:
         """<runs>/<job>/<checkpoint.directory or "checkpoints">: one per job, shared by all its attempts."""
         return job_dirs.checkpoint_dir(self.job_dir(request.job), request.spec.checkpoint)
 
+    def directory_violations(self, spec: JobSpec) -> list[FieldViolation]:
+        """For CreateJob: a job directory or checkpoint directory that a symlink on this machine already leads
+        out of where it belongs (checked again at launch, and by the rank)."""
+        job_directory = self.job_dir(spec.name)
+        try:
+            job_dirs.resolve_inside(self.runs_dir, job_directory)
+            job_dirs.resolve_inside(job_directory, job_dirs.checkpoint_dir(job_directory, spec.checkpoint))
+        except job_dirs.OutsideJobDir as exc:
+            return [FieldViolation("checkpoint.directory", str(exc))]
+        return []
+
     # -- Launcher protocol -------------------------------------------------------------------------------
 
     def capacity(self) -> int | None:
@@ -126,6 +139,7 @@ class LocalLauncher:
         # Both refused (the launch fails, nothing written) if a symlink inside the job's directory leads out of it;
         # the rank checks its checkpoint directory again.
         job_directory = self.job_dir(request.job)
+        job_dirs.make_inside(self.runs_dir, job_directory)
         checkpoints = job_dirs.make_inside(job_directory, self.checkpoint_dir(request))
         job_dirs.make_inside(job_directory, directory)
         for stale in directory.glob("rank-*.*"):
