@@ -160,7 +160,7 @@ def test_a_rank_starts_from_a_clean_environment(launcher, tmp_path, monkeypatch)
     added_at_start = {"PWD", "LC_CTYPE"}
     assert set(env) - contract - minimum - added_at_start == {"NCCL_DEBUG"}
     assert "RH_SENTINEL_SECRET" not in env and "ROUNDHOUSE_TOKEN" not in env
-    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["PATH"].split(os.pathsep)[-1] == str(Path(sys.executable).parent)
     assert env["ROUNDHOUSE_TEST_HOOKS"] == "0" and env["ROUNDHOUSE_DATA_ROOTS"] == ""
     launcher.stop(ref, 5)
 

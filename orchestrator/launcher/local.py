@@ -61,10 +61,11 @@ def _process_start_time(pid: int) -> int | None:
 
 
 def minimum_environ(python: str) -> dict[str, str]:
-    """What every local rank gets besides the contract's variables and its spec's `env`: PATH with the
-    interpreter's directory first (tools installed beside it, as torch's compiler wrappers, are found), HOME,
-    and the locale and temporary directory of the control plane when it has them. Nothing else of ours."""
-    env = {"PATH": os.pathsep.join([str(Path(python).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+    """What every local rank gets besides the contract's variables and its spec's `env`: a PATH of the system's
+    directories and then the interpreter's (tools installed beside it are found, but the system's own come
+    first: the ninja that built DeepSpeed's op at install, so a rank never rebuilds it with another ninja),
+    HOME, and the locale and temporary directory of the control plane when it has them. Nothing else of ours."""
+    env = {"PATH": os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin", str(Path(python).parent)]),
            "HOME": os.environ.get("HOME") or str(Path.home()),
            "PYTHONUNBUFFERED": "1"}
     for name in ("LANG", "LC_ALL", "TMPDIR"):
