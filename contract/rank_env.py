@@ -2,8 +2,8 @@
 
 Both launchers (orchestrator/launcher/local.py, k8s/manifests.py) write it with `RankEnv.to_environ` and the
 rank reads it with `RankEnv.from_environ`. A rank's whole environment is this, the spec's `env` (names
-checked by contract.spec) and the launcher's documented minimum (local: PATH with the interpreter's
-directory first, HOME, LANG, LC_ALL and TMPDIR when the control plane has them, PYTHONUNBUFFERED=1;
+checked by contract.spec) and the launcher's documented minimum (local: PATH of the system's directories
+then the interpreter's, HOME, LANG, LC_ALL and TMPDIR when the control plane has them, PYTHONUNBUFFERED=1;
 Kubernetes: HOME=/tmp, PYTHONUNBUFFERED=1, over the image's own): never the control plane's own variables.
 
     RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE   the torch.distributed identity (defaults 0, 1, RANK, WORLD_SIZE)
