@@ -43,7 +43,8 @@ def run(name: str, precision: str, checkpoints: Path, async_save: bool, logs: Pa
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ROUNDHOUSE_", "RH_"))}
     env = {**base, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "ROUNDHOUSE_SPEC_FILE": str(spec_file),
-           "ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+           "ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints), "ROUNDHOUSE_TEST_HOOKS": "1", "PYTHONUNBUFFERED": "1",
+           **(extra_env or {})}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "trainers"], env=env, capture_output=True, text=True)
     output = done.stdout + done.stderr

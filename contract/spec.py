@@ -8,25 +8,45 @@ callers can reject a request before anything is written.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from contract.errors import FieldViolation, SpecError
+from contract.layout import MAX_RANKS, Layout, layout_violations
 from roundhouse.v1 import job_pb2
 
 # RFC 1123 label: the name must also be usable for Kubernetes objects (Jobs, Services, pods).
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# Kubernetes label keys ("prefix/name") and values.
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
-_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+# Kubernetes label keys ("prefix/name") and values. Python patterns end in "\Z": "$" would accept a trailing
+# newline.
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)\Z")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Set by the launcher for every rank; a job may not override them.
-RESERVED_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
-RESERVED_ENV_PREFIX = "ROUNDHOUSE_"
+# What a spec's `env` may name: a conventional variable name (a full match: "\Z", unlike "$", allows no
+# trailing newline), at most 128 characters, and none of the refused names below.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+# Names a spec may not set, compared upper-cased (a lower-case `ld_preload` is refused like `LD_PRELOAD`):
+# what the launcher sets for every rank (contract.rank_env); what steers the dynamic loader, the
+# interpreter or the shell before the trainer's first line runs; proxies, which would route the rank's
+# calls to the control plane (its credential included) elsewhere; and anything of Roundhouse's own.
+REFUSED_ENV = frozenset({
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "PATH", "HOME", "SHELL", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "IFS", "PS4", "CDPATH",
+    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH", "NLSPATH",
+    "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR", "TORCH_EXTENSIONS_DIR", "PERL5LIB", "PERL5OPT", "RUBYOPT",
+    "NODE_OPTIONS",
+})
+REFUSED_ENV_PREFIXES = ("LD_", "DYLD_", "MALLOC_", "PYTHON", "BASH_FUNC_", "GRPC_", "ROUNDHOUSE_",
+                        "TORCHELASTIC_", "PET_")
+REFUSED_ENV_SUFFIXES = ("_PROXY",)
+# The trainer's test hooks (trainers.env.TestHooks): refused at CreateJob unless the server was started for
+# tests, and honoured by a rank only when its launcher says test hooks are on.
+TEST_HOOK_PREFIXES = ("RH_FAULT_", "RH_TEST_")
+MAX_ENV_VALUE = 32 * 1024
 
 # Upper bounds that no real job reaches; past them a number is a typo, not a plan.
 MAX_LAYERS = 1024
@@ -34,7 +54,7 @@ MAX_HIDDEN = 1 << 17
 MAX_HEADS = 1024
 MAX_SEQ = 1 << 20
 MAX_VOCAB = 1 << 21
-MAX_PARALLEL = 1 << 16
+MAX_PARALLEL = MAX_RANKS
 MAX_STEPS = 10**8
 MAX_BATCH = 1 << 24
 MAX_RESTARTS = 1000
@@ -62,6 +82,10 @@ class ParallelismSpec(_Section):
     dp: int = Field(1, ge=1, le=MAX_PARALLEL)
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.tp, self.pp, self.dp)
+
+    @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
@@ -81,6 +105,8 @@ class TrainingSpec(_Section):
 
 
 class DataSpec(_Section):
+    # A text file or directory, or a prepared dataset, inside one of the server's data roots (checked at
+    # CreateJob by contract.reach, and again by the rank); None: the built-in corpus.
     path: str | None = Field(None, max_length=4096)
 
 
@@ -123,6 +149,7 @@ class RestartPolicy(_Section):
 
 
 class CheckpointSpec(_Section):
+    # A subdirectory of the job's own directory (relative, never leaving it); None: "checkpoints".
     directory: str | None = Field(None, max_length=4096)
     interval: int = Field(0, ge=0, le=MAX_STEPS)
     keep_last: int = Field(2, ge=1, le=MAX_STEPS)
@@ -156,23 +183,6 @@ class JobSpec(_Section):
         return self.parallelism.world_size
 
 
-@dataclass(frozen=True)
-class FieldViolation:
-    field: str
-    description: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.description}"
-
-
-class SpecError(ValueError):
-    """A spec that cannot run; `violations` names each bad field (paths relative to the spec)."""
-
-    def __init__(self, violations: list[FieldViolation]):
-        self.violations = violations
-        super().__init__("; ".join(str(v) for v in violations))
-
-
 def parse_spec(data: dict[str, Any]) -> JobSpec:
     """Validates a spec given as plain data (YAML or a proto turned to a dict) and fills its defaults."""
     if not isinstance(data, dict):
@@ -188,6 +198,19 @@ def parse_spec(data: dict[str, Any]) -> JobSpec:
         spec.resources.ranks = spec.world_size
     if spec.resources.min_ranks is None:
         spec.resources.min_ranks = spec.resources.ranks
+    return spec
+
+
+def spec_from_json(text: str | bytes) -> JobSpec:
+    """A spec the control plane wrote (`JobSpec.model_dump_json`, as a rank gets it), read straight into the
+    model and held to the same rules as `parse_spec`."""
+    try:
+        spec = JobSpec.model_validate_json(text)
+    except ValidationError as exc:
+        raise SpecError([_violation_from_pydantic(err) for err in exc.errors()]) from None
+    violations = _cross_field_violations(spec)
+    if violations:
+        raise SpecError(violations)
     return spec
 
 
@@ -264,12 +287,7 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
     if m.positions == "rotary" and m.hidden_size % m.heads == 0 and (m.hidden_size // m.heads) % 2:
         out.append(FieldViolation("model.positions", f"rotary positions need an even head size; "
                                                      f"hidden_size/heads = {m.hidden_size // m.heads}"))
-    if m.heads % p.tp:
-        out.append(FieldViolation("model.heads", f"{m.heads} heads are not divisible by parallelism.tp={p.tp}"))
-    if m.vocab_size % p.tp:
-        out.append(FieldViolation("model.vocab_size", f"{m.vocab_size} is not divisible by parallelism.tp={p.tp}"))
-    if m.layers % p.pp:
-        out.append(FieldViolation("model.layers", f"{m.layers} layers are not divisible by parallelism.pp={p.pp}"))
+    out += layout_violations(p.layout, m, t)
     if spec.resources.ranks is not None and spec.resources.ranks != p.world_size:
         out.append(FieldViolation(
             "resources.ranks",
@@ -277,13 +295,6 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
     if spec.resources.min_ranks is not None and spec.resources.min_ranks > p.world_size:
         out.append(FieldViolation("resources.min_ranks",
                                   f"{spec.resources.min_ranks} exceeds the job's {p.world_size} ranks (tp*pp*dp)"))
-    if p.world_size > MAX_PARALLEL:
-        out.append(FieldViolation("parallelism", f"tp*pp*dp = {p.world_size} exceeds {MAX_PARALLEL} ranks"))
-    if t.global_batch_size % (t.micro_batch_size * p.dp):
-        out.append(FieldViolation(
-            "training.global_batch_size",
-            f"{t.global_batch_size} is not divisible by training.micro_batch_size*parallelism.dp = "
-            f"{t.micro_batch_size}*{p.dp}"))
     if t.warmup_steps > t.steps:
         out.append(FieldViolation("training.warmup_steps", f"{t.warmup_steps} exceeds training.steps={t.steps}"))
     for key, value in spec.labels.items():
@@ -294,12 +305,56 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         problem = _label_problem(key, value)
         if problem:
             out.append(FieldViolation(f"kubernetes.node_selector.{key}", problem))
-    for key in spec.env:
-        if not _ENV_NAME.match(key):
-            out.append(FieldViolation(f"env.{key}", "not a valid environment variable name"))
-        elif key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
-            out.append(FieldViolation(f"env.{key}", "set by the launcher; a job may not override it"))
+    if spec.checkpoint.directory is not None:
+        problem = checkpoint_directory_problem(spec.checkpoint.directory)
+        if problem:
+            out.append(FieldViolation("checkpoint.directory", problem))
+    for key, value in spec.env.items():
+        problem = env_name_problem(key) or env_value_problem(value)
+        if problem:
+            out.append(FieldViolation(f"env.{key}", problem))
     return out
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why a spec's `env` may not set `name` (None: it may). Test hooks pass here; contract.reach refuses
+    them unless the server allows test hooks."""
+    if not _ENV_NAME.match(name):
+        return ("not an allowed environment variable name: letters, digits and '_', not starting with a digit, "
+                "at most 128 characters")
+    upper = name.upper()
+    if (upper in REFUSED_ENV or upper.startswith(REFUSED_ENV_PREFIXES) or upper.endswith(REFUSED_ENV_SUFFIXES)):
+        return ("reserved: set by the launcher, or read by the loader, interpreter, shell or a proxy before the "
+                "trainer runs; a job may not set it")
+    return None
+
+
+def env_value_problem(value: str) -> str | None:
+    if "\0" in value:
+        return "a value may not contain a NUL character"
+    if len(value) > MAX_ENV_VALUE:
+        return f"a value may be at most {MAX_ENV_VALUE} characters"
+    return None
+
+
+def is_test_hook(name: str) -> bool:
+    return name.upper().startswith(TEST_HOOK_PREFIXES)
+
+
+def checkpoint_directory_problem(directory: str) -> str | None:
+    """Why `directory` cannot be a job's checkpoint directory: it must name a subdirectory of the job's own
+    directory. Checked here by its text; symlinks are checked where the directory is created and used
+    (contract.job_dirs.resolve_inside)."""
+    if "\0" in directory or "\\" in directory:
+        return "may not contain a NUL character or a backslash"
+    path = PurePosixPath(directory)
+    if path.is_absolute():
+        return "must be relative: a subdirectory of the job's own directory, not an absolute path"
+    if ".." in path.parts:
+        return "may not contain '..': it must stay inside the job's own directory"
+    if not path.parts:
+        return "must name a subdirectory of the job's own directory"
+    return None
 
 
 def _label_problem(key: str, value: str) -> str | None:

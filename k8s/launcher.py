@@ -36,6 +36,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 from k8s import manifests
 from k8s.manifests import PodSettings
+from contract.spec import FieldViolation, JobSpec
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class KubernetesLauncher:
         self.batch = client.BatchV1Api(api)
         self.settings = settings
         self.namespace = settings.pods.namespace
+        # The one place on the shared volume a spec's data.path may lead, as the ranks see it.
+        self.data_roots = (manifests.data_root(settings.pods),)
         self.cache = _Cache()
         self._stopping = threading.Event()
         self._stopped_attempts: set[tuple[str, int]] = set()  # deletions of ours are not preemptions
@@ -114,6 +117,10 @@ class KubernetesLauncher:
                                           daemon=True) for kind in ("pods", "jobs")]
         for thread in self._threads:
             thread.start()
+
+    def directory_violations(self, spec: JobSpec) -> list[FieldViolation]:
+        """The shared volume is not mounted here: the job's directories are checked by the ranks."""
+        return []
 
     def close(self) -> None:
         with self._watches_lock:
@@ -529,4 +536,7 @@ def create_launcher(settings: ServerSettings) -> KubernetesLauncher:
                                        **{k: v for k, v in options.items() if k in LAUNCHER_OPTIONS})
     if settings.max_ranks is not None:
         k8s_settings = dataclasses.replace(k8s_settings, max_ranks=settings.max_ranks)
+    if settings.allow_test_hooks:
+        k8s_settings = dataclasses.replace(
+            k8s_settings, pods=dataclasses.replace(k8s_settings.pods, allow_test_hooks=True))
     return KubernetesLauncher(api_client(settings.kubeconfig), k8s_settings)

@@ -16,8 +16,11 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import PurePosixPath
 from typing import Any
 
+from contract import job_dirs, rank_env
+from contract.rank_env import RankEnv
 from orchestrator.launcher import LaunchRequest
 
 LABEL_JOB = "roundhouse.io/job"
@@ -51,6 +54,8 @@ class PodSettings:
     termination_grace_seconds: int = 30
     image_pull_policy: str = "IfNotPresent"
     finished_job_ttl_seconds: int = 7 * 24 * 3600
+    # Ranks honour the test hooks of their spec (a control plane started for tests: `--allow-test-hooks`).
+    allow_test_hooks: bool = False
 
 
 def ranks_per_pod(request: LaunchRequest) -> int:
@@ -79,14 +84,20 @@ def selector(job: str, attempt: int | None = None) -> str:
     return out if attempt is None else f"{out},{LABEL_ATTEMPT}={attempt}"
 
 
+def jobs_root(settings: PodSettings) -> PurePosixPath:
+    """Where the jobs' directories are on the shared volume (contract.job_dirs: <volume>/jobs/<job>/...)."""
+    return PurePosixPath(settings.volume_path) / "jobs"
+
+
+def data_root(settings: PodSettings) -> str:
+    """The one place on the shared volume a spec's data.path may lead (contract.reach): <volume>/data."""
+    return str(PurePosixPath(settings.volume_path) / "data")
+
+
 def checkpoint_dir(request: LaunchRequest, settings: PodSettings) -> str:
-    """The spec's checkpoint.directory (a relative one is under the job's directory on the volume), else
-    <volume>/jobs/<job>/checkpoints: one per job, shared by all its attempts."""
-    job_dir = f"{settings.volume_path.rstrip('/')}/jobs/{request.job}"
-    configured = request.spec.checkpoint.directory
-    if not configured:
-        return f"{job_dir}/checkpoints"
-    return configured if configured.startswith("/") else f"{job_dir}/{configured}"
+    """<volume>/jobs/<job>/<checkpoint.directory or "checkpoints">: one per job, shared by all its attempts.
+    The control plane cannot look inside the volume: the rank checks that no symlink leads it out."""
+    return str(job_dirs.checkpoint_dir(job_dirs.job_dir(jobs_root(settings), request.job), request.spec.checkpoint))
 
 
 def secret(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
@@ -198,27 +209,28 @@ def _container(request: LaunchRequest, settings: PodSettings, name: str) -> dict
 
 
 def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[str, Any]]:
-    """What the local launcher sets for a rank, with the rank from the pod's completion index, rank 0's
-    stable DNS name as the rendezvous, and the credential and spec from the attempt's Secret."""
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(request.spec.env.items())]
+    """The contract's variables (contract.rank_env) as the local launcher sets them, with the rank from the
+    pod's completion index (or torchrun's, for several ranks a pod), rank 0's stable DNS name as the
+    rendezvous, and the credential and spec from the attempt's Secret; then the spec's `env` and the pod's
+    minimum (HOME on the writable emptyDir, unbuffered output). Nothing else: the image's own environment."""
+    one_rank = ranks_per_pod(request) == 1
+    contract = RankEnv(
+        world_size=request.world_size, local_rank=0, local_world_size=1, master_addr=f"{name}-0.{name}",
+        master_port=MASTER_PORT, server=request.server_address, job=f"jobs/{request.job}", attempt=request.attempt,
+        start_step=request.start_step, job_dir=str(job_dirs.job_dir(jobs_root(settings), request.job)),
+        checkpoint_dir=checkpoint_dir(request, settings), data_roots=(data_root(settings),),
+        test_hooks=settings.allow_test_hooks)
+    # Set below from the Secret and the completion index, or by torchrun for each of a pod's ranks.
+    leave_out = {rank_env.RANK, rank_env.JOB_TOKEN, rank_env.SPEC_JSON}
+    if not one_rank:
+        leave_out |= {rank_env.WORLD_SIZE, rank_env.LOCAL_RANK, rank_env.LOCAL_WORLD_SIZE}
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
-    if ranks_per_pod(request) == 1:
-        env += [{"name": "RANK", "valueFrom": index},
-                {"name": "WORLD_SIZE", "value": str(request.world_size)},
-                {"name": "LOCAL_RANK", "value": "0"},
-                {"name": "LOCAL_WORLD_SIZE", "value": "1"}]
-    else:  # torchrun gives each rank RANK, WORLD_SIZE and LOCAL_RANK from the node rank
-        env += [{"name": "NODE_RANK", "valueFrom": index}]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(request.spec.env.items())]
+    env += [{"name": rank_env.RANK if one_rank else "NODE_RANK", "valueFrom": index}]
+    env += [{"name": k, "value": v} for k, v in contract.to_environ(leave_out=leave_out).items()]
     env += [
-        {"name": "MASTER_ADDR", "value": f"{name}-0.{name}"},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "ROUNDHOUSE_SERVER", "value": request.server_address},
-        {"name": "ROUNDHOUSE_JOB", "value": f"jobs/{request.job}"},
-        {"name": "ROUNDHOUSE_ATTEMPT", "value": str(request.attempt)},
-        {"name": "ROUNDHOUSE_JOB_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_TOKEN_KEY}}},
-        {"name": "ROUNDHOUSE_SPEC_JSON", "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_SPEC_KEY}}},
-        {"name": "ROUNDHOUSE_START_STEP", "value": str(request.start_step)},
-        {"name": "ROUNDHOUSE_CHECKPOINT_DIR", "value": checkpoint_dir(request, settings)},
+        {"name": rank_env.JOB_TOKEN, "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_TOKEN_KEY}}},
+        {"name": rank_env.SPEC_JSON, "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_SPEC_KEY}}},
         {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only: caches go to the emptyDir
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from contract.spec import JobSpec, ParallelismSpec, parse_spec
+from contract.layout import Layout, describe_rules, layout_violations
+from contract.layout import valid_layouts as _valid_layouts
+from contract.spec import JobSpec, ParallelismSpec
 
 
 @dataclass(frozen=True)
@@ -55,25 +57,24 @@ def plan_layout(spec: JobSpec, available: int | None) -> LayoutPlan:
 
 
 def valid_layouts(spec: JobSpec) -> list[tuple[int, int, int]]:
-    """Every (tp, pp, dp) of at most the spec's ranks that the model and batch allow: the same divisibility
-    rules as contract/spec.py (tp divides heads and vocab_size, pp divides layers, micro_batch_size*dp
-    divides global_batch_size)."""
-    m, t = spec.model, spec.training
-    most = spec.world_size
-    tps = _divisors(math.gcd(m.heads, m.vocab_size))
-    pps = _divisors(m.layers)
-    dps = _divisors(t.global_batch_size // t.micro_batch_size)
-    return [(tp, pp, dp) for tp in tps for pp in pps for dp in dps if tp * pp * dp <= most]
+    """Every (tp, pp, dp) of at most the spec's ranks that the model and batch allow (contract.layout's rules,
+    the same the spec was validated by)."""
+    return [(layout.tp, layout.pp, layout.dp)
+            for layout in _valid_layouts(spec.model, spec.training, most=spec.world_size)]
 
 
 def spec_at_layout(spec: JobSpec, tp: int, pp: int, dp: int) -> JobSpec:
-    """The spec an attempt's ranks run: the job's spec at the attempt's layout (the trainer checks that
-    WORLD_SIZE equals tp*pp*dp of the spec it is given). Validated again by the one gate, parse_spec."""
-    data = spec.model_dump(mode="json", exclude_none=True)
-    world_size = tp * pp * dp
-    data["parallelism"] = ParallelismSpec(tp=tp, pp=pp, dp=dp).model_dump(mode="json")
-    data["resources"] = {"ranks": world_size, "min_ranks": min(_min_ranks(spec), world_size)}
-    return parse_spec(data)
+    """The spec an attempt's ranks run: the job's (already validated) spec at the attempt's layout, with
+    resources.ranks its world size (the trainer checks that WORLD_SIZE equals tp*pp*dp of the spec it is
+    given). Only the layout changes, so only the layout rules are checked again: no dump and re-parse."""
+    layout = Layout(tp, pp, dp)
+    problems = layout_violations(layout, spec.model, spec.training)
+    if problems:
+        raise ValueError(f"{spec.name} cannot run at {layout}: " + "; ".join(str(p) for p in problems))
+    world_size = layout.world_size
+    resources = spec.resources.model_copy(update={"ranks": world_size,
+                                                  "min_ranks": min(_min_ranks(spec), world_size)})
+    return spec.model_copy(update={"parallelism": ParallelismSpec(tp=tp, pp=pp, dp=dp), "resources": resources})
 
 
 def _min_ranks(spec: JobSpec) -> int:
@@ -104,11 +105,4 @@ def _why(spec: JobSpec, layout: tuple[int, int, int], available: int) -> str:
 
 
 def _rules(spec: JobSpec) -> str:
-    m, t = spec.model, spec.training
-    return (f"tp must divide heads={m.heads} and vocab_size={m.vocab_size}, pp must divide layers={m.layers}, "
-            f"micro_batch_size*dp must divide global_batch_size={t.global_batch_size}")
-
-
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
+    return describe_rules(spec.model, spec.training)

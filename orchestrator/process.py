@@ -14,10 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def spawn_server(home: Path, db_url: str | None, grpc_port: int, http_port: int = 0,
                  reconcile: bool = True, log_path: Path | None = None,
-                 max_ranks: int | None = None) -> subprocess.Popen:
+                 max_ranks: int | None = None, allow_test_hooks: bool = False) -> subprocess.Popen:
     code = ("from pathlib import Path; from orchestrator.server import ServerSettings, run_server; "
             f"run_server(ServerSettings(home=Path({str(home)!r}), db_url={db_url!r}, grpc_port={grpc_port}, "
-            f"http_port={http_port}, reconcile={reconcile!r}, max_ranks={max_ranks!r}))")
+            f"http_port={http_port}, reconcile={reconcile!r}, max_ranks={max_ranks!r}, "
+            f"allow_test_hooks={allow_test_hooks!r}))")
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
     try:

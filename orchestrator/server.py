@@ -16,6 +16,9 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from contract.errors import FieldViolation
+from contract.reach import reach_violations
+from contract.spec import JobSpec
 from orchestrator import config
 from orchestrator.api.job_service import JobService
 from orchestrator.api.trainer_service import TrainerService
@@ -50,13 +53,14 @@ class ServerSettings:
     kubeconfig: str | None = None
     # How ranks reach this control plane when it is not `host:grpc_port` (a Service's DNS name in a cluster).
     advertise_address: str | None = None
+    # Where a spec's data.path may lead (`--data-root DIR`, repeatable; contract.reach). None: only the built-in
+    # corpus. On Kubernetes, the data directory of the ranks' shared volume instead.
+    data_roots: tuple[Path, ...] = ()
+    # Accept and honour the trainer's test hooks (RH_FAULT_*, RH_TEST_* in a spec's env): for test servers only.
+    allow_test_hooks: bool = False
     # Off only for benchmarks of the API alone: jobs are recorded but never launched.
     reconcile: bool = True
     reconciler: ReconcilerSettings = ReconcilerSettings()
-    # Directories a spec's data.path may name (`serve --data-root`, repeatable).
-    data_roots: tuple[Path, ...] = ()
-    # Lets a spec's env set the trainer's test hooks (RH_TEST_*, RH_FAULT_*): for tests only.
-    allow_test_hooks: bool = False
     # Threads of the job controller: jobs are reconciled in parallel, each by one worker at a time.
     controller_workers: int = 4
 
@@ -101,7 +105,7 @@ class ControlPlane:
                                         self.settings.advertise_address or self.grpc_address,
                                         self.settings.reconciler, workers=self.settings.controller_workers)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, users, launcher, self.job_controller.wake), server)
+            JobService(self.db, users, launcher, self.job_controller.wake, self.reach_violations), server)
         trainer_service = TrainerService(self.db, credential_key,
                                          on_checkpoint_commit=self.metrics.checkpoint_committed)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
@@ -118,6 +122,13 @@ class ControlPlane:
             self.job_controller.start()
         for name in ("", *services):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def reach_violations(self, spec: JobSpec) -> list[FieldViolation]:
+        """What CreateJob refuses in a valid spec: what it may not reach under this server's policy
+        (contract.reach, with the ranks' view of the data roots), and a job directory that a symlink already
+        leads elsewhere (the launcher's to say)."""
+        policy = reach_violations(spec, self.launcher.data_roots, self.settings.allow_test_hooks)
+        return policy + self.launcher.directory_violations(spec)
 
     def _start_http(self) -> None:
         app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake)

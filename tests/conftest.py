@@ -84,8 +84,11 @@ def processes_of(job: str) -> list[int]:
     return pids
 
 
-def start_plane(home: Path, db_url: str | None, reconcile: bool) -> ControlPlane:
+def start_plane(home: Path, db_url: str | None, reconcile: bool, allow_test_hooks: bool = True,
+                data_roots: tuple[Path, ...] = ()) -> ControlPlane:
+    """A control plane on free ports; started for tests (test hooks allowed) unless told otherwise."""
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=0, http_port=0, reconcile=reconcile,
+                                        allow_test_hooks=allow_test_hooks, data_roots=data_roots,
                                         reconciler=ReconcilerSettings(interval_seconds=0.2,
                                                                       restart_backoff_seconds=0.2,
                                                                       stop_grace_seconds=5)))

@@ -72,7 +72,7 @@ class Plane:
     def __init__(self, home: Path, restart_backoff_seconds: float = 0.2):
         self.home = home
         self.control = ControlPlane(ServerSettings(
-            home=home, db_url=None, grpc_port=0, http_port=0, reconcile=True,
+            home=home, db_url=None, grpc_port=0, http_port=0, reconcile=True, allow_test_hooks=True,
             reconciler=ReconcilerSettings(interval_seconds=0.2, restart_backoff_seconds=restart_backoff_seconds,
                                           stop_grace_seconds=5)))
         self.control.start()
@@ -184,7 +184,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, re
 
 def test_kill_9_of_the_control_plane_during_a_run(tmp_path, reference_loss):
     home, port = tmp_path / "home", free_port()
-    server = spawn_server(home, None, port, log_path=tmp_path / "server.log")
+    server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True)
     try:
         client = Client(f"127.0.0.1:{port}", token_file(home).read_text().strip())
         spec = fault_spec("headless")
@@ -193,7 +193,7 @@ def test_kill_9_of_the_control_plane_during_a_run(tmp_path, reference_loss):
         server.send_signal(signal.SIGKILL)
         server.wait()
         time.sleep(2.0)  # checkpoints commit with nobody listening; their reports wait in the ranks
-        server = spawn_server(home, None, port, log_path=tmp_path / "server.log")
+        server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True)
         done = finished(client, "jobs/headless")
         assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
         assert len(done.attempts) == 1

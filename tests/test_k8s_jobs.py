@@ -61,7 +61,7 @@ class Cluster:
         self.kubelet = FakeKubelet(self.kube, NS, tmp / "node", {CLAIM: self.volume}, image_env)
         self.kubelet.start()
         self.settings = ServerSettings(
-            home=tmp / "home", grpc_port=0, http_port=0, launcher="kubernetes",
+            home=tmp / "home", grpc_port=0, http_port=0, launcher="kubernetes", allow_test_hooks=True,
             kubeconfig=str(write_kubeconfig(tmp / "kubeconfig", url)),
             kubernetes=KubernetesSettings(pods=PodSettings(namespace=NS, image="roundhouse/trainer:test",
                                                            command=[sys.executable, "-m", "trainers"],

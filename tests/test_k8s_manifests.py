@@ -14,6 +14,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import ValidationError
 
+from contract.rank_env import RankEnv
 from k8s import manifests
 from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, Phase
@@ -43,7 +44,7 @@ SPECS = {
                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
                                        {"key": "dedicated", "value": "training"}],
                        "priority_class": "training-high", "queue": "team-a"},
-        "checkpoint": {"directory": "/var/lib/roundhouse/shared/ckpt", "interval": 100},
+        "checkpoint": {"directory": "shared/ckpt", "interval": 100},
         "env": {"NCCL_DEBUG": "INFO"}},
     "long-name": {"name": "a-job-name-that-is-as-long-as-a-dns-label-may-be-0123456789abc"},
     "ranks-per-pod": {"resources": {"cpu": "500m", "memory": "16Gi", "gpus": 1}, "kubernetes": {"ranks_per_pod": 2}},
@@ -88,6 +89,22 @@ def test_several_ranks_per_pod_run_under_torchrun_with_the_pods_resources_summed
     assert (manifests.ranks_per_pod(reshaped), manifests.pod_count(reshaped)) == (2, 3)
     single = manifests.job(request(dp=2), PodSettings(command=["python", "-m", "trainers"]))
     assert single["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "trainers"]
+
+
+def test_a_pods_environment_is_the_contract_the_specs_env_and_the_pods_minimum():
+    req = request(dp=2, env={"NCCL_DEBUG": "INFO"}, checkpoint={"directory": "keep/ckpt"})
+    [container] = manifests.job(req, PodSettings(volume_path="/vol"))["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert len(env) == len(container["env"])  # no name twice
+    contract = set(RankEnv(spec_file="x", spec_json="x", server="x", run_dir="x", job_dir="x", checkpoint_dir="x",
+                           data_roots=()).to_environ())
+    assert set(env) - contract == {"NCCL_DEBUG", "HOME", "PYTHONUNBUFFERED"}
+    assert env["ROUNDHOUSE_JOB_DIR"] == "/vol/jobs/gpt"
+    assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == "/vol/jobs/gpt/keep/ckpt"
+    assert env["ROUNDHOUSE_DATA_ROOTS"] == "/vol/data" == manifests.data_root(PodSettings(volume_path="/vol"))
+    assert env["ROUNDHOUSE_TEST_HOOKS"] == "0"
+    [container] = manifests.job(req, PodSettings(allow_test_hooks=True))["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in container["env"]}["ROUNDHOUSE_TEST_HOOKS"] == "1"
 
 
 def deploy_objects() -> list[tuple[str, dict[str, Any]]]:

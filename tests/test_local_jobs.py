@@ -53,7 +53,7 @@ def events(client: Client, name: str) -> list[job_pb2.Event]:
 
 @pytest.fixture
 def plane(db_url, tmp_path):
-    plane = start_plane(tmp_path / "home", db_url, reconcile=True)
+    plane = start_plane(tmp_path / "home", db_url, reconcile=True, data_roots=(tmp_path,))
     yield plane
     plane.stop()
 
@@ -154,7 +154,7 @@ def _train_the_3d_example(client):
 # -- the control plane itself crashes ---------------------------------------------------------------------
 
 def _serve(home: Path, db_url: str, grpc_port: int) -> subprocess.Popen:
-    return spawn_server(home, db_url, grpc_port, log_path=home.parent / "server.log")
+    return spawn_server(home, db_url, grpc_port, log_path=home.parent / "server.log", allow_test_hooks=True)
 
 
 def test_control_plane_killed_mid_run_adopts_its_ranks_and_the_job_finishes_once(db_url, tmp_path):

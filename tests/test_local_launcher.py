@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.job_dirs import OutsideJobDir
+from contract.rank_env import RankEnv
 from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
-from orchestrator.launcher.local import LocalLauncher
+from orchestrator.launcher.local import LocalLauncher, minimum_environ
 from orchestrator.planner import spec_at_layout
 from contract.spec import parse_spec
 
@@ -81,8 +83,10 @@ def test_sigterm_to_the_group_is_recorded_as_preempted(launcher):
     assert launcher.status(ref).phase is Phase.RUNNING
     for rank in ref.launch_info["ranks"]:
         os.killpg(rank["pid"], signal.SIGTERM)  # what a node's shutdown does: the wrapper gets it too
-    status = wait_until(lambda: (s := launcher.status(ref)).phase is not Phase.RUNNING and s)
     run = Path(ref.launch_info["dir"])
+    # The first exit file already makes the attempt FAILED; wait for both ranks' (no race on the second).
+    wait_until(lambda: all((run / f"rank-{r}.exit").exists() for r in range(2)))
+    status = launcher.status(ref)
     assert [(run / f"rank-{r}.exit").read_text().strip() for r in range(2)] == ["4", "4"]
     assert status.phase is Phase.FAILED and status.reason == "Preempted"
     assert "was preempted (exit code 4)" in status.message
@@ -129,10 +133,53 @@ def test_ranks_run_the_spec_at_the_attempts_layout_with_the_jobs_checkpoint_dir(
     stop(launcher, ref, 5)
 
 
-def test_the_specs_checkpoint_directory_wins(launcher, tmp_path):
-    ref = launch_and_wait_ready(launcher, request(checkpoint={"directory": str(tmp_path / "shared")}))
+def test_the_specs_checkpoint_directory_is_under_the_jobs_directory(launcher, tmp_path):
+    ref = launch_and_wait_ready(launcher, request(checkpoint={"directory": "shared/ckpt"}))
     env = json.loads((Path(ref.launch_info["dir"]) / "env-0.json").read_text())
-    assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == str(tmp_path / "shared") and (tmp_path / "shared").is_dir()
+    checkpoints = tmp_path / "runs" / "j" / "shared" / "ckpt"
+    assert env["ROUNDHOUSE_CHECKPOINT_DIR"] == str(checkpoints) and checkpoints.is_dir()
+    assert env["ROUNDHOUSE_JOB_DIR"] == str(tmp_path / "runs" / "j")
+    stop(launcher, ref, 5)
+
+
+def test_a_symlink_in_the_job_directory_leading_out_fails_the_launch_before_any_rank_starts(launcher, tmp_path):
+    other = tmp_path / "runs" / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    (tmp_path / "runs" / "j").mkdir()
+    (tmp_path / "runs" / "j" / "checkpoints").symlink_to(other)  # the default checkpoint directory's place
+    with pytest.raises(OutsideJobDir, match="outside the job's directory"):
+        launcher.launch(request())
+    assert not launcher.attempt_dir("j", 1).exists()  # nothing written, no rank started
+
+
+def test_a_rank_starts_from_a_clean_environment(launcher, tmp_path, monkeypatch):
+    # Variables of the control plane's own (a secret, an interpreter setting) must not reach a rank.
+    monkeypatch.setenv("RH_SENTINEL_SECRET", "control-plane-only")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("ROUNDHOUSE_TOKEN", "admin-token")
+    ref = launch_and_wait_ready(launcher, request(env={"NCCL_DEBUG": "INFO"}))
+    env = json.loads((Path(ref.launch_info["dir"]) / "env-0.json").read_text())
+    contract = set(RankEnv(spec_file="x", data_roots=(), server="x", run_dir="x", job_dir="x",
+                           checkpoint_dir="x").to_environ())
+    minimum = set(minimum_environ(sys.executable))
+    # What the wrapper's shell (PWD) and the interpreter (LC_CTYPE, on some systems) add at start-up.
+    added_at_start = {"PWD", "LC_CTYPE"}
+    assert set(env) - contract - minimum - added_at_start == {"NCCL_DEBUG"}
+    assert "RH_SENTINEL_SECRET" not in env and "ROUNDHOUSE_TOKEN" not in env
+    assert env["PATH"].split(os.pathsep)[-1] == str(Path(sys.executable).parent)
+    assert env["ROUNDHOUSE_TEST_HOOKS"] == "0" and env["ROUNDHOUSE_DATA_ROOTS"] == ""
+    stop(launcher, ref, 5)
+
+
+def test_the_launcher_tells_its_ranks_the_data_roots_and_whether_test_hooks_are_on(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    launcher = LocalLauncher(tmp_path / "runs", rank_command=[sys.executable, str(script)],
+                             data_roots=(tmp_path / "d1", tmp_path / "d2"), allow_test_hooks=True)
+    ref = launch_and_wait_ready(launcher, request())
+    env = RankEnv.from_environ(json.loads((Path(ref.launch_info["dir"]) / "env-1.json").read_text()))
+    assert env.test_hooks and env.data_roots == (str(tmp_path / "d1"), str(tmp_path / "d2"))
+    assert (env.rank, env.world_size, env.job, env.attempt, env.token) == (1, 2, "jobs/j", 1, "token")
     stop(launcher, ref, 5)
 
 

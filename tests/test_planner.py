@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
+from contract.layout import Layout, layout_violations
 from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout, valid_layouts
 from contract.spec import parse_spec
 
@@ -90,8 +93,10 @@ def test_every_valid_layout_passes_the_specs_own_validation():
     assert (2, 3, 2) in layouts and (1, 1, 1) in layouts
     for tp, pp, dp in layouts:
         assert tp * pp * dp <= 12
-        reshaped = spec_at_layout(spec, tp, pp, dp)  # parse_spec inside: raises if the rules disagree
+        reshaped = spec_at_layout(spec, tp, pp, dp)
         assert reshaped.resources.ranks == tp * pp * dp
+        # The spec gate accepts what the planner picked: both ask contract.layout.
+        assert parse_spec(reshaped.model_dump(mode="json")) == reshaped
     assert (3, 1, 1) not in layouts  # 260 is not divisible by 3
     assert (1, 1, 3) not in layouts  # 12 is not divisible by 3*3
 
@@ -103,3 +108,20 @@ def test_spec_at_layout_changes_only_the_layout_and_clamps_min_ranks():
     assert reshaped.resources.ranks == 2 and reshaped.resources.min_ranks == 2
     assert reshaped.model == spec.model and reshaped.training == spec.training
     assert spec.parallelism.dp == 2  # the original is untouched
+
+
+def test_spec_at_layout_refuses_a_layout_the_rules_forbid():
+    spec = spec_3d()
+    with pytest.raises(ValueError, match="model.layers"):
+        spec_at_layout(spec, 1, 3, 1)  # 4 layers do not split into 3 stages
+
+
+def test_every_layout_the_rules_refuse_is_missing_from_the_valid_ones():
+    spec = parse_spec({"name": "p", "model": {"layers": 6, "heads": 6, "hidden_size": 96, "vocab_size": 260},
+                       "parallelism": {"tp": 2, "pp": 3, "dp": 2}, "resources": {"min_ranks": 1},
+                       "training": {"global_batch_size": 12, "micro_batch_size": 3}})
+    valid = set(valid_layouts(spec))
+    for tp, pp, dp in itertools.product(range(1, 13), repeat=3):
+        if tp * pp * dp <= spec.world_size:
+            accepted = not layout_violations(Layout(tp, pp, dp), spec.model, spec.training)
+            assert ((tp, pp, dp) in valid) == accepted, (tp, pp, dp)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.spec import SpecError, load_spec_file, parse_spec, spec_from_proto, spec_to_proto
+from contract.spec import SpecError, load_spec_file, parse_spec, spec_from_json, spec_from_proto, spec_to_proto
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -69,7 +69,32 @@ BAD_INPUTS = [
                  id="node selector value not a label value"),
     pytest.param(with_change("kubernetes.volume_claim", "Data_Set"), "kubernetes.volume_claim",
                  id="claim not a DNS name"),
+    pytest.param(VALID | {"name": "tiny\n"}, "name", id="name with a trailing newline"),
+    pytest.param(with_change("checkpoint.directory", "/var/lib/roundhouse/jobs/other/checkpoints"),
+                 "checkpoint.directory", id="absolute checkpoint directory"),
+    pytest.param(with_change("checkpoint.directory", "../other-job/checkpoints"), "checkpoint.directory",
+                 id="checkpoint directory escaping with .."),
+    pytest.param(with_change("checkpoint.directory", "ckpt/../../other-job"), "checkpoint.directory",
+                 id="checkpoint directory escaping from inside"),
+    pytest.param(with_change("checkpoint.directory", "."), "checkpoint.directory",
+                 id="checkpoint directory that is the job directory itself"),
+    pytest.param(with_change("env.A\0B", "x"), "env.A\0B", id="env name with NUL"),
+    pytest.param(with_change("env.OK", "a\0b"), "env.OK", id="env value with NUL"),
 ]
+
+# Names a spec's env may not set: the launcher's, the loader's, the interpreter's and shell's, proxies, ours,
+# in any case; and names that are not plain variable names (a trailing newline included).
+REFUSED_ENV_NAMES = [
+    "LD_PRELOAD", "LD_LIBRARY_PATH", "ld_preload", "Ld_Audit", "DYLD_INSERT_LIBRARIES", "GCONV_PATH",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "pythonpath", "PythonUserBase", "PATH", "path", "HOME",
+    "BASH_ENV", "ENV", "env", "SHELLOPTS", "TORCH_EXTENSIONS_DIR",
+    "HTTP_PROXY", "https_proxy", "ALL_PROXY", "NO_PROXY", "grpc_proxy", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "ROUNDHOUSE_JOB_TOKEN", "roundhouse_test_hooks", "ROUNDHOUSE_CHECKPOINT_DIR", "RANK", "master_addr",
+    "NODE_RANK", "PET_NPROC_PER_NODE", "TORCHELASTIC_RUN_ID",
+    "FOO\n", "1FOO", "A-B", "A B", "", "X" * 129,
+]
+ALLOWED_ENV_NAMES = ["NCCL_DEBUG", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "my_setting", "_X", "RH_FAULT_RANK",
+                     "RH_TEST_STEP_SLEEP"]
 
 
 def test_valid_spec_is_accepted_and_filled_in():
@@ -137,3 +162,28 @@ def test_unknown_proto_fields_are_rejected():
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid(path):
     load_spec_file(str(path))
+
+
+@pytest.mark.parametrize("name", REFUSED_ENV_NAMES)
+def test_refused_env_names_are_refused_at_the_env_field(name):
+    with pytest.raises(SpecError) as info:
+        parse_spec(VALID | {"env": {name: "1"}})
+    assert [v.field for v in info.value.violations] == [f"env.{name}"]
+
+
+@pytest.mark.parametrize("name", ALLOWED_ENV_NAMES)
+def test_ordinary_env_names_pass(name):
+    # Test hooks pass the spec gate; a server not started for tests refuses them (contract.reach).
+    assert parse_spec(VALID | {"env": {name: "1"}}).env == {name: "1"}
+
+
+def test_a_relative_checkpoint_subdirectory_is_accepted():
+    assert parse_spec(with_change("checkpoint.directory", "runs/ckpt")).checkpoint.directory == "runs/ckpt"
+
+
+def test_the_rank_reads_the_spec_the_control_plane_wrote():
+    spec = parse_spec(VALID)
+    assert spec_from_json(spec.model_dump_json()) == spec
+    with pytest.raises(SpecError) as info:
+        spec_from_json(spec.model_dump_json().replace('"layers":4', '"layers":3'))
+    assert "model.layers" in [v.field for v in info.value.violations]

@@ -53,7 +53,7 @@ def start_rank(spec_file: Path, run_dir: Path, rank: int = 0, world_size: int = 
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ROUNDHOUSE_SPEC_FILE": str(spec_file),
                 "ROUNDHOUSE_JOB": "jobs/trainer-test", "ROUNDHOUSE_ATTEMPT": "2", "ROUNDHOUSE_JOB_TOKEN": TOKEN,
-                "ROUNDHOUSE_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"})
+                "ROUNDHOUSE_RUN_DIR": str(run_dir), "ROUNDHOUSE_TEST_HOOKS": "1", "PYTHONUNBUFFERED": "1"})
     if server:
         env["ROUNDHOUSE_SERVER"] = server
     env.update(extra_env or {})

@@ -1,22 +1,11 @@
-"""What a rank learns from its environment: who it is, where its peers and the control plane are, and its spec.
+"""What a rank reads from its environment beyond the contract: its spec, its test hooks, and the paths it
+may open.
 
-The launcher sets, for every rank:
+The variables themselves (names, meaning, parsing) are defined once in contract.rank_env, which the launchers
+also use; `RankEnv` is re-exported here for the rank's modules.
 
-    RANK, WORLD_SIZE, LOCAL_RANK   the standard torch.distributed identity (defaults 0, 1, RANK)
-    MASTER_ADDR, MASTER_PORT       rendezvous of the gloo process group (defaults 127.0.0.1, 29500)
-    ROUNDHOUSE_SPEC_FILE           path to a JSON file holding JobSpec.model_dump(mode="json"); or
-    ROUNDHOUSE_SPEC_JSON           that JSON itself (pods get it from their attempt's Secret); one is required
-    ROUNDHOUSE_SERVER              host:port of the control plane's gRPC; unset or empty: no reporting at all
-    ROUNDHOUSE_JOB                 the job's resource name, "jobs/<name>"
-    ROUNDHOUSE_ATTEMPT             the attempt number (int, default 0)
-    ROUNDHOUSE_JOB_TOKEN           bearer token, sent as gRPC metadata ("authorization", "Bearer <token>")
-    ROUNDHOUSE_RUN_DIR             a writable directory for this attempt (may be unset)
-    ROUNDHOUSE_START_STEP          the newest committed checkpoint the control plane knows of (informational: the
-                                   trainer resumes from the newest checkpoint in the directory that passes its checks)
-    ROUNDHOUSE_CHECKPOINT_DIR      the job's checkpoint directory, shared by all ranks and attempts (the spec's
-                                   checkpoint.directory when unset; no checkpoints when both are unset)
-
-Test hooks (set through the spec's `env`, so tests can make a rank misbehave on purpose):
+Test hooks (set through the spec's `env`, so tests can make a rank misbehave on purpose), honoured only when
+the launcher sets ROUNDHOUSE_TEST_HOOKS=1 (a server started for tests; others refuse such a spec):
 
     RH_FAULT_EXIT_AT_STEP=N        the rank RH_FAULT_RANK (default 0) exits at once with code 17 when it reaches
                                    step N (steps count from 1), as if it crashed
@@ -32,62 +21,29 @@ Test hooks (set through the spec's `env`, so tests can make a rank misbehave on 
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from contract.spec import JobSpec, parse_spec
+from contract import job_dirs
+from contract.rank_env import RankEnv, RankEnvError
+from contract.reach import DataPathError, resolve_data_path
+from contract.spec import JobSpec, SpecError, is_test_hook, spec_from_json
+
+__all__ = ["ConfigError", "RankEnv", "TestHooks", "checkpoint_root", "data_path", "load_spec", "read_rank_env"]
 
 
 class ConfigError(Exception):
     """The rank cannot run as configured (bad environment, spec or layout); exits with code 2."""
 
 
-@dataclass(frozen=True)
-class RankEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    spec_file: str
-    server: str | None
-    job: str
-    attempt: int
-    token: str
-    run_dir: str | None
-    start_step: int
-    checkpoint_dir: str | None = None
-    spec_json: str | None = None  # the spec inline, when there is no spec file
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> RankEnv:
-        rank = _int(environ, "RANK", 0)
-        world_size = _int(environ, "WORLD_SIZE", 1)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"RANK={rank} is not within WORLD_SIZE={world_size}")
-        spec_file = environ.get("ROUNDHOUSE_SPEC_FILE", "")
-        spec_json = environ.get("ROUNDHOUSE_SPEC_JSON", "")
-        if not spec_file and not spec_json:
-            raise ConfigError("neither ROUNDHOUSE_SPEC_FILE nor ROUNDHOUSE_SPEC_JSON is set: one must give the "
-                              "job's spec (a JSON file, or the JSON itself)")
-        return cls(
-            rank=rank,
-            world_size=world_size,
-            local_rank=_int(environ, "LOCAL_RANK", rank),
-            master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
-            master_port=_int(environ, "MASTER_PORT", 29500),
-            spec_file=spec_file,
-            server=environ.get("ROUNDHOUSE_SERVER") or None,
-            job=environ.get("ROUNDHOUSE_JOB", ""),
-            attempt=_int(environ, "ROUNDHOUSE_ATTEMPT", 0),
-            token=environ.get("ROUNDHOUSE_JOB_TOKEN", ""),
-            run_dir=environ.get("ROUNDHOUSE_RUN_DIR") or None,
-            start_step=_int(environ, "ROUNDHOUSE_START_STEP", 0),
-            checkpoint_dir=environ.get("ROUNDHOUSE_CHECKPOINT_DIR") or None,
-            spec_json=spec_json or None,
-        )
+def read_rank_env(environ: Mapping[str, str] = os.environ) -> RankEnv:
+    try:
+        return RankEnv.from_environ(environ)
+    except RankEnvError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +59,15 @@ class TestHooks:
     snapshot_delay: float = 0.0
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> TestHooks:
+    def from_environ(cls, environ: Mapping[str, str] = os.environ, enabled: bool = False) -> TestHooks:
+        """The hooks set in `environ`; none at all unless `enabled` (the launcher's ROUNDHOUSE_TEST_HOOKS)."""
+        if not enabled:
+            ignored = sorted(name for name in environ if is_test_hook(name))
+            if ignored:
+                print(f"roundhouse trainer: test hooks off (ROUNDHOUSE_TEST_HOOKS is not 1): ignoring "
+                      f"{', '.join(ignored)}", file=sys.stderr, flush=True)
+            return cls()
+
         def optional(name: str) -> int | None:
             value = environ.get(name)
             return int(value) if value else None
@@ -114,7 +78,7 @@ class TestHooks:
             return cls(fault_exit_at_step=optional("RH_FAULT_EXIT_AT_STEP"),
                        fault_exit_in_save_at_step=optional("RH_FAULT_EXIT_IN_SAVE_AT_STEP"),
                        fault_hang_at_step=optional("RH_FAULT_HANG_AT_STEP"),
-                       fault_rank=_int(environ, "RH_FAULT_RANK", 0),
+                       fault_rank=int(environ.get("RH_FAULT_RANK") or 0),
                        fault_attempt=optional("RH_FAULT_ATTEMPT"),
                        step_sleep=float(sleep) if sleep else 0.0,
                        snapshot_delay=float(delay) if delay else 0.0)
@@ -135,28 +99,44 @@ class TestHooks:
 
 
 def load_spec(path: str, inline: str | None = None) -> JobSpec:
-    """The spec the launcher wrote (a file at `path`, else the JSON `inline`), validated (and defaulted) by the
-    control plane's own gate."""
+    """The spec the launcher wrote (a file at `path`, else the JSON `inline`), read by the contract's gate."""
     try:
         if path:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            text = Path(path).read_bytes()
         else:
             path = "ROUNDHOUSE_SPEC_JSON"
-            data = json.loads(inline or "")
-    except (OSError, json.JSONDecodeError) as exc:
+            text = (inline or "").encode()
+    except OSError as exc:
         raise ConfigError(f"cannot read the spec file {path}: {exc}") from None
     try:
-        return parse_spec(data)
-    except ValueError as exc:
+        return spec_from_json(text)
+    except SpecError as exc:
         raise ConfigError(f"invalid spec in {path}: {exc}") from None
 
 
-def _int(environ: Mapping[str, str], name: str, default: int) -> int:
-    value = environ.get(name)
-    if value is None or value == "":
-        return default
+def data_path(spec: JobSpec, env: RankEnv) -> str | None:
+    """The data the rank opens: spec.data.path, resolved (symlinks too) inside the launcher's data roots;
+    None: the built-in corpus. A rank started by hand (no ROUNDHOUSE_DATA_ROOTS) opens the path as given."""
+    if spec.data.path is None or env.data_roots is None:
+        return spec.data.path
     try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer") from None
+        return resolve_data_path(spec.data.path, env.data_roots, follow_symlinks=True)
+    except DataPathError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+
+
+def checkpoint_root(spec: JobSpec, env: RankEnv) -> Path | None:
+    """The job's checkpoint directory (None: no checkpoints): the launcher's, checked to resolve inside the
+    job's directory when the launcher gave one, so that a symlink cannot lead the rank's reads and deletions
+    elsewhere. A rank started by hand without one uses the spec's checkpoint.directory under its working
+    directory (contract.job_dirs)."""
+    if not env.checkpoint_dir:
+        if not spec.checkpoint.directory:
+            return None
+        return job_dirs.checkpoint_dir(Path.cwd(), spec.checkpoint)
+    if not env.job_dir:
+        return Path(env.checkpoint_dir)
+    try:
+        return job_dirs.make_inside(Path(env.job_dir), Path(env.checkpoint_dir))
+    except job_dirs.OutsideJobDir as exc:
+        raise ConfigError(f"checkpoint.directory: {exc}") from None

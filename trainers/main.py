@@ -6,7 +6,8 @@ parallelism (trainers.pipeline), on CPU with gloo or on GPUs with NCCL. Each ste
 (trainers.data), split across the data-parallel ranks and, within a rank, into micro-batches. Rank 0 prints
 one line per step and queues one metric point per step for the control plane (trainers.reporting).
 
-The environment contract, test hooks included, is in trainers.env. Exit codes:
+The environment contract is contract.rank_env; what the rank makes of it (spec, test hooks, the paths it may
+open) is trainers.env. Exit codes:
 
     0   trained every step
     1   failed: the traceback is on stderr (bad data, a peer rank gone, any bug)
@@ -22,6 +23,7 @@ end (in the background when `checkpoint.async_save`), and on SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -39,7 +41,7 @@ from trainers import parallel
 from trainers.checkpoint import Checkpointer, Manifest
 from trainers.data import TextData
 from trainers.indexed_dataset import TokenWindows, open_dataset
-from trainers.env import ConfigError, RankEnv, TestHooks, load_spec
+from trainers.env import ConfigError, RankEnv, TestHooks, checkpoint_root, data_path, load_spec, read_rank_env
 from trainers.parallel import ParallelDims
 from trainers.optim import set_lr
 from trainers.pipeline import build_engine, micro_batches
@@ -56,10 +58,14 @@ EXIT_FAULT = 17
 
 def main() -> int:
     try:
-        env = RankEnv.from_environ()
-        hooks = TestHooks.from_environ()
+        env = read_rank_env()
+        hooks = TestHooks.from_environ(enabled=env.test_hooks)
         spec = load_spec(env.spec_file, env.spec_json)
         check_layout(spec, env)
+        # The paths the rank opens, checked once here (symlinks resolved) and then used as they are.
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": data_path(spec, env)})})
+        root = checkpoint_root(spec, env)
+        env = dataclasses.replace(env, checkpoint_dir=str(root) if root else None)
     except ConfigError as exc:
         print(f"roundhouse trainer: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -165,7 +171,7 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
 
 def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dims: ParallelDims,
                       reporter: ReporterLike) -> Checkpointer | None:
-    root = env.checkpoint_dir or spec.checkpoint.directory
+    root = env.checkpoint_dir  # resolved by main() (trainers.env.checkpoint_root)
     if not root:
         return None
 

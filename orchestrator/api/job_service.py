@@ -17,7 +17,7 @@ from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import Launcher
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
-from contract.spec import FieldViolation, SpecError, spec_from_proto, spec_to_proto
+from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto
 from orchestrator.store import Database, Job, JobState, NameTaken, NewJob, utcnow
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -26,8 +26,11 @@ WATCH_BATCH = 1000
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[str], None]):
+    def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[str], None],
+                 reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
         self.db = db
+        # What a valid spec may not reach on this server (data roots, test hooks, directories): server.py.
+        self.reach_violations = reach_violations
         self.users = users
         self.launcher = launcher
         self.wake_reconciler = wake_reconciler
@@ -42,6 +45,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in exc.violations])
         principal = self._authorized(context, Action.SUBMIT)
+        violations = self.reach_violations(spec)
+        if violations:  # what the spec may reach under this server's policy; nothing is written
+            abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in violations])
         owner = principal.user if principal else ""
         now = utcnow()
         new_job = NewJob(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from contract.spec import JobSpec
+from contract.spec import FieldViolation, JobSpec
 
 
 # The reason of a FAILED attempt whose ranks were taken away (SIGTERM, eviction, a lost node): it spends the
@@ -74,6 +74,13 @@ class AttemptStatus:
 
 
 class Launcher(Protocol):
+    # Where a spec's data.path may lead, as the ranks see it (contract.reach checks CreateJob against it).
+    data_roots: tuple[str, ...]
+
+    def directory_violations(self, spec: JobSpec) -> list[FieldViolation]:
+        """For CreateJob: the job's directories as this launcher can see them before any rank starts (a
+        symlink already leading out), each refusal naming its field; [] where it cannot see them."""
+
     def subscribe(self, notify: Callable[[str], None]) -> None:
         """Called once by the control plane's controller runtime: from then on the launcher calls
         `notify(job_name)` (from any thread) when a rank of that job ends or its pod goes, so the job is looked

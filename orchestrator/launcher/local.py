@@ -7,7 +7,11 @@ Each rank leads its own process group, so stopping a rank also stops whatever it
 
 A rank that exits with PREEMPTED_EXIT_CODE got SIGTERM, checkpointed and left: the attempt ended
 "Preempted", which has its own restart budget. Checkpoints go to one directory per job, shared by every
-attempt, so the next attempt resumes from them (reshaped if it runs at another layout)."""
+attempt, so the next attempt resumes from them (reshaped if it runs at another layout); where a job's
+directories are is contract.job_dirs' rule.
+
+A rank starts from a clean environment: the contract's variables (contract.rank_env), the spec's `env`, and
+the minimum below (`minimum_environ`), never this process's own environment (its secrets included)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from contract import job_dirs
+from contract.errors import FieldViolation
+from contract.rank_env import DATA_ROOTS_SEPARATOR, RankEnv
+from contract.spec import JobSpec
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 
 if TYPE_CHECKING:
@@ -55,11 +63,32 @@ def _process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def minimum_environ(python: str) -> dict[str, str]:
+    """What every local rank gets besides the contract's variables and its spec's `env`: a PATH of the system's
+    directories and then the interpreter's (tools installed beside it are found, but the system's own come
+    first: the ninja that built DeepSpeed's op at install, so a rank never rebuilds it with another ninja),
+    HOME, and the locale and temporary directory of the control plane when it has them. Nothing else of ours."""
+    env = {"PATH": os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin", str(Path(python).parent)]),
+           "HOME": os.environ.get("HOME") or str(Path.home()),
+           "PYTHONUNBUFFERED": "1"}
+    for name in ("LANG", "LC_ALL", "TMPDIR"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
 class LocalLauncher:
     def __init__(self, runs_dir: Path, python: str = sys.executable, max_ranks: int | None = None,
-                 rank_command: list[str] | None = None):
+                 rank_command: list[str] | None = None, data_roots: tuple[Path, ...] = (),
+                 allow_test_hooks: bool = False):
         self.runs_dir = runs_dir.absolute()  # ranks run in their attempt's directory: no relative paths
         self.python = python
+        # Where a rank may read data (its data.path is checked again there), and whether ranks honour test hooks.
+        self.data_roots = tuple(str(Path(root).absolute()) for root in data_roots)
+        for root in self.data_roots:  # the ranks get them joined by ':' (contract.rank_env)
+            if DATA_ROOTS_SEPARATOR in root:
+                raise ValueError(f"data root {root}: may not contain {DATA_ROOTS_SEPARATOR!r}")
+        self.allow_test_hooks = allow_test_hooks
         # How many ranks this machine may run (None: no limit). Mutable: tests lower it to play lost nodes.
         self.max_ranks = max_ranks
         # What each rank runs (tests put a small script here instead of the trainer).
@@ -70,18 +99,29 @@ class LocalLauncher:
         # are seen at the job's next timer instead.
         self._notify: Callable[[str], None] | None = None
 
+    def job_dir(self, job: str) -> Path:
+        return job_dirs.job_dir(self.runs_dir, job)
+
     def attempt_dir(self, job: str, attempt: int) -> Path:
-        return self.runs_dir / job / f"attempt-{attempt}"
+        return job_dirs.attempt_dir(self.job_dir(job), attempt)
 
     def log_path(self, job: str, attempt: int, rank: int) -> Path:
         return self.attempt_dir(job, attempt) / f"rank-{rank}.log"
 
     def checkpoint_dir(self, request: LaunchRequest) -> Path:
-        """The spec's checkpoint.directory (a relative one is under the job's run directory), else
-        <runs>/<job>/checkpoints: one per job, shared by all its attempts."""
-        job_dir = self.runs_dir / request.job
-        configured = request.spec.checkpoint.directory
-        return job_dir / Path(configured).expanduser() if configured else job_dir / "checkpoints"
+        """<runs>/<job>/<checkpoint.directory or "checkpoints">: one per job, shared by all its attempts."""
+        return job_dirs.checkpoint_dir(self.job_dir(request.job), request.spec.checkpoint)
+
+    def directory_violations(self, spec: JobSpec) -> list[FieldViolation]:
+        """For CreateJob: a job directory or checkpoint directory that a symlink on this machine already leads
+        out of where it belongs (checked again at launch, and by the rank)."""
+        job_directory = self.job_dir(spec.name)
+        try:
+            job_dirs.resolve_inside(self.runs_dir, job_directory)
+            job_dirs.resolve_inside(job_directory, job_dirs.checkpoint_dir(job_directory, spec.checkpoint))
+        except job_dirs.OutsideJobDir as exc:
+            return [FieldViolation("checkpoint.directory", str(exc))]
+        return []
 
     # -- Launcher protocol -------------------------------------------------------------------------------
 
@@ -103,13 +143,16 @@ class LocalLauncher:
                 return info  # already launched: adopt, never launch twice
         # A launch interrupted half-way (or never started): clear what it left and start the gang afresh.
         self._kill_recorded(directory, request.world_size)
-        directory.mkdir(parents=True, exist_ok=True)
+        # Both refused (the launch fails, nothing written) if a symlink inside the job's directory leads out of it;
+        # the rank checks its checkpoint directory again.
+        job_directory = self.job_dir(request.job)
+        job_dirs.make_inside(self.runs_dir, job_directory)
+        checkpoints = job_dirs.make_inside(job_directory, self.checkpoint_dir(request))
+        job_dirs.make_inside(job_directory, directory)
         for stale in directory.glob("rank-*.*"):
             stale.unlink()
         spec_file = directory / "spec.json"
         spec_file.write_text(request.spec.model_dump_json())  # at the attempt's layout (see LaunchRequest)
-        checkpoints = self.checkpoint_dir(request)
-        checkpoints.mkdir(parents=True, exist_ok=True)
         port = free_port()
         ranks = []
         for rank in range(request.world_size):
@@ -194,26 +237,15 @@ class LocalLauncher:
 
     def _rank_env(self, request: LaunchRequest, rank: int, port: int, spec_file: Path,
                   directory: Path, checkpoints: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(request.spec.env)
-        env.update({
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(request.world_size),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(request.world_size),
-            "ROUNDHOUSE_SERVER": request.server_address,
-            "ROUNDHOUSE_JOB": f"jobs/{request.job}",
-            "ROUNDHOUSE_ATTEMPT": str(request.attempt),
-            "ROUNDHOUSE_JOB_TOKEN": request.job_token,
-            "ROUNDHOUSE_SPEC_FILE": str(spec_file),
-            "ROUNDHOUSE_RUN_DIR": str(directory),
-            "ROUNDHOUSE_START_STEP": str(request.start_step),
-            "ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints),
-            "PYTHONUNBUFFERED": "1",
-        })
-        return env
+        contract = RankEnv(
+            rank=rank, world_size=request.world_size, local_rank=rank, local_world_size=request.world_size,
+            master_addr="127.0.0.1", master_port=port, spec_file=str(spec_file), server=request.server_address,
+            job=f"jobs/{request.job}", attempt=request.attempt, token=request.job_token, run_dir=str(directory),
+            start_step=request.start_step, job_dir=str(self.job_dir(request.job)), checkpoint_dir=str(checkpoints),
+            data_roots=self.data_roots, test_hooks=self.allow_test_hooks)
+        # The spec's names were checked at CreateJob (none of ours, the loader's or the interpreter's); the
+        # contract's variables come last all the same.
+        return {**minimum_environ(self.python), **request.spec.env, **contract.to_environ()}
 
     def _alive(self, rank: dict[str, Any]) -> bool:
         self._reap(rank["pid"])
@@ -280,4 +312,5 @@ def create_launcher(settings: ServerSettings) -> LocalLauncher:
     the server's home."""
     if settings.launcher_options:
         raise ValueError(f"the local launcher takes no options, not {', '.join(sorted(settings.launcher_options))}")
-    return LocalLauncher(settings.home / "runs", max_ranks=settings.max_ranks)
+    return LocalLauncher(settings.home / "runs", max_ranks=settings.max_ranks, data_roots=settings.data_roots,
+                         allow_test_hooks=settings.allow_test_hooks)
