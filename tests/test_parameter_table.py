@@ -137,8 +137,10 @@ def describe(groups: list[dict], names: dict[int, str]) -> list[tuple]:
 @pytest.mark.parametrize("config", [CONFIG, VARIANT], ids=["layernorm-gelu", "rmsnorm-swiglu"])
 def test_optimizer_groups_are_identical_at_every_tensor_parallel_size(config):
     training = TrainingSpec(weight_decay=0.1)
-    stages = {"whole model": ("embedding.", "blocks.", "head."),  # pp = 1
-              "first of two": ("embedding.", "blocks.0.", "blocks.1."), "last of two": ("blocks.2.", "blocks.3.", "head.")}
+    # Stand-in stages (parameters by prefix): the whole model, and two halves of it that hold different roles.
+    stages = {"whole model": ("embedding.", "blocks.", "head."),
+              "first half": ("embedding.", "blocks.0.", "blocks.1."),
+              "second half": ("blocks.2.", "blocks.3.", "head.")}
     for stage, prefixes in stages.items():
         described = []
         for tp in (1, 2):
