@@ -143,11 +143,11 @@ def test_optimizer_groups_are_identical_at_every_tensor_parallel_size(config):
               "second half": ("blocks.2.", "blocks.3.", "head.")}
     for stage, prefixes in stages.items():
         described = []
-        for tp in (1, 2):
+        for tp in (1, 2, 4):
             parameters = stage_parameters(config, tp, prefixes)
             groups = param_groups(parameters, parameter_table(config), training)
             described.append(describe(groups, {id(p): name for name, p in parameters}))
-        assert described[0] == described[1], stage
+        assert described[0] == described[1] == described[2], stage
         # Decayed first, then the rest, on every stage: each group's parameters in the model's order.
         decayed, not_decayed = described[0]
         assert decayed[:3] == (1.0, 0.1, EPS) and not_decayed[:3] == (1.0, 0.0, EPS), stage

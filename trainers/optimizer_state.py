@@ -64,6 +64,9 @@ class ZeroOneOptimizerState:
     def __init__(self, engine):
         self.engine = engine
         self.zero = engine.optimizer  # DeepSpeed's ZeRO stage 1 optimizer; .optimizer is torch's AdamW
+        if not hasattr(self.zero, "single_partition_of_fp32_groups"):
+            raise TypeError(f"the engine's optimizer is {type(self.zero).__name__}, not DeepSpeed's ZeRO stage 1 "
+                            "optimizer (zero_optimization.stage must be 1)")
         # Every rank of a stage walks the parameters in the same order: its collectives pair up.
         self.parameters = sorted(global_named_parameters(engine.module), key=lambda item: item[0])
 
