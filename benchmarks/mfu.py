@@ -53,7 +53,7 @@ from trainer import WARMUP_STEPS, run_trainer  # noqa: E402
 
 from contract.spec import parse_spec  # noqa: E402
 from trainers.data import TextData  # noqa: E402
-from trainers.optim import build_optimizer, set_lr  # noqa: E402
+from trainers.optim import set_lr  # noqa: E402
 from trainers.schedule import lr_at  # noqa: E402
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.4
@@ -83,7 +83,7 @@ def run_plain(spec, device: torch.device) -> tuple[float, int | None, list[float
     """The plain PyTorch loop on `device`; median tokens/s, peak GPU memory (bytes), and every step's loss."""
     t, bf16 = spec.training, spec.training.precision == "bf16"
     model = plain_gpt.build_model(spec.model, t.seed).to(device)
-    optimizer = build_optimizer(model, t)
+    optimizer = plain_gpt.build_optimizer(model, t)
     data = TextData.from_path(None, spec.model.seq_length, t.seed)
     micro = t.global_batch_size // t.micro_batch_size
     if device.type == "cuda":
@@ -127,7 +127,7 @@ def profile_plain(spec, device: torch.device, matmul_flops_per_token: int) -> No
 
     t, bf16 = spec.training, spec.training.precision == "bf16"
     model = plain_gpt.build_model(spec.model, t.seed).to(device)
-    optimizer = build_optimizer(model, t)
+    optimizer = plain_gpt.build_optimizer(model, t)
     data = TextData.from_path(None, spec.model.seq_length, t.seed)
     micro = t.global_batch_size // t.micro_batch_size
 

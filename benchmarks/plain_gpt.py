@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contract.spec import ModelSpec
+from contract.spec import ModelSpec, TrainingSpec
 from trainers.model import GPTConfig
+from trainers.optim import BETAS, EPS
 
 INIT_STD = 0.02
 
@@ -99,3 +100,14 @@ def build_model(spec: ModelSpec, seed: int) -> GPT:
     model = GPT(GPTConfig.from_spec(spec))
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
+
+
+def build_optimizer(model: GPT, training: TrainingSpec) -> torch.optim.Optimizer:
+    """The trainer's optimizer for this model: AdamW with the trainer's betas and eps, weight decay on the
+    weights and embeddings (as the trainer's parameter table has it), not on biases and LayerNorms. Groups
+    carry lr_mult, so trainers.optim.set_lr sets their learning rate."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": training.weight_decay, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=BETAS, eps=EPS)

@@ -34,7 +34,7 @@ import plain_gpt  # noqa: E402
 from orchestrator.launcher.local import free_port  # noqa: E402
 from contract.spec import parse_spec  # noqa: E402
 from trainers.data import TextData  # noqa: E402
-from trainers.optim import build_optimizer, set_lr  # noqa: E402
+from trainers.optim import set_lr  # noqa: E402
 from trainers.schedule import lr_at  # noqa: E402
 
 WARMUP_STEPS = 3
@@ -78,7 +78,7 @@ def run_trainer(spec, directory: Path) -> tuple[float, list[int]]:
 def run_plain(spec) -> float:
     """The same model, batch, data and optimizer in a plain PyTorch loop; median tokens/s."""
     model = plain_gpt.build_model(spec.model, spec.training.seed)
-    optimizer = build_optimizer(model, spec.training)
+    optimizer = plain_gpt.build_optimizer(model, spec.training)
     data = TextData.from_path(None, spec.model.seq_length, spec.training.seed)
     t = spec.training
     micro = t.global_batch_size // t.micro_batch_size

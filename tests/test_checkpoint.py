@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from trainers.checkpoint import MANIFEST, Manifest, committed_steps, retained, sha256_file, step_dir
+from trainers.checkpoint_format import MANIFEST, Manifest, committed_steps, retained, sha256_file, step_dir
 from trainers.checkpoint_storage import RawFileReader
 
 from .test_trainer import finish, losses, run_ranks, start_rank, write_spec

@@ -77,28 +77,33 @@ SHARD_CHECK = textwrap.dedent("""
     from megatron.core import parallel_state
     from contract.spec import ModelSpec
     from trainers import parallel
-    from trainers.model import SHARD_DIM, Block, Embedding, GPTConfig, Head, global_shape, initial_global_tensor
+    from trainers.model import Block, Embedding, GPTConfig, Head, initial_global_tensor, parameter_table
     tp, rank = 2, int(os.environ["RANK"])
     dims = parallel.ParallelDims(tp=tp, pp=1, dp=1, rank=rank)
     parallel.setup(dims, "127.0.0.1", int(os.environ["MASTER_PORT"]), rank)
     config = GPTConfig.from_spec(ModelSpec(layers=2, hidden_size=32, heads=4, seq_length=16, vocab_size=256))
+    table = parameter_table(config)
     layers = [Embedding(config, tp, rank, 11), Block(config, tp, rank, 11, 1), Head(config, tp, rank, 11)]
+    # The table lists the parameters in the order the layers register them (the optimizer's order).
+    names = [f"{layer.global_prefix}.{name}" for layer in layers for name, _ in layer.named_parameters()]
+    assert names == [n for n in table if n.startswith(("embedding.", "blocks.1.", "head."))], names
     checked = 0
     for layer in layers:
         for name, param in layer.named_parameters():
-            full = initial_global_tensor(f"{layer.global_prefix}.{name}", global_shape(param, name, tp), 2, 11)
-            dim = SHARD_DIM.get(name)
-            # megatron marks the parameters it splits, and along which dimension: it must agree with ours.
-            assert getattr(param, "tensor_model_parallel", False) == (dim is not None), name
-            if dim is None:
+            row = table[f"{layer.global_prefix}.{name}"]
+            full = initial_global_tensor(row, 11)
+            assert tuple(full.shape) == row.shape, name
+            # megatron marks the parameters it splits, and along which dimension: it must agree with the table.
+            assert getattr(param, "tensor_model_parallel", False) == (row.shard_dim is not None), name
+            if row.shard_dim is None:
                 assert torch.equal(param, full), name
                 continue
-            assert param.partition_dim == dim, (name, param.partition_dim, dim)
-            assert torch.equal(param, full.chunk(tp, dim)[rank]), name
+            assert param.partition_dim == row.shard_dim, (name, param.partition_dim, row.shard_dim)
+            assert torch.equal(param, full.chunk(tp, row.shard_dim)[rank]), name
             # The shards of all tp ranks put together are exactly the global tensor.
             pieces = [torch.empty_like(param) for _ in range(tp)]
             dist.all_gather(pieces, param.detach().contiguous())
-            assert torch.equal(torch.cat(pieces, dim), full), name
+            assert torch.equal(torch.cat(pieces, row.shard_dim), full), name
             checked += 1
     vocab = layers[0].tokens
     assert (vocab.vocab_start_index, vocab.vocab_end_index) == (rank * 128, (rank + 1) * 128)

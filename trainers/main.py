@@ -39,12 +39,14 @@ from contract.spec import JobSpec
 from roundhouse.v1 import job_pb2, trainer_service_pb2 as ts
 from trainers import parallel
 from trainers.checkpoint import Checkpointer, Manifest
+from trainers.model import GPTConfig, parameter_table
+from trainers.optimizer_state import ZeroOneOptimizerState
 from trainers.data import TextData
 from trainers.indexed_dataset import TokenWindows, open_dataset
 from trainers.env import ConfigError, RankEnv, TestHooks, checkpoint_root, data_path, load_spec, read_rank_env
 from trainers.parallel import ParallelDims
 from trainers.optim import set_lr
-from trainers.pipeline import build_engine, micro_batches
+from trainers.pipeline import build_engine, forward_backward, micro_batches, optimizer_step
 from trainers.reporting import ReporterLike, make_reporter, metric_point
 from trainers.schedule import lr_at
 
@@ -122,9 +124,12 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                     time.sleep(3600)
             started = time.perf_counter()
             lr = lr_at(step, t)
-            set_lr(engine.optimizer, lr)  # ZeRO's optimizer exposes the wrapped one's groups
+            set_lr(engine.optimizer, lr)  # each group's lr_mult times lr; ZeRO's optimizer exposes AdamW's groups
             batch = data.train_batch(step, t.global_batch_size, dims.dp_rank, dims.dp)
-            loss = engine.train_batch(micro_batches(batch.inputs, batch.targets, t.micro_batch_size)).item()
+            loss = forward_backward(engine, micro_batches(batch.inputs, batch.targets, t.micro_batch_size))
+            if checkpointer is not None:
+                checkpointer.wait_for_snapshot()  # an async save copies the weights and moments until now
+            optimizer_step(engine)
             stop, preempted = any_rank(reporter.stop_reason is not None, preemption.is_set())
             tokens_per_second = tokens_per_step / (time.perf_counter() - started)
             reporter.set_step(step)
@@ -189,7 +194,9 @@ def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dim
                   "before the manifest", flush=True)
             os._exit(EXIT_FAULT)
 
-    return Checkpointer(Path(root), engine, dims, global_batch_size=spec.training.global_batch_size,
+    table = parameter_table(GPTConfig.from_spec(spec.model))
+    return Checkpointer(Path(root), ZeroOneOptimizerState(engine), table, dims,
+                        global_batch_size=spec.training.global_batch_size,
                         keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every,
                         report=report, on_shards_written=crash_in_save,
                         before_snapshot_copy=lambda step: time.sleep(hooks.snapshot_delay))

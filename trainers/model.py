@@ -12,15 +12,24 @@ a final norm and an untied output head, with megatron-core's tensor-parallel lay
 The model comes in three kinds of pipeline layer (`Embedding`, `Block`, `Head`) so that DeepSpeed's
 PipelineModule can place them on stages. No dropout: a step is a pure function of weights and batch.
 
-Each layer initialises itself on creation (`init_parameters`, on the stage that owns it): it draws each parameter at its *global* shape from a generator seeded by
-(seed, global parameter name) and keeps this rank's slice, so the same seed gives the same model whatever
-the layout. Global names use global layer indices ("blocks.3.attn.qkv.weight"), never stage-local ones."""
+The parameter table (`parameter_table`, at the end of this file) holds every fact about each parameter: its
+global name and shape, the dimension tensor parallelism splits, its role (matrix, vector, embedding, readout),
+its initialisation and its optimizer multipliers. Initialisation, the optimizer's groups (trainers.optim) and
+the checkpointer read it; nothing else classifies parameters.
+
+Each layer initialises itself on creation (`init_parameters`, on the stage that owns it): it draws each
+parameter at its *global* shape from a generator seeded by (seed, global parameter name) and keeps this rank's
+slice, so the same seed gives the same model whatever the layout. Global names use global layer indices
+("blocks.3.attn.qkv.weight"), never stage-local ones."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +102,7 @@ class Embedding(nn.Module):
         # Rotary positions live in attention instead.
         self.positions = nn.Embedding(config.seq_length, config.hidden_size) if config.positions == "learned" \
             else None
-        init_parameters(self, config.layers, seed, tp, tp_rank)
+        init_parameters(self, config, seed, tp, tp_rank)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tokens(tokens)
@@ -189,7 +198,7 @@ class Block(nn.Module):
         self.attn = Attention(config, tp)
         self.ln_mlp = norm_layer(config)
         self.mlp = MLP(config, tp)
-        init_parameters(self, config.layers, seed, tp, tp_rank)
+        init_parameters(self, config, seed, tp, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x))
@@ -207,7 +216,7 @@ class Head(nn.Module):
         self.ln_f = norm_layer(config)
         self.out = ColumnParallelLinear(config.hidden_size, config.vocab_size, config=megatron_config(tp),
                                         init_method=_no_init, bias=False, gather_output=False)
-        init_parameters(self, config.layers, seed, tp, tp_rank)
+        init_parameters(self, config, seed, tp, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.out(self.ln_f(x))
@@ -221,51 +230,139 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return vocab_parallel_cross_entropy(logits.float(), targets).mean()
 
 
+# -- the parameter table: every fact about each parameter, in one place ----------------------------------------
+
+# Roles, as µP and the weight-decay rules distinguish them.
+MATRIX = "matrix"  # hidden-to-hidden weights: fan-in and fan-out both grow with the width
+VECTOR = "vector"  # biases and norm gains: one number per feature
+EMBEDDING = "embedding"  # token and position tables: a row per input, width columns
+READOUT = "readout"  # the output head: width in, vocabulary out
+ROLES = (MATRIX, VECTOR, EMBEDDING, READOUT)
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One row of the parameter table. Every field is a function of the model's global shapes, never of a
+    rank's shard, so every layout gets the same values; optimizer hyperparameters are multipliers of the
+    spec's (training.learning_rate through the schedule, training.weight_decay, optim.EPS)."""
+
+    name: str  # global name, with global layer indices: "blocks.3.attn.qkv.weight"
+    shape: tuple[int, ...]  # global (unsharded) shape
+    shard_dim: int | None  # the dimension tensor parallelism splits; None: replicated on every tp rank
+    role: str  # one of ROLES
+    init: str  # "normal" (mean 0, standard deviation init_std), "zeros" or "ones"
+    init_std: float
+    lr_mult: float
+    weight_decay_mult: float
+    eps_mult: float
+
+    def local_shape(self, tp: int) -> tuple[int, ...]:
+        """This parameter's shape on one tensor-parallel rank."""
+        if self.shard_dim is None:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.shard_dim] //= tp
+        return tuple(shape)
+
+    def local_slice(self, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+        """Tensor-parallel rank `tp_rank`'s slice of the global tensor `full`."""
+        return full if self.shard_dim is None else full.chunk(tp, dim=self.shard_dim)[tp_rank]
+
+
+def _parameter(name: str, shape: tuple[int, ...], shard_dim: int | None, role: str, init: str,
+               init_std: float = 0.0) -> ParameterInfo:
+    """A row of the table with today's optimizer rules: weight decay on every role but vectors (biases and norm
+    gains), the spec's learning rate and eps for all."""
+    return ParameterInfo(name, shape, shard_dim, role, init, init_std, lr_mult=1.0,
+                         weight_decay_mult=0.0 if role == VECTOR else 1.0, eps_mult=1.0)
+
+
+def _column_parallel(name: str, fan_out: int, fan_in: int, std: float) -> list[ParameterInfo]:
+    """A ColumnParallelLinear with bias: output features (weight rows, bias entries) split over tp."""
+    return [_parameter(f"{name}.weight", (fan_out, fan_in), 0, MATRIX, "normal", std),
+            _parameter(f"{name}.bias", (fan_out,), 0, VECTOR, "zeros")]
+
+
+def _row_parallel(name: str, fan_out: int, fan_in: int, std: float) -> list[ParameterInfo]:
+    """A RowParallelLinear with bias: input features (weight columns) split over tp; the bias, added after the
+    sum over tp, whole on every rank."""
+    return [_parameter(f"{name}.weight", (fan_out, fan_in), 1, MATRIX, "normal", std),
+            _parameter(f"{name}.bias", (fan_out,), None, VECTOR, "zeros")]
+
+
+def _norm(name: str, config: GPTConfig) -> list[ParameterInfo]:
+    gain = [_parameter(f"{name}.weight", (config.hidden_size,), None, VECTOR, "ones")]
+    if config.norm == "rmsnorm":
+        return gain
+    return gain + [_parameter(f"{name}.bias", (config.hidden_size,), None, VECTOR, "zeros")]
+
+
+@functools.cache
+def parameter_table(config: GPTConfig) -> Mapping[str, ParameterInfo]:
+    """Every parameter of the model by global name, in the order the model registers them (embedding, blocks
+    0 to layers - 1, head). Initialisation, the optimizer's groups and the checkpointer read it; nothing else
+    classifies parameters.
+
+    Initialisation is GPT-2's: N(0, 0.02) for weights and embeddings, the projections back into the residual
+    stream (attn.proj, mlp.proj) scaled by 1/sqrt(2 * layers); biases 0; norm gains 1."""
+    hidden, ffn, vocab = config.hidden_size, config.ffn_size, config.vocab_size
+    residual_std = INIT_STD / math.sqrt(2 * config.layers)
+    rows = [_parameter("embedding.tokens.weight", (vocab, hidden), 0, EMBEDDING, "normal", INIT_STD)]
+    if config.positions == "learned":
+        rows.append(_parameter("embedding.positions.weight", (config.seq_length, hidden), None, EMBEDDING,
+                               "normal", INIT_STD))
+    for index in range(config.layers):
+        block = f"blocks.{index}"
+        rows += _norm(f"{block}.ln_attn", config)
+        rows += _column_parallel(f"{block}.attn.qkv", 3 * hidden, hidden, INIT_STD)
+        rows += _row_parallel(f"{block}.attn.proj", hidden, hidden, residual_std)
+        rows += _norm(f"{block}.ln_mlp", config)
+        for name in ("gate", "up") if config.mlp == "swiglu" else ("fc",):
+            rows += _column_parallel(f"{block}.mlp.{name}", ffn, hidden, INIT_STD)
+        rows += _row_parallel(f"{block}.mlp.proj", hidden, ffn, residual_std)
+    rows += _norm("head.ln_f", config)
+    rows.append(_parameter("head.out.weight", (vocab, hidden), 0, READOUT, "normal", INIT_STD))
+    return MappingProxyType({row.name: row for row in rows})  # read-only: one table shared by every reader
+
+
+def global_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(global name, parameter) for every parameter this rank holds, in the module's own order."""
+    return [(f"{layer.global_prefix}.{name}", param)
+            for layer in module.modules() if hasattr(layer, "global_prefix")
+            for name, param in layer.named_parameters()]
+
+
 # -- initialisation from global tensors ----------------------------------------------------------------------
-
-# How each parameter is split over tensor parallelism: the dimension of its global tensor that is sliced
-# (None: replicated on every tp rank). Keyed by the parameter's name within its pipeline layer.
-SHARD_DIM = {
-    "tokens.weight": 0,
-    "attn.qkv.weight": 0, "attn.qkv.bias": 0,
-    "mlp.fc.weight": 0, "mlp.fc.bias": 0,
-    "mlp.gate.weight": 0, "mlp.gate.bias": 0,
-    "mlp.up.weight": 0, "mlp.up.bias": 0,
-    "attn.proj.weight": 1,
-    "mlp.proj.weight": 1,
-    "out.weight": 0,
-}
-
-
-def global_shape(local: torch.Tensor, name: str, tp: int) -> tuple[int, ...]:
-    shape = list(local.shape)
-    dim = SHARD_DIM.get(name)
-    if dim is not None:
-        shape[dim] *= tp
-    return tuple(shape)
-
 
 def _generator(seed: int, global_name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}/{global_name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def initial_global_tensor(global_name: str, shape: tuple[int, ...], layers: int, seed: int) -> torch.Tensor:
-    """GPT-2 style: N(0, 0.02) for weights and embeddings, with the residual-stream output projections
-    scaled by 1/sqrt(2 * layers); biases 0; norm gains 1."""
-    if global_name.endswith(("ln_attn.weight", "ln_mlp.weight", "ln_f.weight")):
-        return torch.ones(shape)
-    if global_name.endswith(".bias"):
-        return torch.zeros(shape)
-    std = INIT_STD / math.sqrt(2 * layers) if global_name.endswith("proj.weight") else INIT_STD
-    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, global_name))
+def initial_global_tensor(parameter: ParameterInfo, seed: int) -> torch.Tensor:
+    """The parameter's initial value at its global shape, drawn from a generator seeded by (seed, its name)."""
+    if parameter.init == "ones":
+        return torch.ones(parameter.shape)
+    if parameter.init == "zeros":
+        return torch.zeros(parameter.shape)
+    return torch.empty(parameter.shape).normal_(0.0, parameter.init_std,
+                                                generator=_generator(seed, parameter.name))
 
 
 @torch.no_grad()
-def init_parameters(layer: nn.Module, layers: int, seed: int, tp: int, tp_rank: int) -> None:
-    """Sets every parameter of one pipeline layer to its slice of the seeded global tensor."""
+def init_parameters(layer: nn.Module, config: GPTConfig, seed: int, tp: int, tp_rank: int) -> None:
+    """Sets every parameter of one pipeline layer to its slice of the seeded global tensor; checks first that
+    the layer holds exactly the parameters the table lists for it, at the shapes it gives."""
+    table = parameter_table(config)
+    prefix = f"{layer.global_prefix}."
+    names = {prefix + name for name, _ in layer.named_parameters()}
+    listed = {name for name in table if name.startswith(prefix)}
+    if names != listed:
+        raise ValueError(f"{layer.global_prefix}: parameters not in the parameter table: {sorted(names - listed)}; "
+                         f"in the table but not in the layer: {sorted(listed - names)}")
     for name, param in layer.named_parameters():
-        global_name = f"{layer.global_prefix}.{name}"
-        full = initial_global_tensor(global_name, global_shape(param, name, tp), layers, seed)
-        dim = SHARD_DIM.get(name)
-        param.copy_(full if dim is None else full.chunk(tp, dim=dim)[tp_rank])
+        row = table[prefix + name]
+        if tuple(param.shape) != row.local_shape(tp):
+            raise ValueError(f"{row.name}: shape {tuple(param.shape)} at tp={tp}, the parameter table says "
+                             f"{row.local_shape(tp)} (global {row.shape}, split on dim {row.shard_dim})")
+        param.copy_(row.local_slice(initial_global_tensor(row, seed), tp, tp_rank))

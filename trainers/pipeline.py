@@ -2,9 +2,12 @@
 stage 1 sharding the optimizer state over data parallelism. One code path for every layout, (1, 1, 1)
 included.
 
-DeepSpeed runs the pipeline schedule: each `train_batch` pulls this rank's micro-batches of one global
-batch, runs forward and backward through the stages, averages gradients over data parallelism and steps
-the optimizer. The loss it returns is the mean over the global batch, on every rank."""
+DeepSpeed runs the pipeline schedule. Its `train_batch` does a whole step in one call; here it is taken in its
+two halves, so that the training loop shows what comes between them: `forward_backward` pulls this rank's
+micro-batches of one global batch, runs forward and backward through the stages, averages gradients over
+data parallelism and returns the loss (the mean over the global batch, on every rank); `optimizer_step` steps
+the optimizer. The instructions are DeepSpeed's own, in the same order; only the loss is averaged before the
+optimizer step rather than after it (it does not depend on the step)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import logging
 import torch
 
 from contract.spec import JobSpec
-from trainers.model import Block, Embedding, GPTConfig, Head, loss_fn
+from trainers.model import Block, Embedding, GPTConfig, Head, global_named_parameters, loss_fn, parameter_table
 from trainers.optim import build_optimizer
 from trainers.parallel import ParallelDims
 
@@ -46,9 +49,43 @@ def build_engine(spec: JobSpec, dims: ParallelDims, topology):
         # bf16 weights, activations and gradients; ZeRO-1 keeps fp32 master weights and optimizer state.
         ds_config["bf16"] = {"enabled": True}
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, t),
-                                           config=ds_config)
+    optimizer = build_optimizer(global_named_parameters(module), parameter_table(config), t)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def _schedule_without_optimizer_step(engine):
+    """DeepSpeed's training schedule for this stage, less its last instruction (the optimizer step)."""
+    from deepspeed.runtime.pipe.schedule import OptimizerStep, TrainSchedule
+
+    class WithoutOptimizerStep(TrainSchedule):
+        def steps(self):
+            for commands in super().steps():
+                yield [command for command in commands if not isinstance(command, OptimizerStep)]
+
+    return WithoutOptimizerStep(micro_batches=engine.micro_batches, stages=engine.num_stages,
+                                stage_id=engine.stage_id)
+
+
+def forward_backward(engine, batches) -> float:
+    """The first half of DeepSpeed's `train_batch`: forward and backward over `batches` (this rank's
+    micro-batches), gradients reduced over data parallelism; returns the loss, the mean over the global batch.
+    The weights and the optimizer's state are left as they were."""
+    engine.set_dataiterator(batches)
+    engine.module.train()
+    engine.total_loss = None
+    engine.total_additional_losses = None
+    engine._compute_loss = True
+    engine._exec_schedule(_schedule_without_optimizer_step(engine))
+    with torch.no_grad():
+        engine.agg_train_loss = engine._aggregate_total_loss()  # a collective: the loss on every rank
+    return engine.agg_train_loss.item()
+
+
+def optimizer_step(engine) -> None:
+    """The second half of DeepSpeed's `train_batch`: the optimizer step (ZeRO-1: each rank updates its
+    partition, then the weights are gathered over data parallelism)."""
+    engine._exec_optimizer_step()
 
 
 def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, micro_batch_size: int):
