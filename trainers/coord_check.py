@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -54,10 +55,9 @@ def run(spec: JobSpec, widths: list[int], steps: int, standard: bool = False) ->
     from trainers import parallel
 
     owns_group = not torch.distributed.is_initialized()
+    environment = dict(os.environ)  # parallel.setup sets RANK, MASTER_PORT, ...: put back afterwards
     if owns_group:
-        from orchestrator.launcher.local import free_port
-
-        parallel.setup(parallel.ParallelDims(tp=1, pp=1, dp=1, rank=0), "127.0.0.1", free_port(), 0)
+        parallel.setup(parallel.ParallelDims(tp=1, pp=1, dp=1, rank=0), "127.0.0.1", _free_port(), 0)
     try:
         data = TextData(load_corpus(spec.data.path), spec.model.seq_length, spec.training.seed)
         batches = [data.train_batch(step, BATCH) for step in range(1, steps + 1)]
@@ -66,10 +66,18 @@ def run(spec: JobSpec, widths: list[int], steps: int, standard: bool = False) ->
     finally:
         if owns_group:
             parallel.teardown()
+            os.environ.clear()
+            os.environ.update(environment)
     layers = list(per_width[0][0])
     changes = [{layer: [per_width[w][step][layer] for w in range(len(widths))] for layer in layers}
                for step in range(steps)]
     return CoordCheck(widths=list(widths), layers=layers, changes=changes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _model_at_width(spec: JobSpec, width: int, standard: bool):
