@@ -156,6 +156,21 @@ def test_top_singular_value_of_a_whole_matrix():
         top_singular_value(torch.zeros(3), None)
 
 
+def test_top_singular_values_of_a_stage_cover_its_matrices():
+    from trainers.mup import top_singular_values
+
+    wide = config(2 * BASE)
+    parameters = stage_parameters(wide, 1, ("blocks.1.", "head."))
+    generator = torch.Generator().manual_seed(3)
+    for _, param in parameters:
+        param.data.normal_(generator=generator)
+    values = top_singular_values(parameters, parameter_table(wide), iterations=100)
+    assert sorted(values) == sorted(name for name, p in parameters if p.dim() == 2)
+    for name, param in parameters:
+        if name in values:
+            assert values[name] == pytest.approx(torch.linalg.matrix_norm(param.data, ord=2).item(), rel=1e-3), name
+
+
 def _sharded_sigma(rank: int, world: int, port: int, weight: torch.Tensor, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -145,3 +145,12 @@ def top_singular_value(local: torch.Tensor, shard_dim: int | None, group=None, i
         vector /= norm
     squared = summed((block @ vector).square().sum().reshape(1))  # ||W v||² over all row blocks
     return math.sqrt(squared.item())
+
+
+def top_singular_values(parameters, table, group=None, iterations: int = 20) -> dict[str, float]:
+    """σ_max at the global shape of each matrix this rank holds: `parameters` are (global name, parameter)
+    pairs (trainers.model.global_named_parameters), `table` the parameter table (for each one's shard
+    dimension), `group` the tensor-parallel group. Collective over `group`: every rank of it holds the same
+    names (the same pipeline stage) and calls this at the same step."""
+    return {name: top_singular_value(param, table[name].shard_dim, group, iterations)
+            for name, param in parameters if len(table[name].shape) == 2}
