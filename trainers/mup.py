@@ -103,7 +103,8 @@ def parametrization_mismatch(saved: dict | None, current: dict) -> str | None:
     if saved_mup is None or current_mup is None:
         def describe(mup):
             return "the standard parametrization (no model.mup)" if mup is None else "µP (model.mup set)"
-        return f"model.mup: the checkpoint was written under {describe(saved_mup)}, this job uses {describe(current_mup)}"
+        return (f"model.mup: the checkpoint was written under {describe(saved_mup)}, this job uses "
+                f"{describe(current_mup)}")
     for field in current_mup:
         if saved_mup.get(field) != current_mup[field]:
             return (f"model.mup.{field}: the checkpoint was written with {saved_mup.get(field)!r}, this job has "
