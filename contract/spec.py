@@ -65,6 +65,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MupSpec(_Section):
+    """µP (trainers.mup): hyperparameters tuned at the base width transfer to wider models."""
+
+    base_hidden_size: int = Field(ge=1, le=MAX_HIDDEN)  # the width the hyperparameters were tuned at
+    base_head_dim: int | None = Field(None, ge=1, le=MAX_HIDDEN)  # None: base_hidden_size / model.heads
+    output_multiplier: float = Field(1.0, gt=0, le=1e4)  # logits × output_multiplier / (width / base)
+    attention_multiplier: float = Field(1.0, gt=0, le=1e4)
+    zero_init_readout: bool = False
+    # Weight decay of matrix-like weights ∝ width^e: 1 keeps η·λ constant (the default), 0.5 and 0 allowed.
+    weight_decay_exponent: float = Field(1.0, ge=0, le=1)
+
+
 class ModelSpec(_Section):
     layers: int = Field(2, ge=1, le=MAX_LAYERS)
     hidden_size: int = Field(64, ge=1, le=MAX_HIDDEN)
@@ -74,6 +86,7 @@ class ModelSpec(_Section):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
     positions: Literal["learned", "rotary"] = "learned"
+    mup: MupSpec | None = None  # None: the standard parametrization
 
 
 class ParallelismSpec(_Section):
@@ -287,6 +300,8 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
     if m.positions == "rotary" and m.hidden_size % m.heads == 0 and (m.hidden_size // m.heads) % 2:
         out.append(FieldViolation("model.positions", f"rotary positions need an even head size; "
                                                      f"hidden_size/heads = {m.hidden_size // m.heads}"))
+    if m.mup is not None:
+        out += _mup_violations(m)
     out += layout_violations(p.layout, m, t)
     if spec.resources.ranks is not None and spec.resources.ranks != p.world_size:
         out.append(FieldViolation(
@@ -355,6 +370,19 @@ def checkpoint_directory_problem(directory: str) -> str | None:
     if not path.parts:
         return "must name a subdirectory of the job's own directory"
     return None
+
+
+def _mup_violations(m: ModelSpec) -> list[FieldViolation]:
+    """The base shapes must be ones the model could have: a base width split into whole heads."""
+    out = []
+    if m.mup.base_head_dim is None and m.mup.base_hidden_size % m.heads:
+        out.append(FieldViolation("model.mup.base_hidden_size",
+                                  f"{m.mup.base_hidden_size} is not divisible by model.heads={m.heads}; "
+                                  "set model.mup.base_head_dim"))
+    if m.mup.base_head_dim is not None and m.mup.base_hidden_size % m.mup.base_head_dim:
+        out.append(FieldViolation("model.mup.base_head_dim", f"{m.mup.base_head_dim} does not divide "
+                                                             f"model.mup.base_hidden_size={m.mup.base_hidden_size}"))
+    return out
 
 
 def _label_problem(key: str, value: str) -> str | None:

@@ -43,6 +43,7 @@ from trainers.checkpoint_format import (MANIFEST, READERS, CheckpointError, Mani
 from trainers.checkpoint_snapshot import PendingSave, SnapshotBuffers
 from trainers.checkpoint_storage import RawFileWriter
 from trainers.model import ParameterInfo
+from trainers.mup import parametrization_mismatch
 from trainers.optimizer_state import KINDS, MASTER, Fragment, OptimizerState
 from trainers.parallel import ParallelDims
 
@@ -65,7 +66,7 @@ class Checkpointer:
     it, in the same order."""
 
     def __init__(self, root: Path, state: OptimizerState, table: Mapping[str, ParameterInfo], dims: ParallelDims,
-                 *, global_batch_size: int, keep_last: int = 2, keep_every: int = 0,
+                 *, global_batch_size: int, parametrization: dict, keep_last: int = 2, keep_every: int = 0,
                  report: Callable[..., None] | None = None,
                  on_shards_written: Callable[[int], None] | None = None,
                  before_snapshot_copy: Callable[[int], None] | None = None):
@@ -76,6 +77,7 @@ class Checkpointer:
         self.table = table
         self.dims = dims
         self.global_batch_size = global_batch_size
+        self.parametrization = parametrization  # trainers.mup.record: recorded in, and checked against, manifests
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.report = report or (lambda *args, **kwargs: None)
@@ -203,6 +205,7 @@ class Checkpointer:
         if self.rank == 0:
             manifest = Manifest(step=step, samples=step * self.global_batch_size, tp=self.dims.tp,
                                 pp=self.dims.pp, dp=self.dims.dp, commit_time=time.time(),
+                                parametrization=self.parametrization,
                                 files={k: v for part in gathered for k, v in part.items()})
             manifest.write(directory)
             done = time.perf_counter()
@@ -226,6 +229,12 @@ class Checkpointer:
             problem = self._verify(directory)
             if problem is None:
                 manifest = Manifest.read(directory)
+                # Weights trained under one parametrization are not a valid start under another (their scales
+                # and learning rates differ): refused, not skipped for an older checkpoint of the same run.
+                mismatch = parametrization_mismatch(manifest.parametrization, self.parametrization)
+                if mismatch is not None:
+                    raise CheckpointError(f"cannot resume from {directory}: {mismatch}; resuming under a different "
+                                          "parametrization is refused (start from an empty checkpoint directory)")
                 loading = time.perf_counter()
                 self._load(directory, manifest)
                 if self.rank == 0:

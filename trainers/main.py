@@ -40,6 +40,7 @@ from roundhouse.v1 import job_pb2, trainer_service_pb2 as ts
 from trainers import parallel
 from trainers.checkpoint import Checkpointer, Manifest
 from trainers.model import GPTConfig, parameter_table
+from trainers.mup import record as parametrization_record
 from trainers.optimizer_state import ZeroOneOptimizerState
 from trainers.data import TextData
 from trainers.indexed_dataset import TokenWindows, open_dataset
@@ -194,9 +195,10 @@ def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dim
                   "before the manifest", flush=True)
             os._exit(EXIT_FAULT)
 
-    table = parameter_table(GPTConfig.from_spec(spec.model))
-    return Checkpointer(Path(root), ZeroOneOptimizerState(engine), table, dims,
+    config = GPTConfig.from_spec(spec.model)
+    return Checkpointer(Path(root), ZeroOneOptimizerState(engine), parameter_table(config), dims,
                         global_batch_size=spec.training.global_batch_size,
+                        parametrization=parametrization_record(config.mup),
                         keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every,
                         report=report, on_shards_written=crash_in_save,
                         before_snapshot_copy=lambda step: time.sleep(hooks.snapshot_delay))

@@ -24,6 +24,7 @@ slice, so the same seed gives the same model whatever the layout. Global names u
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.spec import ModelSpec
+from trainers import mup as mup_rules
+from trainers.mup import MupConfig
 
 INIT_STD = 0.02
 
@@ -50,12 +53,23 @@ class GPTConfig:
     norm: str = "layernorm"
     mlp: str = "gelu"
     positions: str = "learned"
+    mup: MupConfig | None = None  # None: the standard parametrization
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GPTConfig:
         return cls(layers=spec.layers, hidden_size=spec.hidden_size, heads=spec.heads,
                    seq_length=spec.seq_length, vocab_size=spec.vocab_size, norm=spec.norm, mlp=spec.mlp,
-                   positions=spec.positions)
+                   positions=spec.positions, mup=MupConfig.from_spec(spec))
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The attention scores' scale; None: scaled_dot_product_attention's own 1/sqrt(head_dim)."""
+        return None if self.mup is None else mup_rules.attention_scale(self.mup, self.head_dim)
+
+    @property
+    def output_scale(self) -> float | None:
+        """What the logits are multiplied by; None: nothing (the standard parametrization)."""
+        return None if self.mup is None else mup_rules.output_scale(self.mup, self.hidden_size)
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +146,7 @@ class Attention(nn.Module):
         mp = megatron_config(tp)
         self.local_heads = config.heads // tp
         self.head_dim = config.head_dim
+        self.scale = config.attention_scale
         if config.positions == "rotary":
             cos, sin = rotary_tables(config.seq_length, config.head_dim)
             self.register_buffer("rotary_cos", cos, persistent=False)
@@ -152,7 +167,7 @@ class Attention(nn.Module):
         if self.rotary_cos is not None:
             cos, sin = self.rotary_cos[:time], self.rotary_sin[:time]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         out, _ = self.proj(y.transpose(1, 2).reshape(batch, time, self.local_heads * self.head_dim))
         return out
 
@@ -213,6 +228,7 @@ class Head(nn.Module):
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         self.global_prefix = "head"
+        self.output_scale = config.output_scale
         self.ln_f = norm_layer(config)
         self.out = ColumnParallelLinear(config.hidden_size, config.vocab_size, config=megatron_config(tp),
                                         init_method=_no_init, bias=False, gather_output=False)
@@ -220,6 +236,8 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.out(self.ln_f(x))
+        if self.output_scale is not None:  # µP; each vocabulary shard scaled alike, so the loss's softmax is too
+            logits = logits * self.output_scale
         return logits
 
 
@@ -271,10 +289,25 @@ class ParameterInfo:
 
 def _parameter(name: str, shape: tuple[int, ...], shard_dim: int | None, role: str, init: str,
                init_std: float = 0.0) -> ParameterInfo:
-    """A row of the table with today's optimizer rules: weight decay on every role but vectors (biases and norm
-    gains), the spec's learning rate and eps for all."""
+    """A row of the table with the standard parametrization's rules: weight decay on every role but vectors
+    (biases and norm gains), the spec's learning rate and eps for all."""
     return ParameterInfo(name, shape, shard_dim, role, init, init_std, lr_mult=1.0,
                          weight_decay_mult=0.0 if role == VECTOR else 1.0, eps_mult=1.0)
+
+
+def _with_mup(row: ParameterInfo, config: GPTConfig) -> ParameterInfo:
+    """The row under µP (trainers.mup): matrix-like weights (role MATRIX) get the width-scaled init std and
+    optimizer multipliers; every other role is vector-like (one dimension grows with the width at most)."""
+    mup = config.mup
+    matrix_like = row.role == MATRIX
+    lr_mult, weight_decay_mult, eps_mult = mup_rules.optimizer_multipliers(mup, config.hidden_size, matrix_like)
+    init, init_std = row.init, row.init_std
+    if init == "normal":
+        init_std = mup_rules.init_std(mup, config.hidden_size, matrix_like, row.init_std)
+    if row.role == READOUT and mup.zero_init_readout:
+        init, init_std = "zeros", 0.0
+    return dataclasses.replace(row, init=init, init_std=init_std, lr_mult=lr_mult,
+                               weight_decay_mult=weight_decay_mult, eps_mult=eps_mult)
 
 
 def _column_parallel(name: str, fan_out: int, fan_in: int, std: float) -> list[ParameterInfo]:
@@ -304,7 +337,8 @@ def parameter_table(config: GPTConfig) -> Mapping[str, ParameterInfo]:
     classifies parameters.
 
     Initialisation is GPT-2's: N(0, 0.02) for weights and embeddings, the projections back into the residual
-    stream (attn.proj, mlp.proj) scaled by 1/sqrt(2 * layers); biases 0; norm gains 1."""
+    stream (attn.proj, mlp.proj) scaled by 1/sqrt(2 * layers); biases 0; norm gains 1. Under µP
+    (`config.mup`) each row then gets trainers.mup's rules, from these global shapes."""
     hidden, ffn, vocab = config.hidden_size, config.ffn_size, config.vocab_size
     residual_std = INIT_STD / math.sqrt(2 * config.layers)
     rows = [_parameter("embedding.tokens.weight", (vocab, hidden), 0, EMBEDDING, "normal", INIT_STD)]
@@ -322,6 +356,8 @@ def parameter_table(config: GPTConfig) -> Mapping[str, ParameterInfo]:
         rows += _row_parallel(f"{block}.mlp.proj", hidden, ffn, residual_std)
     rows += _norm("head.ln_f", config)
     rows.append(_parameter("head.out.weight", (vocab, hidden), 0, READOUT, "normal", INIT_STD))
+    if config.mup is not None:
+        rows = [_with_mup(row, config) for row in rows]
     return MappingProxyType({row.name: row for row in rows})  # read-only: one table shared by every reader
 
 

@@ -85,7 +85,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSpec, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., kubernetes: _Optional[_Union[KubernetesSpec, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("layers", "hidden_size", "heads", "seq_length", "vocab_size", "norm", "mlp", "positions")
+    __slots__ = ("layers", "hidden_size", "heads", "seq_length", "vocab_size", "norm", "mlp", "positions", "mup")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class ModelSpec(_message.Message):
     NORM_FIELD_NUMBER: _ClassVar[int]
     MLP_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MUP_FIELD_NUMBER: _ClassVar[int]
     layers: int
     hidden_size: int
     heads: int
@@ -102,7 +103,24 @@ class ModelSpec(_message.Message):
     norm: str
     mlp: str
     positions: str
-    def __init__(self, layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., heads: _Optional[int] = ..., seq_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., norm: _Optional[str] = ..., mlp: _Optional[str] = ..., positions: _Optional[str] = ...) -> None: ...
+    mup: MupSpec
+    def __init__(self, layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., heads: _Optional[int] = ..., seq_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., norm: _Optional[str] = ..., mlp: _Optional[str] = ..., positions: _Optional[str] = ..., mup: _Optional[_Union[MupSpec, _Mapping]] = ...) -> None: ...
+
+class MupSpec(_message.Message):
+    __slots__ = ("base_hidden_size", "base_head_dim", "output_multiplier", "attention_multiplier", "zero_init_readout", "weight_decay_exponent")
+    BASE_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BASE_HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    ZERO_INIT_READOUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    base_hidden_size: int
+    base_head_dim: int
+    output_multiplier: float
+    attention_multiplier: float
+    zero_init_readout: bool
+    weight_decay_exponent: float
+    def __init__(self, base_hidden_size: _Optional[int] = ..., base_head_dim: _Optional[int] = ..., output_multiplier: _Optional[float] = ..., attention_multiplier: _Optional[float] = ..., zero_init_readout: _Optional[bool] = ..., weight_decay_exponent: _Optional[float] = ...) -> None: ...
 
 class ParallelismSpec(_message.Message):
     __slots__ = ("tp", "pp", "dp")
