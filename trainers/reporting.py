@@ -62,6 +62,7 @@ class ReporterLike(Protocol):
     def stop_reason(self) -> str | None: ...
     def start(self) -> None: ...
     def set_step(self, step: int) -> None: ...
+    def set_phase(self, phase: str) -> None: ...
     def add_point(self, point: job_pb2.MetricPoint) -> None: ...
     def add_checkpoint_report(self, request: ts.ReportCheckpointRequest) -> None: ...
     def stop_heartbeats(self) -> None: ...
@@ -75,6 +76,7 @@ class NullReporter:
 
     def start(self) -> None: pass
     def set_step(self, step: int) -> None: pass
+    def set_phase(self, phase: str) -> None: pass
     def add_point(self, point: job_pb2.MetricPoint) -> None: pass
     def add_checkpoint_report(self, request: ts.ReportCheckpointRequest) -> None: pass
     def stop_heartbeats(self) -> None: pass
@@ -100,7 +102,9 @@ class Reporter:
         self._dropped = 0
         self._checkpoint_reports: deque[ts.ReportCheckpointRequest] = deque()
         self._heartbeats_stopped = False
+        self._send_heartbeat_now = False
         self._step = 0
+        self._phase = ""
         self._stop_reason: str | None = None
         self._wake = threading.Event()
         self._flush_deadline: float | None = None  # set by close()
@@ -122,6 +126,14 @@ class Reporter:
 
     def set_step(self, step: int) -> None:
         self._step = step
+
+    def set_phase(self, phase: str) -> None:
+        """What the rank is doing while it is not training ("" once it trains), sent with every heartbeat;
+        the change goes out at once, so a rank that sits at step 0 says why."""
+        if phase != self._phase:
+            self._phase = phase
+            self._send_heartbeat_now = True
+            self._wake.set()
 
     def add_point(self, point: job_pb2.MetricPoint) -> None:
         with self._lock:
@@ -163,10 +175,12 @@ class Reporter:
             delivered = True
             # Closing: one last heartbeat carries the final step (the control plane then allows for the
             # silence of a rank that is shutting down).
-            if (now >= next_heartbeat or (closing and not final_heartbeat_sent)) and not self._heartbeats_stopped:
+            due = now >= next_heartbeat or self._send_heartbeat_now or (closing and not final_heartbeat_sent)
+            if due and not self._heartbeats_stopped:
                 final_heartbeat_sent = closing
+                self._send_heartbeat_now = False
                 self._call("Heartbeat", ts.HeartbeatRequest(job=self.job, attempt=self.attempt, rank=self.rank,
-                                                            step=self._step))
+                                                            step=self._step, phase=self._phase))
                 next_heartbeat = time.monotonic() + self.heartbeat_interval
             if now >= next_metrics or closing or self._checkpoint_reports:
                 delivered = self._send_checkpoint_reports() and self._send_metrics()

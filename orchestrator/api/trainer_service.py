@@ -23,6 +23,7 @@ from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metri
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 
 _EVENTS = trainer_service_pb2.CheckpointEvent
+MAX_PHASE_LENGTH = 64  # a rank's phase is a few words; a longer one is cut, not stored whole
 
 
 class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
@@ -40,6 +41,7 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
                 row = RankStatus(job_name=job.name, attempt=request.attempt, rank=request.rank)
                 session.add(row)
             row.step = request.step
+            row.phase = request.phase[:MAX_PHASE_LENGTH]
             row.last_heartbeat = utcnow()
             stop, reason = _should_stop(job, request.attempt)
         return trainer_service_pb2.HeartbeatResponse(stop=stop, stop_reason=reason)

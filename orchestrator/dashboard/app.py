@@ -238,7 +238,7 @@ def _job_detail(session, job: Job, principal: Principal, after_metric: int, now:
         "events": [{"id": e.id, "time": _time(e.create_time), "type": e.type, "attempt": e.attempt,
                     "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "message": e.message}
                    for e in job_queries.newest_events(session, job, EVENTS_SHOWN)],
-        "ranks": [{"rank": r.rank, "attempt": r.attempt, "step": r.step,
+        "ranks": [{"rank": r.rank, "attempt": r.attempt, "step": r.step, "phase": r.phase,
                    "heartbeat_age_seconds": round((now - r.last_heartbeat).total_seconds(), 1)}
                   for r in job_queries.ranks_of(session, job)],
         "world_size": attempt.world_size if attempt else 0,

@@ -185,7 +185,7 @@ const Dashboard = (() => {
         cell(row, a.start_step); cell(row, time(a.start_time)); cell(row, time(a.end_time)); cell(row, a.end_reason);
       });
       fill(document.querySelector("#ranks tbody"), data.ranks, (row, r) => {
-        cell(row, r.rank); cell(row, r.attempt); cell(row, r.step);
+        cell(row, r.rank); cell(row, r.attempt); cell(row, r.step); cell(row, r.phase || "training");
         cell(row, duration(r.heartbeat_age_seconds) + " ago");
         const button = document.createElement("button");
         button.type = "button";

@@ -195,6 +195,8 @@ class RankStatus(Base):
     rank: Mapped[int] = mapped_column(primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, default=0)
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # What the rank said it was doing at that heartbeat when not training ("" while it trains).
+    phase: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class Checkpoint(Base):

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from roundhouse.v1 import job_pb2 as roundhouse_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#roundhouse/v1/trainer_service.proto\x12\rroundhouse.v1\x1a\x17roundhouse/v1/job.proto\"L\n\x10HeartbeatRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"6\n\x11HeartbeatResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\"n\n\x14ReportMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12*\n\x06points\x18\x04 \x03(\x0b\x32\x1a.roundhouse.v1.MetricPoint\":\n\x15ReportMetricsResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\"\xdc\x01\n\x17ReportCheckpointRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12-\n\x05\x65vent\x18\x04 \x01(\x0e\x32\x1e.roundhouse.v1.CheckpointEvent\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12%\n\x06layout\x18\x06 \x01(\x0b\x32\x15.roundhouse.v1.Layout\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12\x0f\n\x07message\x18\t \x01(\t\"=\n\x18ReportCheckpointResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t*\xaf\x01\n\x0f\x43heckpointEvent\x12 \n\x1c\x43HECKPOINT_EVENT_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43HECKPOINT_EVENT_COMMITTED\x10\x01\x12\x1d\n\x19\x43HECKPOINT_EVENT_RESTORED\x10\x02\x12\x1d\n\x19\x43HECKPOINT_EVENT_REJECTED\x10\x03\x12\x1c\n\x18\x43HECKPOINT_EVENT_REMOVED\x10\x04\x32\xa1\x02\n\x0eTrainerService\x12N\n\tHeartbeat\x12\x1f.roundhouse.v1.HeartbeatRequest\x1a .roundhouse.v1.HeartbeatResponse\x12Z\n\rReportMetrics\x12#.roundhouse.v1.ReportMetricsRequest\x1a$.roundhouse.v1.ReportMetricsResponse\x12\x63\n\x10ReportCheckpoint\x12&.roundhouse.v1.ReportCheckpointRequest\x1a\'.roundhouse.v1.ReportCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#roundhouse/v1/trainer_service.proto\x12\rroundhouse.v1\x1a\x17roundhouse/v1/job.proto\"[\n\x10HeartbeatRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05phase\x18\x05 \x01(\t\"6\n\x11HeartbeatResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\"n\n\x14ReportMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12*\n\x06points\x18\x04 \x03(\x0b\x32\x1a.roundhouse.v1.MetricPoint\":\n\x15ReportMetricsResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\"\xdc\x01\n\x17ReportCheckpointRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12-\n\x05\x65vent\x18\x04 \x01(\x0e\x32\x1e.roundhouse.v1.CheckpointEvent\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12%\n\x06layout\x18\x06 \x01(\x0b\x32\x15.roundhouse.v1.Layout\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12\x0f\n\x07message\x18\t \x01(\t\"=\n\x18ReportCheckpointResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t*\xaf\x01\n\x0f\x43heckpointEvent\x12 \n\x1c\x43HECKPOINT_EVENT_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43HECKPOINT_EVENT_COMMITTED\x10\x01\x12\x1d\n\x19\x43HECKPOINT_EVENT_RESTORED\x10\x02\x12\x1d\n\x19\x43HECKPOINT_EVENT_REJECTED\x10\x03\x12\x1c\n\x18\x43HECKPOINT_EVENT_REMOVED\x10\x04\x32\xa1\x02\n\x0eTrainerService\x12N\n\tHeartbeat\x12\x1f.roundhouse.v1.HeartbeatRequest\x1a .roundhouse.v1.HeartbeatResponse\x12Z\n\rReportMetrics\x12#.roundhouse.v1.ReportMetricsRequest\x1a$.roundhouse.v1.ReportMetricsResponse\x12\x63\n\x10ReportCheckpoint\x12&.roundhouse.v1.ReportCheckpointRequest\x1a\'.roundhouse.v1.ReportCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundhouse.v1.trainer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKPOINTEVENT']._serialized_start=672
-  _globals['_CHECKPOINTEVENT']._serialized_end=847
+  _globals['_CHECKPOINTEVENT']._serialized_start=687
+  _globals['_CHECKPOINTEVENT']._serialized_end=862
   _globals['_HEARTBEATREQUEST']._serialized_start=79
-  _globals['_HEARTBEATREQUEST']._serialized_end=155
-  _globals['_HEARTBEATRESPONSE']._serialized_start=157
-  _globals['_HEARTBEATRESPONSE']._serialized_end=211
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=213
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=323
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=325
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=383
-  _globals['_REPORTCHECKPOINTREQUEST']._serialized_start=386
-  _globals['_REPORTCHECKPOINTREQUEST']._serialized_end=606
-  _globals['_REPORTCHECKPOINTRESPONSE']._serialized_start=608
-  _globals['_REPORTCHECKPOINTRESPONSE']._serialized_end=669
-  _globals['_TRAINERSERVICE']._serialized_start=850
-  _globals['_TRAINERSERVICE']._serialized_end=1139
+  _globals['_HEARTBEATREQUEST']._serialized_end=170
+  _globals['_HEARTBEATRESPONSE']._serialized_start=172
+  _globals['_HEARTBEATRESPONSE']._serialized_end=226
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=228
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=338
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=340
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=398
+  _globals['_REPORTCHECKPOINTREQUEST']._serialized_start=401
+  _globals['_REPORTCHECKPOINTREQUEST']._serialized_end=621
+  _globals['_REPORTCHECKPOINTRESPONSE']._serialized_start=623
+  _globals['_REPORTCHECKPOINTRESPONSE']._serialized_end=684
+  _globals['_TRAINERSERVICE']._serialized_start=865
+  _globals['_TRAINERSERVICE']._serialized_end=1154
 # @@protoc_insertion_point(module_scope)

@@ -22,16 +22,18 @@ CHECKPOINT_EVENT_REJECTED: CheckpointEvent
 CHECKPOINT_EVENT_REMOVED: CheckpointEvent
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("job", "attempt", "rank", "step")
+    __slots__ = ("job", "attempt", "rank", "step", "phase")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     job: str
     attempt: int
     rank: int
     step: int
-    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    phase: str
+    def __init__(self, job: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("stop", "stop_reason")
