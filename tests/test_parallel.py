@@ -124,3 +124,16 @@ def test_each_tensor_parallel_shard_is_its_slice_of_the_global_weight(tmp_path):
         assert "checked 8" in out
 
 
+
+
+def test_the_startup_phase_says_when_deepspeeds_op_is_missing_or_being_built(tmp_path, monkeypatch):
+    from trainers.parallel import startup_phase
+
+    ops = tmp_path / "deepspeed_shm_comm"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert startup_phase().startswith("building")
+    ops.mkdir()
+    (ops / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert startup_phase() == "joining its peers"
+    (ops / "lock").write_text("")
+    assert startup_phase().startswith("waiting on another build")

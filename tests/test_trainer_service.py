@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from orchestrator.auth import job_token, rank_credential_key
 from contract.spec import parse_spec, spec_to_proto
-from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job
+from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job, RankStatus
 from roundhouse.v1 import job_pb2, job_service_pb2 as js, trainer_service_pb2 as ts, trainer_service_pb2_grpc
 
 COMMITTED = ts.CHECKPOINT_EVENT_COMMITTED
@@ -179,3 +179,17 @@ def test_list_checkpoints_pages_through_the_kept_ones_newest_first(ranks):
         ranks.client.jobs.ListCheckpoints(js.ListCheckpointsRequest(parent="jobs/nope"),
                                           metadata=ranks.client.metadata)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_heartbeat_records_what_the_rank_is_doing_cut_to_its_bound(ranks):
+    """A rank sitting at step 0 says why (loading DeepSpeed's op, joining its peers); the dashboard shows it."""
+    token = job_token(ranks.key, ranks.uid, 2)
+    metadata = [("authorization", f"Bearer {token}")]
+    phase = "building DeepSpeed's CPU comm op (once per venv)"
+    ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=1, step=0, phase=phase),
+                         metadata=metadata)
+    ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=0, step=0, phase="x" * 1000),
+                         metadata=metadata)
+    with ranks.plane.db.read() as session:
+        phases = dict(session.execute(select(RankStatus.rank, RankStatus.phase).where(RankStatus.job_name == "ckpt")))
+    assert phases == {0: "x" * 64, 1: phase}

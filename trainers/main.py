@@ -96,12 +96,16 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
     reporter = make_reporter(env)
     reporter.start()  # heartbeats begin before the rendezvous: a rank waiting for its peers is alive
     try:
+        reporter.set_phase(parallel.startup_phase())
         topology = parallel.setup(dims, env.master_addr, env.master_port, env.local_rank)
         torch.manual_seed(t.seed)
+        reporter.set_phase("building the model")
         data = open_dataset(spec.data.path, spec.model.seq_length, t.seed, vocab_size=spec.model.vocab_size)
         engine = build_engine(spec, dims, topology)
         checkpointer = make_checkpointer(spec, env, hooks, engine, dims, reporter)
+        reporter.set_phase("restoring a checkpoint" if checkpointer else "")
         start = checkpointer.restore() if checkpointer else 0
+        reporter.set_phase("")  # training
         tokens_per_step = t.global_batch_size * spec.model.seq_length
         parameters = count_parameters(engine, dims)  # a collective: every rank takes part
         if rank0:

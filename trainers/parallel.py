@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
@@ -56,6 +58,20 @@ class ParallelDims:
     def describe(self) -> str:
         return f"tp={self.tp} pp={self.pp} dp={self.dp} (rank {self.rank}: tp {self.tp_rank}, " \
                f"pp {self.pp_rank}, dp {self.dp_rank})"
+
+
+def startup_phase() -> str:
+    """What the rank does in `setup`, for its status: joining its peers, and on CPU loading DeepSpeed's CPU
+    communication op, which `make install` builds into the venv. A rank that finds it missing builds it (once),
+    and one that finds another build's lock waits: both take minutes, so the rank says so."""
+    if torch.cuda.is_available():
+        return "joining its peers"
+    ops = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "deepspeed_shm_comm"
+    if (ops / "lock").exists():
+        return "waiting on another build of DeepSpeed's CPU comm op"
+    if not (ops / "deepspeed_shm_comm.so").exists():
+        return "building DeepSpeed's CPU comm op (once per venv)"
+    return "joining its peers"
 
 
 def setup(dims: ParallelDims, master_addr: str, master_port: int, local_rank: int):
