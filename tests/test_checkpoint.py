@@ -24,6 +24,7 @@ from trainers.checkpoint_storage import RawFileReader
 
 from .test_trainer import finish, losses, run_ranks, start_rank, write_spec
 from orchestrator.launcher.local import free_port
+from tests.support.waiting import DEADLINE
 
 MODEL = {"layers": 4, "hidden_size": 32, "heads": 4, "seq_length": 32}
 TRAINING = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "learning_rate": 3e-3, "seed": 7,
@@ -154,7 +155,7 @@ def test_sigterm_makes_every_rank_checkpoint_its_step_and_exit_4(tmp_path):
     port = free_port()
     env = {"ROUNDHOUSE_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "RH_TEST_STEP_SLEEP": "0.2"}
     ranks = [start_rank(spec, tmp_path, rank, 2, port, extra_env=env) for rank in range(2)]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + DEADLINE
     while not (tmp_path / "ckpt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)  # the first step has run once the trainer created the directory (at start-up)
     time.sleep(3)

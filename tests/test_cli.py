@@ -30,6 +30,7 @@ from orchestrator.process import wait_healthy
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
 from .conftest import processes_of
+from tests.support.waiting import DEADLINE
 
 runner = CliRunner()
 # Whatever the developer's shell exports must not leak into a test.
@@ -643,7 +644,7 @@ class ServeProcess:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=DEADLINE)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -721,7 +722,7 @@ def test_cancel_stops_a_running_job(plane, tmp_path):
     env = plane.env
     path = spec_file(tmp_path, "cli-long", steps=1000, env={"RH_TEST_STEP_SLEEP": "0.05"})
     assert run("submit", str(path), env=env).exit_code == 0
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
         job = json.loads(run("get", "cli-long", "-o", "json", env=env).stdout)
         if job["state"] == "RUNNING" and job["current_step"] >= 2:
@@ -745,7 +746,7 @@ def test_submit_wait_survives_a_control_plane_restart(tmp_path):
         path = spec_file(tmp_path, "cli-restart", steps=40, env={"RH_TEST_STEP_SLEEP": "0.1"})
         watcher = subprocess.Popen([*roundhouse_command(), "submit", str(path), "--wait"], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:
             got = run("get", "cli-restart", "-o", "json", env=server.env)
             if got.exit_code == 0 and json.loads(got.stdout)["current_step"] >= 3:
@@ -756,7 +757,7 @@ def test_submit_wait_survives_a_control_plane_restart(tmp_path):
         server.stop()
         time.sleep(2.0)  # the ranks train on with nobody listening; the watcher retries
         server.start()
-        output, _ = watcher.communicate(timeout=120)
+        output, _ = watcher.communicate(timeout=DEADLINE)
         assert watcher.returncode == 0, output
         assert "lost the control plane (UNAVAILABLE)" in output and "reconnected" in output
         assert "RUNNING → SUCCEEDED" in output and "jobs/cli-restart: SUCCEEDED" in output

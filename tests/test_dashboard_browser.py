@@ -18,6 +18,7 @@ from orchestrator.store import ApiToken, Job
 from roundhouse.v1 import job_service_pb2 as js
 
 from .conftest import Client, processes_of, start_plane
+from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +57,11 @@ def running_job(plane, admin):
         "training": {"steps": 5000, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": 10},
         "checkpoint": {"interval": 20}}))
     admin.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=admin.metadata)
-    wait_until(lambda: job_row(plane).current_step >= 3, "the job trains a few steps", timeout=120)
+    wait_until(lambda: job_row(plane).current_step >= 3, "the job trains a few steps", timeout=DEADLINE)
     yield JOB
     if job_row(plane).state not in ("CANCELLED", "SUCCEEDED", "FAILED"):
         admin.jobs.CancelJob(js.CancelJobRequest(name=f"jobs/{JOB}"), metadata=admin.metadata)
-    wait_until(lambda: job_row(plane).state == "CANCELLED" and not processes_of(JOB), "the job stops", timeout=60)
+    wait_until(lambda: job_row(plane).state == "CANCELLED" and not processes_of(JOB), "the job stops", timeout=DEADLINE)
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +161,14 @@ def test_list_and_job_page_show_the_running_job_and_update_live(browser, plane, 
     page.evaluate("() => { window.stillTheSamePage = true; }")
     step, points = int(page.locator("#job-step").inner_text()), loss_points(page)
     page.wait_for_function(f"() => Number(document.getElementById('job-step').textContent) > {step} + 5",
-                           timeout=60_000)
+                           timeout=DEADLINE * 1000)
     page.wait_for_function(f"() => document.getElementById('chart-loss').data[0].x.length > {points}")
     assert page.evaluate("() => window.stillTheSamePage") is True
 
     # Checkpoints, validation loss and memory curves, ranks with heartbeats, a rank's log tail.
-    page.wait_for_function("() => document.querySelectorAll('#checkpoints tbody tr').length >= 1", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#checkpoints tbody tr').length >= 1", timeout=DEADLINE * 1000)
     assert "1×1×2" in page.locator("#checkpoints tbody tr").first.inner_text()
-    page.wait_for_function("() => document.getElementById('chart-loss').data.length === 2", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('chart-loss').data.length === 2", timeout=DEADLINE * 1000)
     assert page.evaluate("() => document.getElementById('chart-memory').data[0].y[0]") > 10  # MiB
     assert page.locator("#ranks tbody tr").count() == 2
     page.locator("#ranks .show-log").first.click()
@@ -190,7 +191,7 @@ def test_only_a_permitted_user_can_cancel_from_the_page(browser, plane, admin, r
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("#cancel").click()
     page.wait_for_function("() => document.getElementById('job-state').textContent === 'CANCELLED'",
-                           timeout=60_000)
+                           timeout=DEADLINE * 1000)
     assert "cancel requested by admin" in page.locator("#events tbody").inner_text()
     assert page.locator("#cancel").is_hidden()
     page.screenshot(path=ARTIFACTS / "dashboard-cancelled.png", full_page=True)

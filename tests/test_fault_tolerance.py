@@ -33,6 +33,7 @@ from trainers.checkpoint import committed_steps, step_dir
 from .conftest import Client, processes_of
 from .test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
 from .test_trainer import losses, run_ranks, write_spec
+from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +119,7 @@ def rank_processes(job: str) -> dict[int, int]:
     return out
 
 
-def finished(plane_client: Client, job: str, timeout: float = 180) -> job_pb2.Job:
+def finished(plane_client: Client, job: str, timeout: float = DEADLINE) -> job_pb2.Job:
     return wait_for(plane_client, job, lambda j: j.state in TERMINAL, timeout=timeout)
 
 

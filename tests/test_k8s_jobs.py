@@ -34,6 +34,7 @@ from .conftest import Client, processes_of
 from .fake_kube import FakeKube
 from .fake_kubelet import FakeKubelet
 from .test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
+from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
@@ -103,36 +104,36 @@ def cluster(tmp_path) -> Iterator[Cluster]:
 
 def test_a_job_trains_to_succeeded_as_pods(cluster):
     job = cluster.submit("k8s-ok", steps=4)
-    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=150)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
     assert [a.state for a in done.attempts] == [job_pb2.ATTEMPT_STATE_SUCCEEDED]
     pods = cluster.kube.pods(NS, "roundhouse.io/job=k8s-ok,roundhouse.io/rank=1")  # `kubectl get pods -l`
     assert len(pods) == 1 and pods[0]["status"]["phase"] == "Succeeded"
     log = "".join(c.text for c in cluster.client.jobs.StreamLogs(js.StreamLogsRequest(name=job, rank=0),
-                                                                  metadata=cluster.client.metadata, timeout=30))
+                                                                  metadata=cluster.client.metadata, timeout=DEADLINE))
     assert "step 4/4" in log
     assert committed_steps(cluster.volume / "jobs" / "k8s-ok" / "checkpoints")[0] == 4
 
 
 def test_a_pod_of_two_ranks_trains_them_under_torchrun(cluster):
     job = cluster.submit("k8s-node", steps=4, ranks_per_pod=2)
-    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=150)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
     [pod] = cluster.kube.pods(NS, "roundhouse.io/job=k8s-node")  # one pod for both ranks
     assert pod["status"]["phase"] == "Succeeded"
     log = "".join(c.text for c in cluster.client.jobs.StreamLogs(js.StreamLogsRequest(name=job, rank=1),
-                                                                  metadata=cluster.client.metadata, timeout=30))
+                                                                  metadata=cluster.client.metadata, timeout=DEADLINE))
     assert "layout tp=1 pp=1 dp=2" in log and "step 4/4" in log  # rank 1's log is its pod's: both ranks
     assert committed_steps(cluster.volume / "jobs" / "k8s-node" / "checkpoints")[0] == 4
 
 
 def test_a_pod_lost_mid_run_restarts_the_job_from_its_newest_checkpoint(cluster):
     job = cluster.submit("k8s-lost", steps=16, env={"RH_TEST_STEP_SLEEP": "0.2"})
-    wait_for(cluster.client, job, lambda j: j.checkpoint_step >= 4, timeout=150)
+    wait_for(cluster.client, job, lambda j: j.checkpoint_step >= 4, timeout=DEADLINE)
     victim = cluster.kube.pods(NS, f"{manifests.selector('k8s-lost', 1)},{manifests.LABEL_RANK}=1")[0]
     cluster.kube.delete("pods", NS, victim["metadata"]["name"], grace=0)  # its node is gone: no SIGTERM
 
-    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=180)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
     assert len(done.attempts) == 2 and done.preemption_count == 1 and done.restart_count == 0
     assert done.attempts[0].end_reason.startswith("rank 1 (pod k8s-lost-a1-1-")
@@ -145,9 +146,9 @@ def test_a_pod_lost_mid_run_restarts_the_job_from_its_newest_checkpoint(cluster)
 def test_cancel_deletes_the_job_and_stops_every_rank(cluster):
     job = cluster.submit("k8s-cancel", steps=1000, env={"RH_TEST_STEP_SLEEP": "0.2"})
     wait_for(cluster.client, job, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 1,
-             timeout=150)
+             timeout=DEADLINE)
     cluster.client.jobs.CancelJob(js.CancelJobRequest(name=job), metadata=cluster.client.metadata)
-    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=60)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert done.state == job_pb2.JOB_STATE_CANCELLED
     assert cluster.kube.list("jobs", NS, "roundhouse.io/job=k8s-cancel")["items"] == []
     assert cluster.kube.pods(NS, "roundhouse.io/job=k8s-cancel") == []
@@ -166,25 +167,25 @@ def test_roundhouse_serve_with_the_kubernetes_launcher_watches_its_namespace(tmp
          "--grpc-port", str(port), "--http-port", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_healthy(f"127.0.0.1:{port}", timeout=60, process=server)
-        deadline = time.monotonic() + 10
+        wait_healthy(f"127.0.0.1:{port}", timeout=DEADLINE, process=server)
+        deadline = time.monotonic() + DEADLINE
         watched = lambda: {path.split("?")[0] for _, path in kube.requests if "watch=" in path}  # noqa: E731
         while len(watched()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert watched() == {f"/api/v1/namespaces/{NS}/pods", f"/apis/batch/v1/namespaces/{NS}/jobs"}
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        server.wait(timeout=DEADLINE)
         kube.stop()
 
 
 def test_a_restarted_control_plane_adopts_the_running_pods(cluster):
     job = cluster.submit("k8s-adopt", steps=12, env={"RH_TEST_STEP_SLEEP": "0.2"})
     wait_for(cluster.client, job, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 2,
-             timeout=150)
+             timeout=DEADLINE)
     pods = {p["metadata"]["uid"] for p in cluster.kube.pods(NS, "roundhouse.io/job=k8s-adopt")}
     cluster.restart_control_plane()
-    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=150)
+    done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
     assert len(done.attempts) == 1  # adopted by what launch returned, not launched again
     assert {p["metadata"]["uid"] for p in cluster.kube.pods(NS, "roundhouse.io/job=k8s-adopt")} == pods

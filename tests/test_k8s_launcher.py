@@ -20,6 +20,7 @@ from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
 from contract.spec import parse_spec
 
 from .fake_kube import FakeKube, now_iso
+from tests.support.waiting import DEADLINE
 
 NS = "training"
 
@@ -31,7 +32,7 @@ def request(name: str = "gpt", attempt: int = 1, dp: int = 2, **sections) -> Lau
                          job_token="secret-token", server_address="roundhouse.ops.svc:50051")
 
 
-def eventually(check: Callable[[], object], timeout: float = 5.0):
+def eventually(check: Callable[[], object], timeout: float = DEADLINE):
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -82,7 +83,7 @@ def set_terminated(kube: FakeKube, pod: dict, code: int, reason: str = "Error", 
              "imageID": "", "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now_iso()}}}]})
 
 
-def status_becomes(launcher: KubernetesLauncher, ref: AttemptRef, phase: Phase, timeout: float = 5.0):
+def status_becomes(launcher: KubernetesLauncher, ref: AttemptRef, phase: Phase, timeout: float = DEADLINE):
     return eventually(lambda: (s := launcher.status(ref)).phase is phase and s, timeout)
 
 

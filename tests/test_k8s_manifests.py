@@ -21,6 +21,7 @@ from orchestrator.launcher import AttemptRef, Phase
 
 from .fake_kube import FakeKube
 from .test_k8s_launcher import make_launcher, pods_by_rank, request, set_running, set_terminated
+from tests.support.waiting import DEADLINE
 
 DEPLOY = Path(__file__).parent.parent / "k8s" / "deploy"
 VERSIONS = ["1.30", "1.37"]  # the oldest Kubernetes supported, and the newest schemas kubernetes-validate has
@@ -163,7 +164,7 @@ def test_the_role_allows_what_the_launcher_does_and_no_more():
         req = request()
         ref = AttemptRef(req.job, req.attempt, launcher.launch(req))
         launcher.launch(req)  # the second time reads what exists
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + DEADLINE
         while len(pods := pods_by_rank(kube)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         for pod in pods.values():

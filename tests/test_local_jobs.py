@@ -21,6 +21,7 @@ from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
 from .conftest import Client, processes_of, start_plane
+from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def tiny_spec(name: str, steps: int = 6, dp: int = 2, env: dict | None = None, m
         "restart_policy": {"max_restarts": max_restarts}, "env": env or {}}))
 
 
-def wait_for(client: Client, name: str, predicate, timeout: float = 120.0) -> job_pb2.Job:
+def wait_for(client: Client, name: str, predicate, timeout: float = DEADLINE) -> job_pb2.Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.jobs.GetJob(js.GetJobRequest(name=name), metadata=client.metadata)
@@ -47,7 +48,7 @@ def wait_for(client: Client, name: str, predicate, timeout: float = 120.0) -> jo
 
 def events(client: Client, name: str) -> list[job_pb2.Event]:
     updates = client.jobs.WatchJob(js.WatchJobRequest(name=name, after_step=-1), metadata=client.metadata,
-                                   timeout=30)
+                                   timeout=DEADLINE)
     return [e for u in updates for e in u.events]
 
 
@@ -77,12 +78,12 @@ def test_job_trains_to_succeeded_with_metrics_events_and_logs(client):
     assert [t for _, t in transitions] == [job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_LAUNCHING,
                                            job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_SUCCEEDED]
 
-    updates = client.jobs.WatchJob(js.WatchJobRequest(name="jobs/ok"), metadata=client.metadata, timeout=30)
+    updates = client.jobs.WatchJob(js.WatchJobRequest(name="jobs/ok"), metadata=client.metadata, timeout=DEADLINE)
     steps = sorted({m.step for u in updates for m in u.metrics if m.HasField("loss")})
     assert steps == list(range(1, 7))
 
     log = "".join(c.text for c in client.jobs.StreamLogs(js.StreamLogsRequest(name="jobs/ok", rank=0),
-                                                         metadata=client.metadata, timeout=30))
+                                                         metadata=client.metadata, timeout=DEADLINE))
     assert "step 6/6" in log
     assert processes_of("ok") == []
 
@@ -93,7 +94,7 @@ def test_cancel_of_a_running_job_leaves_no_process(client):
     wait_for(client, "jobs/long", lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 2)
     assert len(processes_of("long")) >= 2
     client.jobs.CancelJob(js.CancelJobRequest(name="jobs/long"), metadata=client.metadata)
-    job = wait_for(client, "jobs/long", lambda j: j.state in TERMINAL, timeout=60)
+    job = wait_for(client, "jobs/long", lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert job.state == job_pb2.JOB_STATE_CANCELLED
     assert job.attempts[-1].state == job_pb2.ATTEMPT_STATE_CANCELLED
     assert processes_of("long") == []
@@ -142,11 +143,11 @@ def _train_the_3d_example(client):
     example = load_spec_file(str(Path(__file__).parent.parent / "examples" / "gpt-3d.yaml"))
     example.training.steps, example.training.warmup_steps, example.training.eval_interval = 3, 0, 0
     client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(example)), metadata=client.metadata)
-    job = wait_for(client, "jobs/gpt-3d", lambda j: j.state in TERMINAL, timeout=240)
+    job = wait_for(client, "jobs/gpt-3d", lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.state_message
     assert job.attempts[0].layout == job_pb2.Layout(tp=2, pp=2, dp=2) and job.attempts[0].world_size == 8
     log = "".join(c.text for c in client.jobs.StreamLogs(js.StreamLogsRequest(name="jobs/gpt-3d", rank=0),
-                                                         metadata=client.metadata, timeout=30))
+                                                         metadata=client.metadata, timeout=DEADLINE))
     assert "layout tp=2 pp=2 dp=2" in log and "step 3/3" in log
     assert processes_of("gpt-3d") == []
 
@@ -180,7 +181,7 @@ def test_control_plane_killed_mid_run_adopts_its_ranks_and_the_job_finishes_once
         assert log.count("step 1/60 ") == 1 and log.count("step 60/60 ") == 1  # one run, not two
         # The ranks outlived the old server and reported to the new one: no step's metrics were lost.
         updates = client.jobs.WatchJob(js.WatchJobRequest(name="jobs/survivor"), metadata=client.metadata,
-                                       timeout=30)
+                                       timeout=DEADLINE)
         assert sorted({m.step for u in updates for m in u.metrics}) == list(range(1, 61))
         client.close()
     finally:

@@ -23,6 +23,7 @@ from contract.spec import parse_spec
 RANK_SCRIPT = """\
 import json, os, signal, sys, time
 from pathlib import Path
+from tests.support.waiting import DEADLINE
 
 run, rank = Path(os.environ["ROUNDHOUSE_RUN_DIR"]), os.environ["RANK"]
 
@@ -55,7 +56,7 @@ def request(job: str = "j", tp: int = 1, pp: int = 1, dp: int = 2, **sections) -
                          dp=dp, start_step=7, job_token="token", server_address="127.0.0.1:1")
 
 
-def wait_until(predicate, timeout: float = 20.0):
+def wait_until(predicate, timeout: float = DEADLINE):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -14,6 +14,7 @@ from orchestrator.launcher.local import free_port
 from trainers.parallel import ParallelDims
 
 from .test_trainer import losses, run_ranks, val_losses, write_spec
+from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +119,7 @@ def test_each_tensor_parallel_shard_is_its_slice_of_the_global_weight(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SHARD_CHECK], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for proc in procs:
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate(timeout=DEADLINE)
         assert proc.returncode == 0, err[-3000:]
         # Sharded: the token embedding, qkv and fc (weights and biases), both projections, the head.
         assert "checked 8" in out

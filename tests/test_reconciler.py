@@ -4,6 +4,7 @@ detection, stops as a durable phase. The tests call `reconcile` themselves (no w
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from datetime import timedelta
@@ -210,7 +211,8 @@ def test_a_silent_rank_is_a_hang_only_after_the_timeout_and_this_control_plane_w
     after = end_current(reconciler, db)
     assert after.state == JobState.RESTARTING and after.state_reason == "Hung"
     assert after.hang_restart_count == 1 and after.restart_count == 0
-    assert "rank 7 (no heartbeat in the 90 s since the attempt started)" in after.state_message
+    silent = re.search(r"rank 7 \(no heartbeat in the (\d+) s since the attempt started\)", after.state_message)
+    assert silent and int(silent.group(1)) >= 90  # at least the 90 s since the start; more on a slow machine
     assert "hang restart 1 of 1" in after.state_message
     assert launcher.stops == [(1, 1)]
     assert after.attempts[0].state == "FAILED"

@@ -16,6 +16,7 @@ from orchestrator.auth import digest, new_token
 from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import ApiToken, Job, JobLabel, Metric, utcnow
 from roundhouse.v1 import job_service_pb2 as js
+from tests.support.waiting import DEADLINE
 
 
 def create(client, name: str, labels: dict | None = None) -> None:
@@ -97,7 +98,7 @@ def test_list_filters_and_pages_through_thousands_of_jobs(client, api_plane):
     event.listen(engine, "before_cursor_execute", count)
     auth = {"Authorization": f"Bearer {client.token}"}
     seen, token, pages = [], "", 0
-    with httpx.Client(base_url=base, headers=auth, timeout=30) as http:
+    with httpx.Client(base_url=base, headers=auth, timeout=DEADLINE) as http:
         while True:
             before = len(statements)
             body = http.get("/api/jobs", params={"page_size": 500, "page_token": token}).json()

@@ -31,6 +31,7 @@ from trainers import data as data_module
 from trainers import main as main_module
 from trainers.reporting import Reporter, metric_point
 from trainers.schedule import lr_at
+from tests.support.waiting import DEADLINE
 
 TINY_MODEL = {"layers": 2, "hidden_size": 32, "heads": 2, "seq_length": 32}
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+) lr (\S+) tok/s (\S+)$", re.MULTILINE)
@@ -61,7 +62,7 @@ def start_rank(spec_file: Path, run_dir: Path, rank: int = 0, world_size: int = 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = DEADLINE) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -269,7 +270,7 @@ def test_metrics_survive_an_outage(tmp_path):
     plane = FakeControlPlane()
     server, _ = serve(plane, port)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + DEADLINE
         while reporter.pending and time.monotonic() < deadline:
             time.sleep(0.05)
         reporter.add_point(metric_point(51, 1, 0, loss=0.5))
