@@ -58,7 +58,9 @@ class Cluster:
         self.kube = FakeKube()
         url = self.kube.start()
         self.volume = tmp / "pvc"  # what the claim holds, as ReadWriteMany storage would
-        image_env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")}
+        # The image's environment: its prebuilt ops directory is this venv's, built once by `make install`
+        # (the image's Dockerfile sets its own), never the user-wide ~/.cache that other clones rebuild.
+        image_env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
         self.kubelet = FakeKubelet(self.kube, NS, tmp / "node", {CLAIM: self.volume}, image_env)
         self.kubelet.start()
         self.settings = ServerSettings(
