@@ -18,12 +18,12 @@ from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
 from orchestrator.launcher.local import LocalLauncher, minimum_environ
 from orchestrator.planner import spec_at_layout
 from contract.spec import parse_spec
+from tests.support.waiting import DEADLINE
 
 # Behaves like the trainer where it matters here: SIGTERM -> exit 4 ("preempted"); RH_CHILD_CRASH_RANK exits 17.
 RANK_SCRIPT = """\
 import json, os, signal, sys, time
 from pathlib import Path
-from tests.support.waiting import DEADLINE
 
 run, rank = Path(os.environ["ROUNDHOUSE_RUN_DIR"]), os.environ["RANK"]
 
