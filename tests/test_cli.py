@@ -796,3 +796,13 @@ def test_tokens_are_created_listed_and_revoked_on_the_database(tmp_path):
     assert run("token", "revoke", "--user", "alice", "--home", home).exit_code == 1  # none left
     bad = run("token", "create", "--user", "carol", "--role", "root", "--home", home)
     assert bad.exit_code == 2 and "role must be one of admin, user" in bad.output
+
+
+def test_mup_coord_check_runs_the_rank_side_tool_and_passes_on_its_refusal(tmp_path):
+    """`roundhouse mup coord-check` runs trainers.coord_check in a child interpreter (the CLI imports no
+    rank-side code); a spec it cannot read is a clean exit 2 naming the file, not a traceback."""
+    missing = tmp_path / "missing.yaml"
+    result = subprocess.run([*roundhouse_command(), "mup", "coord-check", str(missing), "--steps", "2"],
+                            capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr

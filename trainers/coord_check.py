@@ -160,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--widths: {args.widths!r} is not a comma-separated list of integers")
     if len(widths) < 2 or args.steps < 1:
         parser.error("--widths needs at least two widths and --steps at least 1")
-    spec = load_spec_file(args.spec)
+    try:
+        spec = load_spec_file(args.spec)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # unreadable, not UTF-8, or an invalid spec
+        print(f"coord-check: {args.spec}: {exc}", file=sys.stderr)
+        return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parametrization = "standard" if args.standard or spec.model.mup is None else "µP"
     check = run(spec, widths, args.steps, standard=args.standard)
