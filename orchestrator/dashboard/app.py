@@ -45,6 +45,7 @@ HTTP_STATUS = {
     service.PermissionDenied: 403,
     service.NotFound: 404,
     service.FailedPrecondition: 409,
+    service.AlreadyExists: 409,
 }
 
 
