@@ -140,7 +140,8 @@ class ControlPlane:
         return policy + self.launcher.directory_violations(spec)
 
     def _start_http(self) -> None:
-        app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake)
+        app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake,
+                         self.sweep_controller.wake)
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
                                                    log_level="warning", lifespan="off"))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)

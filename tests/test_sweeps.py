@@ -271,3 +271,54 @@ def test_a_sweep_whose_names_are_taken_is_refused_and_nothing_is_written(db):
         sweeps.create_sweep(session, ALICE, spec, warnings)
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(Sweep)) == 1
+
+
+# -- the API and the dashboard (a control plane that launches nothing) ----------------------------------------
+
+
+def test_the_sweep_service_creates_gets_lists_cancels_and_refuses_with_the_field_named(client, api_plane):
+    import grpc
+    import httpx
+
+    from contract.sweep import sweep_to_proto
+    from roundhouse.v1 import sweep_pb2, sweep_service_pb2 as ss, sweep_service_pb2_grpc
+
+    stub = sweep_service_pb2_grpc.SweepServiceStub(client.channel)
+    spec, _ = parse_sweep(sweep_data(target={"model": {"layers": 4, "hidden_size": 64, "heads": 2,
+                                                       "mup": {"base_hidden_size": 32}}}))
+    created = stub.CreateSweep(ss.CreateSweepRequest(spec=sweep_to_proto(spec)), metadata=client.metadata)
+    assert (created.name, created.state, created.owner) == ("sweeps/lr", sweep_pb2.SWEEP_STATE_TUNING, "admin")
+    assert [t.job for t in created.trials] == ["jobs/lr-t0", "jobs/lr-t1"]
+    assert not created.trials[0].HasField("objective") and created.trials[0].state == 0  # not created yet
+    assert created.warnings and created.warnings[0].startswith("model.layers")
+    assert created.spec.grid.learning_rates == [0.01, 0.003] and created.spec.objective.eval_windows == 2
+
+    with pytest.raises(grpc.RpcError) as again:
+        stub.CreateSweep(ss.CreateSweepRequest(spec=sweep_to_proto(spec)), metadata=client.metadata)
+    assert again.value.code() is grpc.StatusCode.ALREADY_EXISTS
+
+    bad = sweep_to_proto(parse_sweep(sweep_data(name="bad"))[0])
+    bad.target.model.mup.base_hidden_size = 64
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CreateSweep(ss.CreateSweepRequest(spec=bad), metadata=client.metadata)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.target.model.mup.base_hidden_size" in refused.value.details()
+
+    listed = stub.ListSweeps(ss.ListSweepsRequest(), metadata=client.metadata).sweeps
+    assert [s.name for s in listed] == ["sweeps/lr"]  # the refused one wrote nothing
+    assert stub.GetSweep(ss.GetSweepRequest(name="lr"), metadata=client.metadata).uid == created.uid
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.GetSweep(ss.GetSweepRequest(name="sweeps/nope"), metadata=client.metadata)
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+
+    base = f"http://127.0.0.1:{api_plane.http_port}"
+    headers = {"authorization": f"Bearer {client.token}"}
+    detail = httpx.get(f"{base}/api/sweeps/lr", headers=headers).json()
+    assert (detail["sweep"]["state"], detail["proxy_width"], detail["target_width"]) == ("TUNING", 32, 64)
+    assert [t["job"] for t in detail["trials"]] == ["lr-t0", "lr-t1"] and detail["can_cancel"]
+    assert httpx.get(f"{base}/sweeps/lr", headers=headers).status_code == 200
+    assert httpx.get(f"{base}/sweeps/nope", headers=headers).status_code == 404
+    assert [s["name"] for s in httpx.get(f"{base}/api/sweeps", headers=headers).json()["sweeps"]] == ["lr"]
+
+    cancelled = stub.CancelSweep(ss.CancelSweepRequest(name="sweeps/lr"), metadata=client.metadata)
+    assert cancelled.cancel_requested and cancelled.state_reason == "CancelRequested"
