@@ -119,9 +119,11 @@ def target_job_name(sweep: str) -> str:
 # -- parsing and validation --------------------------------------------------------------------------------
 
 
-def parse_sweep(data: Any) -> tuple[SweepSpec, list[str]]:
+def parse_sweep(data: Any, check_points: bool = True) -> tuple[SweepSpec, list[str]]:
     """Validates a sweep given as plain data (YAML, a stored row, a message turned to a dict); returns it with
-    its warnings, or raises SpecError naming every offending field (paths relative to the sweep spec)."""
+    its warnings, or raises SpecError naming every offending field (paths relative to the sweep spec).
+    `check_points=False` skips checking every trial's and the target's spec one by one: for a stored sweep,
+    checked when it was created."""
     if not isinstance(data, dict):
         raise SpecError([FieldViolation("", "a sweep spec must be a mapping")])
     out: list[FieldViolation] = []
@@ -169,10 +171,16 @@ def parse_sweep(data: Any) -> tuple[SweepSpec, list[str]]:
         out.append(FieldViolation("grid", f"{trials} trials; at most {MAX_TRIALS}"))
     if out:
         raise SpecError(out)
-    out += _point_violations(spec)  # every trial's and the target's spec must be valid (a grid value may not be)
+    if check_points:
+        out += _point_violations(spec)  # a grid value may make a trial or the target invalid
     if out:
         raise SpecError(out)
     return spec, transfer_warnings(spec)
+
+
+def stored_sweep(data: dict[str, Any]) -> SweepSpec:
+    """A sweep as the control plane stored it (`SweepSpec.to_dict`, validated when it was created)."""
+    return parse_sweep(data, check_points=False)[0]
 
 
 def sweep_from_proto(message: sweep_pb2.SweepSpec) -> tuple[SweepSpec, list[str]]:

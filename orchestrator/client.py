@@ -1,5 +1,5 @@
-"""A small client of the JobService (and the SweepService): finds the server and the token, sends the token with every call, and
-turns gRPC errors into messages a person can act on.
+"""A small client of the JobService and the SweepService: finds the server and the token, sends the token
+with every call, and turns gRPC errors into messages a person can act on.
 
 Every failure surfaces as `ClientError`, whose text is meant to be shown as it is (no traceback) and whose
 `code` says which gRPC status it came from (None when no call was made)."""

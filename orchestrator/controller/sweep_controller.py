@@ -21,7 +21,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from contract.spec import JobSpec
-from contract.sweep import GridPoint, SweepSpec, choose_best, parse_sweep, point_objectives
+from contract.sweep import GridPoint, SweepSpec, choose_best, point_objectives, stored_sweep
 from orchestrator.controller.runtime import ControllerRuntime, Requeue
 from orchestrator.service.jobs import new_job
 from orchestrator.service.sweeps import cancel_child, objective_of
@@ -65,7 +65,7 @@ class SweepController:
             sweep = session.get(Sweep, name)
             if sweep is None or SweepState(sweep.state).terminal:
                 return None
-            spec, _ = parse_sweep(sweep.spec)
+            spec = stored_sweep(sweep.spec)
             owner, parent, cancel = sweep.owner, sweep.resource_name, sweep.cancel_requested
             children = {j.name: j for j in session.scalars(select(Job).where(Job.parent == parent))}
             objectives = {plan.index: objective_of(session, children.get(spec.trial_job_name(plan.index)),

@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from contract.sweep import GridPoint, SweepSpec, TrialPlan, model_flops, parse_sweep, trial_objective
+from contract.sweep import GridPoint, SweepSpec, TrialPlan, model_flops, stored_sweep, trial_objective
 from orchestrator.auth import Principal
 from orchestrator.lifecycle import record_event
 from orchestrator.service import pages
@@ -162,7 +162,7 @@ class SweepView:
 
 
 def sweep_view(session: Session, sweep: Sweep) -> SweepView:
-    spec, _ = parse_sweep(sweep.spec)
+    spec = stored_sweep(sweep.spec)
     children = {j.name: j for j in session.scalars(select(Job).where(Job.parent == sweep.resource_name))}
     now = utcnow()
     trials = []
