@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 
+import grpc
 import pytest
 
 from contract.sweep import parse_sweep, sweep_to_proto
@@ -39,9 +40,15 @@ def get_sweep(client: Client, sweeps) -> sweep_pb2.Sweep:
 
 
 def wait_for(what: str, check, timeout: float = DEADLINE):
+    """`check()`'s first true value; a control plane coming back (UNAVAILABLE) is waited for too."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = check()
+        try:
+            value = check()
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                raise
+            value = None
         if value:
             return value
         time.sleep(0.2)
@@ -60,8 +67,9 @@ def test_a_sweep_runs_its_trials_then_the_target_across_a_control_plane_kill(tmp
         assert created.state == sweep_pb2.SWEEP_STATE_TUNING and len(created.trials) == 2
 
         # Kill the control plane while the first trial trains and the second is not created yet.
-        wait_for("trial 0 running", lambda: get_sweep(client, sweeps).trials[0].state == job_pb2.JOB_STATE_RUNNING)
-        assert get_sweep(client, sweeps).trials[1].state == job_pb2.JOB_STATE_UNSPECIFIED  # max_parallel 1
+        running = wait_for("trial 0 running", lambda: (s := get_sweep(client, sweeps)).trials[0].state
+                           == job_pb2.JOB_STATE_RUNNING and s)
+        assert running.trials[1].state == job_pb2.JOB_STATE_UNSPECIFIED  # max_parallel 1: not created yet
         server.send_signal(signal.SIGKILL)
         server.wait()
         server = spawn_server(home, None, port, log_path=log)
