@@ -322,3 +322,34 @@ def test_the_sweep_service_creates_gets_lists_cancels_and_refuses_with_the_field
 
     cancelled = stub.CancelSweep(ss.CancelSweepRequest(name="sweeps/lr"), metadata=client.metadata)
     assert cancelled.cancel_requested and cancelled.state_reason == "CancelRequested"
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------
+
+
+def test_the_example_sweep_file_is_valid_and_costs_under_five_percent_of_the_target():
+    from contract.sweep import load_sweep_file, model_flops
+
+    spec, warnings = load_sweep_file("examples/mup-sweep.yaml")
+    assert warnings == [] and len(spec.trials()) == 5
+    trials = sum(model_flops(spec.proxy, spec.proxy.training.steps) for _ in spec.trials())
+    assert trials / model_flops(spec.target, spec.target.training.steps) < 0.05
+
+
+def test_sweep_submit_refuses_a_bad_file_locally_naming_each_field(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.cli import sweeps as cli
+
+    def refuse(server, token):
+        raise AssertionError("the command contacted the server")
+    monkeypatch.setattr(cli, "connect", refuse)
+    data = sweep_data(max_parallel=0)
+    data["target"]["model"]["mup"]["base_hidden_size"] = 64
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["sweep", "submit", str(path)], env={"ROUNDHOUSE_SERVER": None})
+    assert result.exit_code == 2, result.output
+    assert "max_parallel: 0 must be an integer in [1, 999]" in result.output
