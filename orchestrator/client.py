@@ -1,5 +1,5 @@
-"""A small client of the JobService: finds the server and the token, sends the token with every call, and
-turns gRPC errors into messages a person can act on.
+"""A small client of the JobService and the SweepService: finds the server and the token, sends the token
+with every call, and turns gRPC errors into messages a person can act on.
 
 Every failure surfaces as `ClientError`, whose text is meant to be shown as it is (no traceback) and whose
 `code` says which gRPC status it came from (None when no call was made)."""
@@ -15,9 +15,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from orchestrator import config
-from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc
+from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc, sweep_pb2
+from roundhouse.v1 import sweep_service_pb2 as ss, sweep_service_pb2_grpc
 
 JOB_PREFIX = "jobs/"
+SWEEP_PREFIX = "sweeps/"
 UNARY_TIMEOUT_SECONDS = 30.0
 # The most events the server sends in one WatchJob update; a shorter batch is the end of the history.
 WATCH_EVENT_BATCH = 1000
@@ -36,12 +38,14 @@ class ClientError(Exception):
 
 
 class JobClient:
-    """Typed calls of roundhouse.v1.JobService. Job names may be given as "NAME" or "jobs/NAME"."""
+    """Typed calls of roundhouse.v1.JobService and SweepService. Names may be given as "NAME", "jobs/NAME" or
+    "sweeps/NAME"."""
 
     def __init__(self, address: str, token: str):
         self.address = address
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = job_service_pb2_grpc.JobServiceStub(self.channel)
+        self.sweeps = sweep_service_pb2_grpc.SweepServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
     def __enter__(self) -> Self:
@@ -72,6 +76,24 @@ class JobClient:
 
     def cancel_job(self, name: str) -> job_pb2.Job:
         return self._call("CancelJob", js.CancelJobRequest(name=job_name(name)))
+
+    # -- sweeps (roundhouse.v1.SweepService, on the same channel) -------------------------------------------
+
+    def create_sweep(self, spec: sweep_pb2.SweepSpec) -> sweep_pb2.Sweep:
+        return self._call("CreateSweep", ss.CreateSweepRequest(spec=spec), self.sweeps)
+
+    def get_sweep(self, name: str) -> sweep_pb2.Sweep:
+        return self._call("GetSweep", ss.GetSweepRequest(name=sweep_name(name)), self.sweeps)
+
+    def list_sweeps(self, page_size: int = 0, page_token: str = "") -> ss.ListSweepsResponse:
+        return self._call("ListSweeps", ss.ListSweepsRequest(page_size=page_size, page_token=page_token), self.sweeps)
+
+    def cancel_sweep(self, name: str) -> sweep_pb2.Sweep:
+        return self._call("CancelSweep", ss.CancelSweepRequest(name=sweep_name(name)), self.sweeps)
+
+    def watch_sweep(self, name: str) -> Iterator[sweep_pb2.Sweep]:
+        """The sweep now, then each change until it ends."""
+        return self._stream("WatchSweep", ss.WatchSweepRequest(name=sweep_name(name)), stub=self.sweeps)
 
     # -- streams -------------------------------------------------------------------------------------------
 
@@ -104,14 +126,14 @@ class JobClient:
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, stub=None):
         try:
-            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=UNARY_TIMEOUT_SECONDS)
+            return getattr(stub or self.stub, method)(request, metadata=self.metadata, timeout=UNARY_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
             raise ClientError(describe(exc, self.address), exc.code()) from None
 
-    def _stream(self, method: str, request, timeout: float | None = None) -> Iterator:
-        call = getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+    def _stream(self, method: str, request, timeout: float | None = None, stub=None) -> Iterator:
+        call = getattr(stub or self.stub, method)(request, metadata=self.metadata, timeout=timeout)
         try:
             yield from call
         except grpc.RpcError as exc:
@@ -173,6 +195,12 @@ def job_name(name: str) -> str:
     """The resource name of a job given as "NAME" or "jobs/NAME"."""
     name = name.strip()
     return name if name.startswith(JOB_PREFIX) else f"{JOB_PREFIX}{name}"
+
+
+def sweep_name(name: str) -> str:
+    """The resource name of a sweep given as "NAME" or "sweeps/NAME"."""
+    name = name.strip()
+    return name if name.startswith(SWEEP_PREFIX) else f"{SWEEP_PREFIX}{name}"
 
 
 def short_name(name: str) -> str:

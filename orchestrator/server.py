@@ -1,5 +1,5 @@
 """The control plane process: gRPC API (with health and reflection), the status page over HTTP, and the
-job controller, all over one database."""
+job and sweep controllers, all over one database."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ from contract.reach import reach_violations
 from contract.spec import JobSpec
 from orchestrator import config
 from orchestrator.api.job_service import JobService
+from orchestrator.api.sweep_service import SweepService
 from orchestrator.api.trainer_service import TrainerService
 from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
-from orchestrator.controller import JobController, ReconcilerSettings
+from orchestrator.controller import JobController, ReconcilerSettings, SweepController
 from orchestrator.dashboard import ServiceMetrics, create_app
 from orchestrator.launcher import Launcher
 from orchestrator.launcher.registry import create_launcher
 from orchestrator.store import Database, migrate
-from roundhouse.v1 import job_service_pb2, job_service_pb2_grpc, trainer_service_pb2, trainer_service_pb2_grpc
+from roundhouse.v1 import (job_service_pb2, job_service_pb2_grpc, sweep_service_pb2, sweep_service_pb2_grpc,
+                           trainer_service_pb2, trainer_service_pb2_grpc)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class ControlPlane:
         self.grpc_port = 0
         self.http_port = 0
         self.job_controller: JobController | None = None
+        self.sweep_controller: SweepController | None = None
         self.launcher: Launcher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -104,14 +107,19 @@ class ControlPlane:
         self.job_controller = JobController(self.db, launcher, credential_key,
                                         self.settings.advertise_address or self.grpc_address,
                                         self.settings.reconciler, workers=self.settings.controller_workers)
+        # Sweeps own ordinary jobs (trials, a target): the job controller runs them like any other.
+        self.sweep_controller = SweepController(self.db, self.job_controller.wake)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobService(self.db, users, launcher, self.job_controller.wake, self.reach_violations), server)
+        sweep_service_pb2_grpc.add_SweepServiceServicer_to_server(
+            SweepService(self.db, users, self.sweep_controller.wake, self.reach_violations), server)
         trainer_service = TrainerService(self.db, credential_key,
                                          on_checkpoint_commit=self.metrics.checkpoint_committed)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+                    sweep_service_pb2.DESCRIPTOR.services_by_name["SweepService"].full_name,
                     trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name)
         reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         server.start()
@@ -120,6 +128,7 @@ class ControlPlane:
         self._start_http()
         if self.settings.reconcile:
             self.job_controller.start()
+            self.sweep_controller.start()
         for name in ("", *services):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -131,7 +140,8 @@ class ControlPlane:
         return policy + self.launcher.directory_violations(spec)
 
     def _start_http(self) -> None:
-        app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake)
+        app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake,
+                         self.sweep_controller.wake)
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
                                                    log_level="warning", lifespan="off"))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
@@ -144,6 +154,8 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Stops serving. Running jobs keep running: a control plane started later adopts them."""
+        if self.sweep_controller:
+            self.sweep_controller.stop()
         if self.job_controller:
             self.job_controller.stop()
         if self.launcher:

@@ -36,6 +36,7 @@ _CODES = {
     service.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     service.NotFound: grpc.StatusCode.NOT_FOUND,
     service.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    service.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
 }
 
 

@@ -6,7 +6,6 @@ messages."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 
 import grpc
@@ -18,7 +17,7 @@ from orchestrator.launcher import Launcher
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
 from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto
-from orchestrator.store import Database, Job, JobState, NameTaken, NewJob, utcnow
+from orchestrator.store import Database, Job, JobState, NameTaken
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 WATCH_POLL_SECONDS = 0.25
@@ -49,14 +48,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if violations:  # what the spec may reach under this server's policy; nothing is written
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in violations])
         owner = principal.user if principal else ""
-        now = utcnow()
-        new_job = NewJob(
-            job={"name": spec.name, "uid": str(uuid.uuid4()), "spec": spec.model_dump(mode="json", exclude_none=True),
-                 "state": JobState.QUEUED, "state_reason": "Created", "owner": owner, "total_steps": spec.training.steps,
-                 "max_restarts": spec.restart_policy.max_restarts, "create_time": now, "update_time": now},
-            labels=spec.labels,
-            event={"job_name": spec.name, "type": "StateChanged", "to_state": JobState.QUEUED, "reason": "Created",
-                   "message": f"submitted by {owner or 'unknown'}", "create_time": now})
+        new_job = jobs.new_job(spec, owner)
+        now = new_job.job["create_time"]
         try:
             self.db.create_job(new_job)
         except NameTaken:

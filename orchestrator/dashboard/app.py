@@ -12,6 +12,7 @@ scrapers hold no browser cookie. Queries, and who may see or cancel what, are th
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, quote
@@ -29,6 +30,7 @@ from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
 from orchestrator.launcher import Launcher
 from orchestrator.service import jobs as job_queries
+from orchestrator.service import sweeps as sweep_queries
 from orchestrator.store import Database, Job, JobState, utcnow
 
 PACKAGE = Path(__file__).resolve().parent.parent  # orchestrator/
@@ -45,11 +47,13 @@ HTTP_STATUS = {
     service.PermissionDenied: 403,
     service.NotFound: 404,
     service.FailedPrecondition: 409,
+    service.AlreadyExists: 409,
 }
 
 
 def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher | None = None,
-               metrics: ServiceMetrics | None = None, wake_reconciler=lambda name: None) -> Starlette:
+               metrics: ServiceMetrics | None = None, wake_reconciler=lambda name: None,
+               wake_sweeps=lambda name: None) -> Starlette:
     users = users or UserTokens(db)
     metrics = metrics or ServiceMetrics(db)
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
@@ -116,6 +120,24 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         except (service.NotFound, service.InvalidArgument):
             return page("missing.html", request, principal, status_code=404, name=name)
         return page("job.html", request, principal, name=name)
+
+    async def sweeps_page(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return to_login(request)
+        return page("sweeps.html", request, principal)
+
+    async def sweep_page(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return to_login(request)
+        name = request.path_params["name"]
+        try:
+            with db.read() as session:
+                sweep_queries.get_sweep(session, principal, name)
+        except (service.NotFound, service.InvalidArgument):
+            return page("missing.html", request, principal, status_code=404, name=name)
+        return page("sweep.html", request, principal, name=name)
 
     # -- JSON --------------------------------------------------------------------------------------------
 
@@ -193,6 +215,45 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         wake_reconciler(name)
         return JSONResponse({"cancel_requested": True})
 
+    async def sweeps_json(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return unauthenticated()
+        try:
+            with db.read() as session:
+                listed = sweep_queries.list_sweeps(session, principal, LIST_PAGE_SIZE,
+                                                   request.query_params.get("page_token", ""))
+                return JSONResponse({"sweeps": [_sweep_summary(sweep_queries.sweep_view(session, s))
+                                                for s in listed.items],
+                                     "next_page_token": listed.next_page_token})
+        except service.ServiceError as error:
+            return refused(error)
+
+    async def sweep_json(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return unauthenticated()
+        try:
+            with db.read() as session:
+                sweep = sweep_queries.get_sweep(session, principal, request.path_params["name"])
+                return JSONResponse(_sweep_detail(sweep_queries.sweep_view(session, sweep), principal))
+        except service.ServiceError as error:
+            return refused(error)
+
+    async def cancel_sweep(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal is None:
+            return unauthenticated()
+        if "authorization" not in request.headers and not _same_origin(request):
+            return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
+        try:
+            with db.session() as session:
+                name = sweep_queries.cancel_sweep(session, principal, request.path_params["name"]).name
+        except service.ServiceError as error:
+            return refused(error)
+        wake_sweeps(name)
+        return JSONResponse({"cancel_requested": True})
+
     # -- service -----------------------------------------------------------------------------------------
 
     async def prometheus(request: Request) -> Response:
@@ -215,6 +276,11 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         Route("/api/jobs/{name}", job_json),
         Route("/api/jobs/{name}/log", job_log),
         Route("/api/jobs/{name}/cancel", cancel, methods=["POST"]),
+        Route("/sweeps", sweeps_page),
+        Route("/sweeps/{name}", sweep_page),
+        Route("/api/sweeps", sweeps_json),
+        Route("/api/sweeps/{name}", sweep_json),
+        Route("/api/sweeps/{name}/cancel", cancel_sweep, methods=["POST"]),
         Route("/metrics", prometheus),
         Route("/healthz", healthz),
         Route("/static/plotly.min.js", plotly_js),
@@ -269,6 +335,56 @@ def _job_summary(job: Job, now: datetime) -> dict:
         "cancel_requested": job.cancel_requested,
         "created": _time(job.create_time),
         "age_seconds": round((now - job.create_time).total_seconds()),
+    }
+
+
+def _sweep_summary(view: sweep_queries.SweepView) -> dict:
+    sweep = view.sweep
+    return {
+        "name": sweep.name,
+        "state": sweep.state,
+        "reason": sweep.state_reason,
+        "message": sweep.state_message,
+        "owner": sweep.owner,
+        "cancel_requested": sweep.cancel_requested,
+        "warnings": list(sweep.warnings or []),
+        "created": _time(sweep.create_time),
+        "trials": len(view.trials),
+        "trials_ended": sum(1 for t in view.trials if t.objective is not None),
+        "best_learning_rate": sweep.best["learning_rate"] if sweep.best else None,
+        "target": view.target.name if view.target is not None else None,
+        "target_state": view.target.state if view.target is not None else None,
+    }
+
+
+def _sweep_detail(view: sweep_queries.SweepView, principal: Principal) -> dict:
+    """What the sweep page shows: the sweep, its trials (objective null while running; `infinite` when it
+    failed or has no finite validation loss), the chosen point, the target and the tuning cost."""
+    best = view.sweep.best
+    return {
+        "sweep": _sweep_summary(view),
+        "can_cancel": sweep_queries.may_cancel(principal, view.sweep),
+        "proxy_width": view.spec.proxy.model.hidden_size,
+        "target_width": view.spec.target.model.hidden_size,
+        "eval_windows": view.spec.eval_windows,
+        "max_parallel": view.spec.max_parallel,
+        "trials": [{"job": t.job_name, "index": t.plan.index, "learning_rate": t.plan.point.learning_rate,
+                    "weight_decay": t.plan.point.weight_decay, "seed": t.plan.seed,
+                    "hyperparameters": dict(t.plan.point.hyperparameters),
+                    "state": t.job.state if t.job is not None else None,
+                    "step": t.job.current_step if t.job is not None else 0,
+                    "total_steps": view.spec.proxy.training.steps,
+                    "objective": t.objective if t.objective is not None and math.isfinite(t.objective) else None,
+                    "infinite": t.objective is not None and not math.isfinite(t.objective),
+                    "wall_seconds": round(t.wall_seconds, 1)} for t in view.trials],
+        "best": None if not best else {
+            "job": view.spec.trial_job_name(best["trial"]), "learning_rate": best["learning_rate"],
+            "weight_decay": best["weight_decay"], "hyperparameters": best.get("hyperparameters", {}),
+            "objective": best["objective"]},
+        "target": None if view.target is None else {
+            "name": view.target.name, "state": view.target.state, "step": view.target.current_step,
+            "total_steps": view.target.total_steps, "loss": view.target.last_loss},
+        "tuning": {"flops_ratio": view.tuning_flops_ratio, "wall_seconds": round(view.tuning_wall_seconds, 1)},
     }
 
 

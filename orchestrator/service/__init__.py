@@ -3,12 +3,13 @@ servicers in orchestrator/api/, the dashboard in orchestrator/dashboard/). Neith
 store for a user or decides who may do what on its own; each maps `ServiceError`s to its own statuses.
 
 - `access`: who may do what (the one rule)
-- `jobs`: get, list, checkpoints, events, metrics, ranks, logs, cancel
+- `jobs`: get, list, checkpoints, events, metrics, ranks, logs, cancel; the row of a new job
+- `sweeps`: create, get, list, cancel; a sweep's trials with their objectives, its target, its tuning cost
 - `pages`: page tokens
 - `errors`: the refusals"""
 
-from orchestrator.service.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+from orchestrator.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                                          ServiceError, Unauthenticated)
 
-__all__ = ["FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "ServiceError",
+__all__ = ["AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "ServiceError",
            "Unauthenticated"]

@@ -1,8 +1,8 @@
 """Who may do what: the one place that decides. The gRPC servicers and the dashboard call `authorize`
 before they act; `orchestrator.auth` only says who a token belongs to (authentication).
 
-The rule: any user with a valid token may submit jobs and read every job (its state, events, checkpoints,
-metrics and logs); admins may cancel any job, other users only the jobs they own. A rank may report only
+The rule: any user with a valid token may submit jobs and sweeps and read every job (its state, events,
+checkpoints, metrics and logs) and sweep; admins may cancel any job or sweep, other users only those they own. A rank may report only
 for its own job and attempt."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import hmac
 
 from orchestrator.auth import ADMIN, Principal, job_token
 from orchestrator.service.errors import PermissionDenied, Unauthenticated
-from orchestrator.store import Job
+from orchestrator.store import Job, Sweep
 
 
 class Action(enum.StrEnum):
@@ -21,7 +21,7 @@ class Action(enum.StrEnum):
     CANCEL = "cancel"
 
 
-def allowed(principal: Principal | None, action: Action, job: Job | None = None) -> bool:
+def allowed(principal: Principal | None, action: Action, job: Job | Sweep | None = None) -> bool:
     if principal is None:
         return False
     if action is Action.CANCEL:
@@ -29,8 +29,8 @@ def allowed(principal: Principal | None, action: Action, job: Job | None = None)
     return True
 
 
-def authorize(principal: Principal | None, action: Action, job: Job | None = None) -> None:
-    """Returns if `principal` may do `action` (on `job`); raises Unauthenticated or PermissionDenied."""
+def authorize(principal: Principal | None, action: Action, job: Job | Sweep | None = None) -> None:
+    """Returns if `principal` may do `action` (on `job`, or a sweep); raises Unauthenticated or PermissionDenied."""
     if principal is None:
         raise Unauthenticated("a valid token is required")
     if not allowed(principal, action, job):

@@ -31,3 +31,7 @@ class NotFound(ServiceError):
 
 class FailedPrecondition(ServiceError):
     pass
+
+
+class AlreadyExists(ServiceError):
+    pass

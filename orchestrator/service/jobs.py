@@ -5,6 +5,7 @@ the transaction) and the principal asking, and checks `access.authorize` before 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,9 @@ from orchestrator.lifecycle import record_event
 from orchestrator.service import pages
 from orchestrator.service.access import Action, allowed, authorize
 from orchestrator.service.errors import FailedPrecondition, InvalidArgument, NotFound
-from orchestrator.store import AttemptState, Checkpoint, Event, Job, JobLabel, JobState, Metric, RankStatus
+from contract.spec import JobSpec
+from orchestrator.store import (JOB_KIND, AttemptState, Checkpoint, Event, Job, JobLabel, JobState, Metric, NewJob,
+                                RankStatus, utcnow)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -88,6 +91,21 @@ def list_checkpoints(session: Session, principal: Principal | None, parent: str,
     if len(rows) > page_size:
         page.next_page_token = pages.encode_checkpoint_token(rows[page_size - 1].step, job.name, page_size)
     return page
+
+
+def new_job(spec: JobSpec, owner: str, kind: str = JOB_KIND, parent: str | None = None,
+            message: str = "") -> NewJob:
+    """The rows of a job as submitted (QUEUED, with its "Created" event), for `Database.create_job`: a user's
+    job, or a child of a resource (`kind`, `parent`: a sweep's trials and target)."""
+    now = utcnow()
+    return NewJob(
+        job={"name": spec.name, "uid": str(uuid.uuid4()), "kind": kind, "parent": parent,
+             "spec": spec.model_dump(mode="json", exclude_none=True), "state": JobState.QUEUED,
+             "state_reason": "Created", "owner": owner, "total_steps": spec.training.steps,
+             "max_restarts": spec.restart_policy.max_restarts, "create_time": now, "update_time": now},
+        labels=spec.labels,
+        event={"job_name": spec.name, "type": "StateChanged", "to_state": JobState.QUEUED, "reason": "Created",
+               "message": message or f"submitted by {owner or 'unknown'}", "create_time": now})
 
 
 # -- a job's history: read after get_job, which checked the caller may read it -----------------------------

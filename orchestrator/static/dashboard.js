@@ -218,5 +218,99 @@ const Dashboard = (() => {
     });
   }
 
-  return {jobsPage, jobPage};
+  // -- sweeps ------------------------------------------------------------------------------------------------
+
+  function jobLink(name) {
+    const a = document.createElement("a");
+    a.href = "/jobs/" + encodeURIComponent(name);
+    a.textContent = name;
+    return a;
+  }
+
+  function sweepsPage() {
+    poll(async () => {
+      const data = await getJSON("/api/sweeps");
+      fill(document.querySelector("#sweeps tbody"), data.sweeps, (row, s) => {
+        const link = document.createElement("a");
+        link.href = "/sweeps/" + encodeURIComponent(s.name);
+        link.textContent = s.name;
+        row.insertCell().appendChild(link);
+        cell(row, s.state, s.state); cell(row, s.owner); cell(row, s.trials_ended + "/" + s.trials);
+        cell(row, s.best_learning_rate === null ? "—" : s.best_learning_rate);
+        if (s.target) row.insertCell().appendChild(jobLink(s.target)); else cell(row, "—");
+        cell(row, time(s.created));
+      });
+    });
+  }
+
+  function sweepPage(name) {
+    const base = "/api/sweeps/" + encodeURIComponent(name);
+    const cancelButton = document.getElementById("cancel");
+    cancelButton.addEventListener("click", async () => {
+      if (!confirm("Cancel sweep " + name + " (its running trials or target too)?")) return;
+      const response = await fetch(base + "/cancel", {method: "POST", credentials: "same-origin"});
+      const body = await response.json();
+      document.getElementById("cancel-result").textContent =
+        response.ok ? "Cancel requested." : (body.error || response.status);
+    });
+
+    poll(async () => {
+      const data = await getJSON(base);
+      const sweep = data.sweep;
+      const state = document.getElementById("sweep-state");
+      state.textContent = sweep.state;
+      state.className = sweep.state;
+      document.getElementById("sweep-message").textContent = (sweep.reason || "") + " " + (sweep.message || "");
+      document.getElementById("proxy-width").textContent = data.proxy_width;
+      document.getElementById("target-width").textContent = data.target_width;
+      document.getElementById("eval-windows").textContent = data.eval_windows;
+      document.getElementById("max-parallel").textContent = data.max_parallel;
+      document.getElementById("sweep-owner").textContent = sweep.owner || "—";
+      document.getElementById("best").textContent = data.best ?
+        data.best.job + " (learning rate " + data.best.learning_rate + ", weight decay " + data.best.weight_decay +
+        ", objective " + number(data.best.objective, 4) + ")" : "not yet (every trial must end)";
+      const target = document.getElementById("target");
+      if (data.target) {
+        target.replaceChildren(jobLink(data.target.name),
+          " " + data.target.state + " · step " + data.target.step + "/" + data.target.total_steps);
+      } else {
+        target.textContent = "not started";
+      }
+      document.getElementById("cost-flops").textContent = (100 * data.tuning.flops_ratio).toFixed(1) + " %";
+      document.getElementById("cost-wall").textContent = duration(data.tuning.wall_seconds);
+      document.getElementById("warnings").replaceChildren(...sweep.warnings.map(w => {
+        const li = document.createElement("li");
+        li.textContent = "warning: " + w;
+        return li;
+      }));
+      cancelButton.hidden = !data.can_cancel;
+
+      fill(document.querySelector("#trials tbody"), data.trials, (row, t) => {
+        cell(row, t.index + (data.best && data.best.job === t.job ? " ★" : ""));
+        if (t.state) row.insertCell().appendChild(jobLink(t.job)); else cell(row, t.job);
+        cell(row, t.learning_rate); cell(row, t.weight_decay); cell(row, t.seed);
+        cell(row, Object.entries(t.hyperparameters).map(([k, v]) => k + "=" + v).join(", "));
+        cell(row, t.state || "not created", t.state || "");
+        cell(row, t.step + "/" + t.total_steps);
+        cell(row, t.infinite ? "∞" : number(t.objective, 4));
+        cell(row, duration(t.wall_seconds));
+      });
+
+      // One trace per proxy width (a sweep has one); the chosen point on top.
+      const scored = data.trials.filter(t => t.objective !== null);
+      const traces = [{x: scored.map(t => t.learning_rate), y: scored.map(t => t.objective),
+                       text: scored.map(t => t.job), mode: "markers", type: "scatter",
+                       name: "width " + data.proxy_width}];
+      if (data.best) {
+        traces.push({x: [data.best.learning_rate], y: [data.best.objective], mode: "markers", type: "scatter",
+                     name: "chosen", marker: {symbol: "star", size: 14}});
+      }
+      Plotly.react("chart-sweep", traces, {
+        margin: {l: 50, r: 10, t: 20, b: 40}, xaxis: {title: {text: "learning rate"}, type: "log"},
+        yaxis: {title: {text: "validation loss (objective)"}}}, {displaylogo: false, responsive: true});
+      return false;
+    });
+  }
+
+  return {jobsPage, jobPage, sweepsPage, sweepPage};
 })();

@@ -3,10 +3,12 @@
 from orchestrator.store.db import Database, migrate
 from orchestrator.store.job_writer import NameTaken, NewJob
 from orchestrator.store.models import (
-    ApiToken, Attempt, AttemptState, Checkpoint, Event, Job, JobLabel, JobState, Metric, RankStatus, ServerSecret, utcnow,
+    JOB_KIND, TARGET_KIND, TRIAL_KIND, ApiToken, Attempt, AttemptState, Checkpoint, Event, Job, JobLabel, JobState, Metric,
+    RankStatus, ServerSecret, Sweep, SweepState, utcnow,
 )
 
 __all__ = [
     "ApiToken", "Attempt", "AttemptState", "Checkpoint", "Database", "Event", "Job", "JobLabel", "JobState",
-    "Metric", "NameTaken", "NewJob", "RankStatus", "ServerSecret", "migrate", "utcnow",
+    "JOB_KIND", "Metric", "NameTaken", "NewJob", "RankStatus", "ServerSecret", "Sweep", "SweepState", "TARGET_KIND",
+    "TRIAL_KIND", "migrate", "utcnow",
 ]

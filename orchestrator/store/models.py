@@ -218,6 +218,53 @@ class Checkpoint(Base):
     __table_args__ = (UniqueConstraint("job_name", "step", name="uq_checkpoints_job_step"),)
 
 
+class SweepState(enum.StrEnum):
+    TUNING = "TUNING"  # trials run (or wait for ranks)
+    TRAINING_TARGET = "TRAINING_TARGET"  # the best point is chosen; the target job runs
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED)
+
+
+# The kinds of a sweep's child jobs (their parent is "sweeps/<name>").
+TRIAL_KIND = "Trial"
+TARGET_KIND = "Target"
+
+
+class Sweep(Base):
+    """A µP sweep (contract/sweep.py). Its trials and target are ordinary jobs whose `parent` is this sweep's
+    resource name, found again by their deterministic names; the row holds only what no child records: the
+    request, the choice once made, and the sweep's own state."""
+
+    __tablename__ = "sweeps"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    uid: Mapped[str] = mapped_column(String(36), unique=True)
+    spec: Mapped[dict[str, Any]]  # contract.sweep.SweepSpec.to_dict()
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    state_reason: Mapped[str] = mapped_column(String(64), default="")
+    state_message: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The chosen point, once every trial ended: {"trial": index, "learning_rate", "weight_decay",
+    # "hyperparameters": {field: value}, "objective"}; None before.
+    best: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    create_time: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    update_time: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    end_time: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_sweeps_create_time_name", "create_time", "name"),)
+
+    @property
+    def resource_name(self) -> str:
+        return f"sweeps/{self.name}"
+
+
 class ApiToken(Base):
     """A user's bearer token, kept only as its SHA-256."""
 
