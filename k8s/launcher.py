@@ -185,6 +185,11 @@ class KubernetesLauncher:
         if "Complete" in conditions:
             return AttemptStatus(Phase.SUCCEEDED)
         if "Failed" in conditions:
+            # The Jobs watch may run ahead of the pods watch: before blaming the ranks, ask the API itself
+            # which of the attempt's pods are gone or failed (a lost node's pod is a preemption, not a crash).
+            cause = self._cause_from_the_api(key, pods)
+            if cause is not None:
+                return _failed(cause)
             failed = conditions["Failed"]
             return AttemptStatus(Phase.FAILED, "RankFailed",
                                  f"the Kubernetes Job {info['name']} failed: {failed.get('reason', '')} "
@@ -196,6 +201,19 @@ class KubernetesLauncher:
         if len(phases) == expected and all(phase in ("Running", "Succeeded") for phase in phases):
             return AttemptStatus(Phase.RUNNING)
         return AttemptStatus(Phase.PENDING)
+
+    def _cause_from_the_api(self, key: tuple[str, int], cached: list[dict[str, Any]]) -> _Failure | None:
+        """The earliest failure among the attempt's pods as the API lists them now, a cached pod missing from
+        the list counting as deleted; None if the list shows none."""
+        listed = self._list("pods", manifests.selector(*key)).get("items") or []
+        names = {pod["metadata"]["name"] for pod in listed}
+        failures = [f for pod in listed if (f := self._failure_of(pod)) is not None]
+        for pod in cached:
+            if pod["metadata"]["name"] not in names and key not in self._stopped_attempts and \
+                    pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                failures.append(_Failure(time.time(), 1, PREEMPTED, f"{_ranks_text(pod)} (pod "
+                                         f"{pod['metadata']['name']}) was deleted (a lost node, or by hand)"))
+        return min(failures, key=lambda f: (f.when, f.order)) if failures else None
 
     def stop(self, ref: AttemptRef, grace_seconds: float) -> None:
         """Deletes the attempt's Job (its Service, Secret and pods go with it); each pod gets SIGTERM and

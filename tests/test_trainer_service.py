@@ -191,5 +191,6 @@ def test_a_heartbeat_records_what_the_rank_is_doing_cut_to_its_bound(ranks):
     ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=0, step=0, phase="x" * 1000),
                          metadata=metadata)
     with ranks.plane.db.read() as session:
-        phases = dict(session.execute(select(RankStatus.rank, RankStatus.phase).where(RankStatus.job_name == "ckpt")))
+        rows = session.scalars(select(RankStatus).where(RankStatus.job_name == "ckpt")).all()
+        phases = {row.rank: row.phase for row in rows}
     assert phases == {0: "x" * 64, 1: phase}
