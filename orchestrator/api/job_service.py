@@ -17,7 +17,7 @@ from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import Launcher
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
-from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto
+from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto, spec_warnings
 from orchestrator.store import Database, Job, JobState, NameTaken, NewJob, utcnow
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -49,6 +49,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if violations:  # what the spec may reach under this server's policy; nothing is written
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in violations])
         owner = principal.user if principal else ""
+        # What may fail at run time without being a reason to refuse (e.g. offload's pinned memory over
+        # resources.memory): the API has no field for it, so the job's first event says it.
+        warnings = "".join(f"; warning: {_join('spec', w.field)}: {w.description}" for w in spec_warnings(spec))
         now = utcnow()
         new_job = NewJob(
             job={"name": spec.name, "uid": str(uuid.uuid4()), "spec": spec.model_dump(mode="json", exclude_none=True),
@@ -56,7 +59,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                  "max_restarts": spec.restart_policy.max_restarts, "create_time": now, "update_time": now},
             labels=spec.labels,
             event={"job_name": spec.name, "type": "StateChanged", "to_state": JobState.QUEUED, "reason": "Created",
-                   "message": f"submitted by {owner or 'unknown'}", "create_time": now})
+                   "message": f"submitted by {owner or 'unknown'}{warnings}", "create_time": now})
         try:
             self.db.create_job(new_job)
         except NameTaken:

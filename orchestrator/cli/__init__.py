@@ -2,7 +2,7 @@
 
 Two kinds of commands, in two modules: client commands (`orchestrator.cli.jobs`: submit, watch, list, get,
 logs, cancel) reach a control plane over gRPC and import nothing of it or of the ranks; operator commands
-(`orchestrator.cli.operator`: serve, token) run the control plane or work on its database, where it runs.
+(`orchestrator.cli.operator`: serve, token, offload plan) run the control plane or work on its database, where it runs.
 Preparing training data is the ranks' side: `roundhouse-data prepare` (trainers/prepare_cli.py).
 
 Exit codes: 0 ok; 1 the job failed or was cancelled, or the server refused or could not be reached; 2 bad
@@ -19,5 +19,6 @@ app = typer.Typer(help="Roundhouse: submit training jobs to a control plane and 
 app.add_typer(jobs.app)
 app.add_typer(operator.app)
 app.add_typer(operator.token_app, name="token")
+app.add_typer(operator.offload_app, name="offload")
 
 __all__ = ["app"]
