@@ -3,9 +3,9 @@
 `<root>/step-<step>/` holds one PyTorch distributed checkpoint (DCP: its index `.metadata` and shard files,
 written by trainers.checkpoint_storage) and `manifest.json`: the step, the samples consumed, the layout it was
 written at, the parametrization (standard or µP, with its settings), the offload placement of each rank (when
-the optimizer state was offloaded), and every file's size and SHA-256. The manifest is written last, atomically (a temporary name,
-fsync, rename, fsync of the directory): a directory without one is not a checkpoint, no reader looks at it,
-and the next save at that step replaces it. Deleting one removes its manifest first, for the same reason."""
+the optimizer state was offloaded), and every file's size and SHA-256. The manifest is written last,
+atomically (a temporary name, fsync, rename, fsync of the directory): a directory without one is not a
+checkpoint, no reader looks at it, and the next save at that step replaces it. Deleting one removes its manifest first, for the same reason."""
 
 from __future__ import annotations
 
