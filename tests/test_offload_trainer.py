@@ -195,6 +195,22 @@ def test_a_warning_when_resources_memory_cannot_hold_the_pinned_state():
     assert spec_warnings(no_offload) == []
 
 
+def test_create_job_records_the_warning_in_the_jobs_first_event(client, api_plane):
+    from sqlalchemy import select
+
+    from orchestrator.store import Event
+    from roundhouse.v1 import job_service_pb2 as js
+
+    big = {"layers": 24, "hidden_size": 2048, "heads": 16, "seq_length": 1024, "vocab_size": 50304}
+    spec = parse_spec({"name": "big", "model": big, "training": {"offload": {"mode": "cpu"}},
+                       "resources": {"memory": "8Gi"}})
+    created = client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=client.metadata)
+    assert created.spec.training.offload.mode == "cpu"
+    with api_plane.db.read() as session:
+        [message] = session.scalars(select(Event.message).where(Event.job_name == "big")).all()
+    assert "warning: spec.resources.memory: 8Gi per rank may not hold the offloaded optimizer state" in message
+
+
 # -- the planner's commands --------------------------------------------------------------------------------
 
 def write_yaml_spec(tmp_path: Path, **training) -> Path:
