@@ -29,7 +29,6 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-
 def sizing_from_spec(path: str) -> tuple[dict, str | None]:
     """What `plan` needs from a job spec file: the exact parameter count (the trainer's parameter table), the
     layout, the weights' bytes and the subgroup size; and its training.offload.profile."""

@@ -150,6 +150,13 @@ def violations(data: dict) -> dict[str, str]:
 
 def test_offload_defaults_to_none_and_round_trips_through_the_proto():
     assert parse_spec(spec_with()).training.offload.mode == "none"
+    # The contract imports no offload: its section and defaults must be the ranks' settings, field for field.
+    import dataclasses
+
+    import offload
+    from contract.spec import OffloadSpec
+
+    assert OffloadSpec().model_dump() == dataclasses.asdict(offload.OffloadSettings())
     spec = parse_spec(spec_with({"mode": "interleaved", "placement": "static", "device_fraction": 0.25,
                                  "subgroup_size": 4096, "cpu_threads": 3}))
     assert spec_from_proto(spec_to_proto(spec)) == spec
