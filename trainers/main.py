@@ -218,10 +218,13 @@ def describe_offload(engine, mode: str, rank0: bool) -> None:
     if not rank0 or optimizer is None:
         return
     placement = optimizer.placement
-    device = type(optimizer.device).__name__ if optimizer.device is not None else "none"
-    print(f"roundhouse trainer: optimizer state offloaded to host memory (mode {mode}): rank 0 updates "
-          f"{len(placement.on_device)} of {len(optimizer.table)} subgroups on the device ({device}, "
-          f"{placement.slots} slots), the rest on {optimizer.cpu_threads} CPU thread(s)", flush=True)
+    where = f"{len(optimizer.table)} subgroups on {optimizer.cpu_threads} CPU thread(s)"
+    if optimizer.device is not None:
+        where = (f"{len(placement.on_device)} of {len(optimizer.table)} subgroups on the device "
+                 f"({type(optimizer.device).__name__}, {placement.slots} slots), the rest on "
+                 f"{optimizer.cpu_threads} CPU thread(s)")
+    print(f"roundhouse trainer: optimizer state offloaded to host memory (mode {mode}): rank 0 updates {where}",
+          flush=True)
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:
