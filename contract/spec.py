@@ -103,6 +103,33 @@ class ParallelismSpec(_Section):
         return self.tp * self.pp * self.dp
 
 
+OFFLOAD_MODES = ("none", "cpu", "interleaved")
+DEFAULT_SUBGROUP_SIZE = 10_000_000  # offload.subgroups.DEFAULT_SUBGROUP_SIZE (the contract imports no offload)
+MAX_SUBGROUP_SIZE = 1 << 34
+MAX_CPU_THREADS = 4096
+_PROFILE_NAME = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"  # a name, never a path
+# Pinned host memory per parameter a rank's share of the state takes with offload (offload.plan): fp32
+# master, two moments and the fp32 gradient (16 bytes), plus the weights' own copy for the refresh; and the
+# checkpointer's snapshot buffers, kept from save to save (fp32 master and two moments).
+OFFLOAD_STATE_BYTES = 16
+SNAPSHOT_BYTES = 12
+
+
+class OffloadSpec(_Section):
+    """Optimizer-state offloading (offload/, docs/offload.md): the state in host memory, updated by the CPU
+    ("cpu", DeepSpeed's ZeRO-1 offload) or by the CPU and the accelerator together ("interleaved")."""
+
+    mode: Literal["none", "cpu", "interleaved"] = "none"
+    subgroup_size: int = Field(DEFAULT_SUBGROUP_SIZE, ge=1, le=MAX_SUBGROUP_SIZE)  # elements per subgroup
+    # auto: the performance model picks which subgroups the accelerator updates; static: device_fraction of them.
+    placement: Literal["auto", "static"] = "auto"
+    device_fraction: float | None = Field(None, ge=0, le=1)  # placement static only
+    cpu_threads: int | None = Field(None, ge=1, le=MAX_CPU_THREADS)  # None: the cores the rank may run on
+    # placement auto: plan from this known machine profile (`python -m offload profiles`) instead of measuring
+    # the machine at start-up.
+    profile: str | None = Field(None, max_length=63, pattern=_PROFILE_NAME)
+
+
 class TrainingSpec(_Section):
     steps: int = Field(100, ge=1, le=MAX_STEPS)
     global_batch_size: int = Field(8, ge=1, le=MAX_BATCH)
@@ -115,6 +142,7 @@ class TrainingSpec(_Section):
     eval_interval: int = Field(0, ge=0, le=MAX_STEPS)
     # bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in ZeRO's optimizer).
     precision: Literal["fp32", "bf16"] = "fp32"
+    offload: OffloadSpec = Field(default_factory=OffloadSpec)
 
 
 class DataSpec(_Section):
@@ -310,6 +338,7 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
     if spec.resources.min_ranks is not None and spec.resources.min_ranks > p.world_size:
         out.append(FieldViolation("resources.min_ranks",
                                   f"{spec.resources.min_ranks} exceeds the job's {p.world_size} ranks (tp*pp*dp)"))
+    out += _offload_violations(t.offload)
     if t.warmup_steps > t.steps:
         out.append(FieldViolation("training.warmup_steps", f"{t.warmup_steps} exceeds training.steps={t.steps}"))
     for key, value in spec.labels.items():
@@ -382,6 +411,71 @@ def _mup_violations(m: ModelSpec) -> list[FieldViolation]:
     if m.mup.base_head_dim is not None and m.mup.base_hidden_size % m.mup.base_head_dim:
         out.append(FieldViolation("model.mup.base_head_dim", f"{m.mup.base_head_dim} does not divide "
                                                              f"model.mup.base_hidden_size={m.mup.base_hidden_size}"))
+    return out
+
+
+def _offload_violations(o: OffloadSpec) -> list[FieldViolation]:
+    where = "training.offload"
+    if o.mode != "interleaved":  # placement is the accelerator's share: nothing to place without one
+        given = {"placement": o.placement != "auto", "device_fraction": o.device_fraction is not None,
+                 "profile": o.profile is not None}
+        return [FieldViolation(f"{where}.{field}", f"only for mode interleaved (mode is {o.mode})")
+                for field, is_set in given.items() if is_set]
+    out = []
+    if o.placement == "static" and o.device_fraction is None:
+        out.append(FieldViolation(f"{where}.device_fraction", "required for placement static: the share of "
+                                                              "the subgroups the accelerator updates, 0 to 1"))
+    if o.placement == "auto" and o.device_fraction is not None:
+        out.append(FieldViolation(f"{where}.device_fraction", "only for placement static (placement auto lets "
+                                                              "the performance model choose)"))
+    if o.placement == "static" and o.profile is not None:
+        out.append(FieldViolation(f"{where}.profile", "only for placement auto"))
+    return out
+
+
+def approximate_parameters(m: ModelSpec) -> int:
+    """About how many parameters the model has (its matrices and embeddings; the exact count is the parameter
+    table's, rank-side): enough to size memory."""
+    ffn = 4 * m.hidden_size if m.mlp == "gelu" else -(-8 * m.hidden_size // (3 * m.heads)) * m.heads
+    mlp_matrices = 2 if m.mlp == "gelu" else 3
+    per_layer = 4 * m.hidden_size ** 2 + mlp_matrices * ffn * m.hidden_size
+    positions = m.seq_length * m.hidden_size if m.positions == "learned" else 0
+    return 2 * m.vocab_size * m.hidden_size + positions + m.layers * per_layer
+
+
+def parse_quantity(text: str) -> float:
+    """A Kubernetes quantity ("16Gi", "500M", "1.5G", "250m") as a number."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", text)
+    if not match:
+        raise ValueError(f"not a quantity: {text!r}")
+    number, suffix = float(match[1]), match[2] or ""
+    if suffix == "m":
+        return number / 1000
+    if suffix.endswith("i"):
+        return number * 1024 ** ("KMGTPE".index(suffix[0]) + 1)
+    return number * 1000 ** ("kMGTPE".index(suffix) + 1) if suffix else number
+
+
+def offload_host_bytes(spec: JobSpec) -> int:
+    """About how much host memory a rank pins with offload on: its 1/dp share of the optimizer state of its
+    1/(tp*pp) of the model, plus the checkpointer's snapshot buffers of it."""
+    p = spec.parallelism
+    weight_bytes = 2 if spec.training.precision == "bf16" else 4
+    per_rank = approximate_parameters(spec.model) / (p.tp * p.pp) / p.dp
+    return int(per_rank * (OFFLOAD_STATE_BYTES + weight_bytes + SNAPSHOT_BYTES))
+
+
+def spec_warnings(spec: JobSpec) -> list[FieldViolation]:
+    """What a valid spec may get wrong without being refused: each a field and why it may fail at run time."""
+    out = []
+    memory = spec.resources.memory
+    if spec.training.offload.mode != "none" and memory is not None:
+        needed, limit = offload_host_bytes(spec), parse_quantity(memory)
+        if needed > limit:
+            out.append(FieldViolation("resources.memory", (
+                f"{memory} per rank may not hold the offloaded optimizer state: about {needed / 2**30:.1f} GiB "
+                f"pinned per rank ({OFFLOAD_STATE_BYTES}+weight bytes per parameter / dp, plus the checkpoint "
+                "snapshot buffers), before the model, data and Python")))
     return out
 
 

@@ -1,10 +1,12 @@
 """python -m offload plan --params N (--profile NAME | --measure) [--dp D] [--tp T] [--pp P] ...
+python -m offload plan --spec FILE [--profile NAME | --measure]
 python -m offload calibrate [--out FILE]
 python -m offload profiles"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from offload.subgroups import DEFAULT_SUBGROUP_SIZE
@@ -27,23 +29,46 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+def sizing_from_spec(path: str) -> tuple[dict, str | None]:
+    """What `plan` needs from a job spec file: the exact parameter count (the trainer's parameter table), the
+    layout, the weights' bytes and the subgroup size; and its training.offload.profile."""
+    from contract.errors import SpecError
+    from contract.spec import load_spec_file
+    from trainers.model import GPTConfig, parameter_table
+
+    try:
+        spec = load_spec_file(path)
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+    table = parameter_table(GPTConfig.from_spec(spec.model))
+    params = sum(math.prod(row.shape) for row in table.values())
+    p, t = spec.parallelism, spec.training
+    return ({"params": params, "dp": p.dp, "tp": p.tp, "pp": p.pp,
+             "weight_bytes": 2 if t.precision == "bf16" else 4, "subgroup_size": t.offload.subgroup_size},
+            t.offload.profile)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m offload", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("plan", help="does the model fit with and without offload, and what would run")
-    p.add_argument("--params", type=parse_count, required=True, help="parameter count (e.g. 1.3B, 7e9)")
-    source = p.add_mutually_exclusive_group(required=True)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--params", type=parse_count, help="parameter count (e.g. 1.3B, 7e9)")
+    model.add_argument("--spec", help="a job spec (YAML): its model's parameters, layout, precision and "
+                                      "training.offload (subgroup size; profile unless --profile/--measure)")
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--profile", help="a machine profile by name or JSON path (see `profiles`)")
     source.add_argument("--measure", action="store_true", help="calibrate this machine's device and CPU now")
-    p.add_argument("--dp", type=parse_count, default=1)
-    p.add_argument("--tp", type=parse_count, default=1)
-    p.add_argument("--pp", type=parse_count, default=1)
-    p.add_argument("--weight-bytes", type=int, choices=(2, 4), default=2, help="2 for bf16/fp16, 4 for fp32")
+    p.add_argument("--dp", type=parse_count, help="default 1, or the spec's")
+    p.add_argument("--tp", type=parse_count, help="default 1, or the spec's")
+    p.add_argument("--pp", type=parse_count, help="default 1, or the spec's")
+    p.add_argument("--weight-bytes", type=int, choices=(2, 4),
+                   help="2 for bf16/fp16, 4 for fp32 (default 2, or the spec's training.precision)")
     p.add_argument("--activation-gib", type=float, default=0.0, help="activation memory per rank, GiB")
     p.add_argument("--device-memory-gib", type=float, help="device memory (default: the profile's)")
-    p.add_argument("--subgroup-size", type=parse_count, default=DEFAULT_SUBGROUP_SIZE)
+    p.add_argument("--subgroup-size", type=parse_count,
+                   help=f"default {DEFAULT_SUBGROUP_SIZE:,}, or the spec's training.offload.subgroup_size")
 
     c = commands.add_parser("calibrate", help="measure this machine's rates and print (or save) a profile")
     c.add_argument("--out", help="write the profile JSON here")
@@ -69,6 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from offload.plan import GiB, plan
+    sizing = {"params": args.params, "dp": 1, "tp": 1, "pp": 1, "weight_bytes": 2,
+              "subgroup_size": DEFAULT_SUBGROUP_SIZE}
+    if args.spec:
+        try:
+            sizing, spec_profile = sizing_from_spec(args.spec)
+        except (OSError, ValueError) as e:
+            parser.error(f"--spec: {e}")
+        if not args.measure and not args.profile:
+            if spec_profile is None:
+                parser.error("--spec: the spec names no training.offload.profile; give --profile NAME or --measure")
+            args.profile = spec_profile
+    elif not args.measure and not args.profile:
+        parser.error("one of --profile or --measure is required")
+    for key in ("dp", "tp", "pp", "weight_bytes", "subgroup_size"):
+        if getattr(args, key) is not None:
+            sizing[key] = getattr(args, key)
     if args.measure:
         from offload.calibrate import default_device, measure
         profile = measure(default_device())
@@ -81,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--activation-gib must be >= 0")
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:
         parser.error("--device-memory-gib must be positive")
-    report = plan(args.params, profile, dp=args.dp, tp=args.tp, pp=args.pp, weight_bytes=args.weight_bytes,
-                  activation_bytes=int(args.activation_gib * GiB), subgroup_size=args.subgroup_size,
+    report = plan(sizing["params"], profile, dp=sizing["dp"], tp=sizing["tp"], pp=sizing["pp"],
+                  weight_bytes=sizing["weight_bytes"], activation_bytes=int(args.activation_gib * GiB),
+                  subgroup_size=sizing["subgroup_size"],
                   device_memory_bytes=None if args.device_memory_gib is None else int(args.device_memory_gib * GiB))
     print(report.explain())
     return 0

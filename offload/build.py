@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ class OffloadSettings:
     subgroup_size: int = DEFAULT_SUBGROUP_SIZE
     placement: str = "auto"                 # auto: the performance model; static: device_fraction
     device_fraction: float | None = None    # static: the share of each group's subgroups on the device
-    cpu_threads: int | None = None          # the CPU update's threads (torch's intra-op pool); None: torch's
+    cpu_threads: int | None = None          # the CPU update's threads (torch's intra-op pool); None: the affinity
     profile: str | None = None              # auto: plan from this profile instead of calibrating at start-up
 
     def __post_init__(self):
@@ -119,18 +120,24 @@ def static_planner(device: Device, fraction: float):
     return plan
 
 
+def cpu_threads(settings: OffloadSettings) -> int:
+    """The CPU update's threads: as set, else one per core this process may run on (its affinity, which a
+    launcher or container narrows to the rank's share)."""
+    if settings.cpu_threads is not None:
+        return settings.cpu_threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def build(settings: OffloadSettings, param_groups, *, lr: float, betas: tuple[float, float], eps: float,
           weight_decay: float = 0.0, device: Device | None = None) -> Built:
     """The optimizer and DeepSpeed config fragment for `settings.mode`. Each param group keeps its own lr,
     weight_decay, eps and any custom keys; the keyword values are the defaults for groups that lack them."""
-    if settings.cpu_threads is not None:
-        torch.set_num_threads(settings.cpu_threads)
     if settings.mode == "none":
         optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         return Built(optimizer, {}, None)
     if settings.mode == "cpu":
         optimizer = HybridAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                               subgroup_size=settings.subgroup_size)
+                               subgroup_size=settings.subgroup_size, cpu_threads=cpu_threads(settings))
         return Built(optimizer, ds_config_for("cpu"), None)
     device = device or default_device()
     if settings.placement == "static":
@@ -143,5 +150,6 @@ def build(settings: OffloadSettings, param_groups, *, lr: float, betas: tuple[fl
             raise ValueError(f"training.offload.profile: {e}") from None
         planner = auto_planner(device, profile)
     optimizer = HybridAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, device=device,
-                           subgroup_size=settings.subgroup_size, planner=planner)
+                           subgroup_size=settings.subgroup_size, planner=planner,
+                           cpu_threads=cpu_threads(settings))
     return Built(optimizer, ds_config_for("interleaved"), device)

@@ -43,7 +43,7 @@ class HybridAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, device: Device | None = None,
                  subgroup_size: int = DEFAULT_SUBGROUP_SIZE, placement: Placement | None = None,
-                 planner: Planner | None = None):
+                 planner: Planner | None = None, cpu_threads: int | None = None):
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -52,10 +52,15 @@ class HybridAdam(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if subgroup_size <= 0:
             raise ValueError(f"subgroup_size must be positive, got {subgroup_size}")
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be positive, got {cpu_threads}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.device = device
         self.subgroup_size = subgroup_size
         self.planner = planner
+        # The CPU update's threads (torch's intra-op pool, set only around it): a rank's forward and backward may
+        # run on one thread, but the update should use every core the rank was given. None: leave torch's.
+        self.cpu_threads = cpu_threads
         # DeepSpeed narrows `param_groups` to one group around each step() and rewrites each group's params after
         # construction; the table is built over this full list of group dicts, kept by identity.
         self._all_groups = self.param_groups
@@ -121,7 +126,8 @@ class HybridAdam(torch.optim.Optimizer):
                 self._check_placement(self._placement)
 
     # the update ---------------------------------------------------------------------------------------------
-    def _state(self, p: torch.Tensor) -> dict:
+    def state_of(self, p: torch.Tensor) -> dict:
+        """p's state, created on first use (zeros, pinned when there is a device) and kept for good."""
         state = self.state[p]
         if not state:
             pin = self.device.pin if self.device is not None and p.device.type == "cpu" else (lambda t: t)
@@ -152,7 +158,7 @@ class HybridAdam(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse or p.is_complex():
                     raise RuntimeError("HybridAdam supports dense real tensors only")
-                state = self._state(p)
+                state = self.state_of(p)
                 step_before = float(state["step"])
                 state["step"] += 1
                 for s in subgroups_of[(g, i)]:
@@ -167,6 +173,17 @@ class HybridAdam(torch.optim.Optimizer):
     def _update_on_cpu(self, work, hyper: AdamHyper) -> None:
         if not work:
             return
+        threads = torch.get_num_threads()
+        if self.cpu_threads is not None and self.cpu_threads != threads:
+            torch.set_num_threads(self.cpu_threads)
+            try:
+                self._fused_update(work, hyper)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            self._fused_update(work, hyper)
+
+    def _fused_update(self, work, hyper: AdamHyper) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p, state, s, step_before in work:
             params.append(views(p, s))
@@ -199,7 +216,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._ensure_ring(placement.slots)
         for j, s in enumerate(chosen):
             p = params[s.param]
-            state = self._state(p)
+            state = self.state_of(p)
             slot = self._ring[j]
             if slot.free_after is not None:
                 self.device.wait(H2D, slot.free_after)

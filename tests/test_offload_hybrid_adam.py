@@ -3,6 +3,7 @@ placement, with per-group lr, weight decay and eps; and the simulated device cat
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -270,3 +271,25 @@ def test_prefetch_before_each_step_is_bit_identical_and_saves_copies():
         assert all(torch.equal(r, p) for r, p in zip(ref_params, params))
     finally:
         device.close()
+
+
+def test_the_cpu_update_runs_on_cpu_threads_and_leaves_torchs_setting_as_it_was(monkeypatch):
+    import offload.hybrid_adam as hybrid_adam
+    from offload.build import cpu_threads
+
+    seen = []
+    real = hybrid_adam.adamw_fused
+    monkeypatch.setattr(hybrid_adam, "adamw_fused", lambda *args: (seen.append(torch.get_num_threads()),
+                                                                    real(*args)))
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    optimizer = HybridAdam(groups(flat_params()), betas=BETAS, subgroup_size=SUBGROUP, cpu_threads=wanted)
+    set_grads([optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"]], 0)
+    optimizer.step()
+    assert seen and set(seen) == {wanted}
+    assert torch.get_num_threads() == before
+    # build's default: one thread per core this process may run on.
+    assert cpu_threads(OffloadSettings(mode="cpu")) == len(os.sched_getaffinity(0))
+    assert cpu_threads(OffloadSettings(mode="cpu", cpu_threads=5)) == 5
+    assert build(OffloadSettings(mode="cpu", cpu_threads=5), groups(flat_params()), lr=1e-3, betas=BETAS,
+                 eps=1e-8).optimizer.cpu_threads == 5

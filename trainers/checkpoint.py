@@ -24,6 +24,11 @@ overlaps the next step's forward and backward, and the training loop calls `wait
 that step's optimizer step; training waits for nothing else. At most one save is in flight: the buffers (1/dp
 of the state) and the gathered tensors are the only extra memory.
 
+With optimizer-state offload, the manifest also records each rank's placement (which subgroups of its state the
+accelerator updates): a resume at the same layout places them the same way, so it repeats the run exactly on an
+accelerator too (whose Adam rounds differently from the CPU's); at another layout, or without a record, the
+optimizer plans afresh. A restart is the only point where the placement changes: it is planned once per run.
+
 Loading verifies the checksums of the newest committed checkpoint (each rank hashes a share of the files); a
 torn or corrupt one is reported and the next older one is tried."""
 
@@ -34,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -56,6 +62,16 @@ __all__ = ["MANIFEST", "CheckpointError", "Checkpointer", "Manifest", "committed
 WRITER_THREADS = 2
 
 
+class PlacementRecord(Protocol):
+    """Where the optimizer updates each part of this rank's state (trainers.pipeline.OffloadPlacement)."""
+
+    def record(self) -> dict | None:
+        """What the manifest keeps for this rank; None: nothing to keep (no offload)."""
+
+    def restore(self, record: dict) -> str | None:
+        """Use a recorded placement again (at the same layout); why it was not used, or None."""
+
+
 def state_key(kind: str, name: str) -> str:
     """A tensor's key in the checkpoint: "model.<global name>" for the master weight, "optim.<moment>.<name>"."""
     return f"model.{name}" if kind == MASTER else f"optim.{kind}.{name}"
@@ -69,7 +85,8 @@ class Checkpointer:
                  *, global_batch_size: int, parametrization: dict, keep_last: int = 2, keep_every: int = 0,
                  report: Callable[..., None] | None = None,
                  on_shards_written: Callable[[int], None] | None = None,
-                 before_snapshot_copy: Callable[[int], None] | None = None):
+                 before_snapshot_copy: Callable[[int], None] | None = None,
+                 placement: PlacementRecord | None = None):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.root = root
@@ -83,6 +100,7 @@ class Checkpointer:
         self.report = report or (lambda *args, **kwargs: None)
         self.on_shards_written = on_shards_written or (lambda step: None)
         self.before_snapshot_copy = before_snapshot_copy or (lambda step: None)  # a test hook
+        self.placement = placement  # with offload: recorded in the manifest, and used again on a resume
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         # The whole world as (pp, dp, tp), in the rank order of trainers.parallel; each stage's tensors live
@@ -108,11 +126,12 @@ class Checkpointer:
         self.wait()  # one save in flight at most: bounded memory
         fragments = self.state.fragments()
         small = {"optim.step": self.state.step(), **self._rng_states()}  # small: taken now
+        placement = self.placement.record() if self.placement is not None else None  # fixed within a run
         ready = self.snapshot.training_done()
         if blocking:
             self.before_snapshot_copy(step)
             buffers = self.snapshot.copy(fragments, ready)
-            self._write(step, fragments, buffers, small, started)
+            self._write(step, fragments, buffers, small, placement, started)
             self._print_blocked(step, time.perf_counter() - started)
             return
 
@@ -121,7 +140,7 @@ class Checkpointer:
             return self.snapshot.copy(fragments, ready)
 
         self.pending = PendingSave.start(step, copy, lambda buffers: self._write(step, fragments, buffers, small,
-                                                                                  started))
+                                                                                  placement, started))
         self.pending.blocked = time.perf_counter() - started
 
     def wait_for_snapshot(self) -> None:
@@ -181,7 +200,7 @@ class Checkpointer:
         return state
 
     def _write(self, step: int, fragments: list[Fragment], buffers: list[torch.Tensor | None],
-               small: dict[str, torch.Tensor], started: float) -> None:
+               small: dict[str, torch.Tensor], placement: dict | None, started: float) -> None:
         import torch.distributed.checkpoint as dcp
 
         state = self._gather(fragments, buffers, small)
@@ -200,13 +219,15 @@ class Checkpointer:
         if self.rank == 0:  # and DCP's index, which the coordinator wrote before dcp.save returned on any rank
             mine[".metadata"] = {"size": (directory / ".metadata").stat().st_size,
                                  "sha256": sha256_file(directory / ".metadata")}
-        gathered: list[dict] = [{} for _ in range(self.world_size)]
-        dist.all_gather_object(gathered, mine, group=self.group)
+        gathered: list[tuple[dict, dict | None]] = [({}, None) for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, (mine, placement), group=self.group)
         if self.rank == 0:
+            placements = {str(rank): record for rank, (_, record) in enumerate(gathered) if record is not None}
             manifest = Manifest(step=step, samples=step * self.global_batch_size, tp=self.dims.tp,
                                 pp=self.dims.pp, dp=self.dims.dp, commit_time=time.time(),
                                 parametrization=self.parametrization,
-                                files={k: v for part in gathered for k, v in part.items()})
+                                files={k: v for files, _ in gathered for k, v in files.items()},
+                                offload={"ranks": placements} if placements else None)
             manifest.write(directory)
             done = time.perf_counter()
             # One line per commit, in a fixed form: benchmarks/checkpoint.py reads it.
@@ -287,6 +308,12 @@ class Checkpointer:
 
         self.state.load({(kind, name): state[state_key(kind, name)].to_local()
                          for name in self.state.parameter_shapes() for kind in KINDS}, state["optim.step"])
+        recorded = (manifest.offload or {}).get("ranks", {}).get(str(self.rank))
+        if same_layout and recorded is not None and self.placement is not None:
+            problem = self.placement.restore(recorded)
+            if problem is not None:
+                print(f"rank {self.rank}: offload placement of {directory} not reused ({problem}); planning "
+                      "afresh", flush=True)
         if f"rng.rank{self.rank}" in state:
             torch.set_rng_state(state[f"rng.rank{self.rank}"])
         if f"rng.cuda.rank{self.rank}" in state:

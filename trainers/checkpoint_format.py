@@ -2,9 +2,10 @@
 
 `<root>/step-<step>/` holds one PyTorch distributed checkpoint (DCP: its index `.metadata` and shard files,
 written by trainers.checkpoint_storage) and `manifest.json`: the step, the samples consumed, the layout it was
-written at, the parametrization (standard or µP, with its settings), and every file's size and SHA-256. The manifest is written last, atomically (a temporary name,
-fsync, rename, fsync of the directory): a directory without one is not a checkpoint, no reader looks at it,
-and the next save at that step replaces it. Deleting one removes its manifest first, for the same reason."""
+written at, the parametrization (standard or µP, with its settings), the offload placement of each rank (when
+the optimizer state was offloaded), and every file's size and SHA-256. The manifest is written last,
+atomically (a temporary name, fsync, rename, fsync of the directory): a directory without one is not a
+checkpoint, no reader looks at it, and the next save at that step replaces it. Deleting one removes its manifest first, for the same reason."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class Manifest:
     # How the weights were parametrized (trainers.mup.record): {"mup": None} or {"mup": {field: value}}; None in
     # checkpoints from before it was recorded, which were all written under the standard parametrization.
     parametrization: dict | None = None
+    # With optimizer-state offload: each rank's placement, {"ranks": {"<rank>": {"mode", "subgroup_size",
+    # "subgroups", "on_device", "slots"}}} (trainers.pipeline.OffloadPlacement); None without offload.
+    offload: dict | None = None
 
     @property
     def layout(self) -> tuple[int, int, int]:

@@ -99,7 +99,7 @@ def _changes(spec: JobSpec, width: int, batches, probe: torch.Tensor, standard: 
     layers = [Embedding(config, 1, 0, seed)] + [Block(config, 1, 0, seed, i) for i in range(config.layers)]
     layers.append(Head(config, 1, 0, seed))
     model = torch.nn.Sequential(*layers)
-    optimizer = build_optimizer(global_named_parameters(model), parameter_table(config), spec.training)
+    optimizer = build_optimizer(global_named_parameters(model), parameter_table(config), spec.training).optimizer
 
     @torch.no_grad()
     def outputs() -> dict[str, torch.Tensor]:

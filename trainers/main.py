@@ -47,7 +47,8 @@ from trainers.indexed_dataset import TokenWindows, open_dataset
 from trainers.env import ConfigError, RankEnv, TestHooks, checkpoint_root, data_path, load_spec, read_rank_env
 from trainers.parallel import ParallelDims
 from trainers.optim import set_lr
-from trainers.pipeline import build_engine, forward_backward, micro_batches, optimizer_step
+from trainers.pipeline import (OffloadPlacement, build_engine, forward_backward, micro_batches, offloaded_optimizer,
+                               optimizer_step, prefetch_optimizer_state)
 from trainers.reporting import ReporterLike, make_reporter, metric_point
 from trainers.schedule import lr_at
 
@@ -114,6 +115,7 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                   f"{len(data.train) + len(data.val):,} tokens ({spec.data.path or 'built-in'}), "
                   f"{engine.gradient_accumulation_steps()} micro-batch(es) of {t.micro_batch_size} per rank "
                   f"per step, {f'resuming after step {start}' if start else 'from the start'}", flush=True)
+        describe_offload(engine, t.offload.mode, rank0)
         reporter.set_step(start)
         training_started = time.perf_counter()
 
@@ -131,6 +133,7 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
             lr = lr_at(step, t)
             set_lr(engine.optimizer, lr)  # each group's lr_mult times lr; ZeRO's optimizer exposes AdamW's groups
             batch = data.train_batch(step, t.global_batch_size, dims.dp_rank, dims.dp)
+            prefetch_optimizer_state(engine)  # interleaved offload: the device's first subgroups, during backward
             loss = forward_backward(engine, micro_batches(batch.inputs, batch.targets, t.micro_batch_size))
             if checkpointer is not None:
                 checkpointer.wait_for_snapshot()  # an async save copies the weights and moments until now
@@ -205,7 +208,23 @@ def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dim
                         parametrization=parametrization_record(config.mup),
                         keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every,
                         report=report, on_shards_written=crash_in_save,
-                        before_snapshot_copy=lambda step: time.sleep(hooks.snapshot_delay))
+                        before_snapshot_copy=lambda step: time.sleep(hooks.snapshot_delay),
+                        placement=OffloadPlacement(engine))
+
+
+def describe_offload(engine, mode: str, rank0: bool) -> None:
+    """Rank 0 says where its optimizer state is updated (planning the placement now if it was not yet)."""
+    optimizer = offloaded_optimizer(engine)
+    if not rank0 or optimizer is None:
+        return
+    placement = optimizer.placement
+    where = f"{len(optimizer.table)} subgroups on {optimizer.cpu_threads} CPU thread(s)"
+    if optimizer.device is not None:
+        where = (f"{len(placement.on_device)} of {len(optimizer.table)} subgroups on the device "
+                 f"({type(optimizer.device).__name__}, {placement.slots} slots), the rest on "
+                 f"{optimizer.cpu_threads} CPU thread(s)")
+    print(f"roundhouse trainer: optimizer state offloaded to host memory (mode {mode}): rank 0 updates {where}",
+          flush=True)
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:

@@ -1,6 +1,11 @@
 """The optimizer: AdamW, its parameter groups read from the parameter table (trainers.model). `build_optimizer`
 is the one place it is made, `set_lr` the one place its learning rates are set.
 
+`training.offload` chooses which AdamW (offload.build): torch's, with the state beside the weights (mode none,
+the default), or offload's HybridAdam with the state in host memory under DeepSpeed's ZeRO-1 CPU offload,
+updated on the CPU (cpu) or on the CPU and the accelerator together (interleaved). Every mode does AdamW's
+arithmetic on each group's own lr, weight decay and eps; the DeepSpeed config fragment it needs comes with it.
+
 A group holds the parameters that share a row's optimizer multipliers (learning rate, weight decay, eps), and
 keeps its multipliers in its own dict ("lr_mult", ...): ZeRO-1 keeps each group's custom keys but drops empty
 groups, and the groups a rank has differ by pipeline stage, so a group's position says nothing. DeepSpeed's
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
+import offload
 from torch import nn
 
 from contract.spec import TrainingSpec
@@ -41,13 +46,15 @@ def param_groups(parameters: list[tuple[str, nn.Parameter]], table: Mapping[str,
 
 
 def build_optimizer(parameters: list[tuple[str, nn.Parameter]], table: Mapping[str, ParameterInfo],
-                    training: TrainingSpec) -> torch.optim.Optimizer:
-    # The schedule sets each group's lr before every step (`set_lr`).
-    return torch.optim.AdamW(param_groups(parameters, table, training), lr=training.learning_rate, betas=BETAS,
-                             eps=EPS)
+                    training: TrainingSpec) -> offload.Built:
+    """The optimizer for `training.offload.mode` (`.optimizer`), and the DeepSpeed config fragment it needs
+    (`.ds_config`, for offload.merge_ds_config). The schedule sets each group's lr before every step (`set_lr`)."""
+    settings = offload.OffloadSettings(**training.offload.model_dump())
+    return offload.build(settings, param_groups(parameters, table, training), lr=training.learning_rate,
+                         betas=BETAS, eps=EPS)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float) -> None:
     """Sets each group's learning rate to the schedule's `lr` times the group's multiplier."""
     for index, group in enumerate(optimizer.param_groups):
         if "lr_mult" not in group:

@@ -115,8 +115,9 @@ class ZeroOneOptimizerState:
         """AdamW creates its state on the first step, and DeepSpeed links each parameter to its slice of that
         state only then; a resumed run needs the state before that step, so it is created here, as AdamW
         would, and linked the same way."""
+        create = getattr(self.zero.optimizer, "state_of", None)  # offload's HybridAdam: its own (pinned) state
         for flat in self.zero.single_partition_of_fp32_groups:
-            state = self.zero.optimizer.state[flat]
+            state = create(flat) if create is not None else self.zero.optimizer.state[flat]
             state["step"] = step.detach().clone()
             for moment in MOMENTS:
                 state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))

@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+import offload
 from contract.spec import JobSpec
 from trainers.model import Block, Embedding, GPTConfig, Head, global_named_parameters, loss_fn, parameter_table
 from trainers.optim import build_optimizer
@@ -49,9 +50,26 @@ def build_engine(spec: JobSpec, dims: ParallelDims, topology):
         # bf16 weights, activations and gradients; ZeRO-1 keeps fp32 master weights and optimizer state.
         ds_config["bf16"] = {"enabled": True}
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    optimizer = build_optimizer(global_named_parameters(module), parameter_table(config), t)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    # The optimizer for training.offload, and what DeepSpeed needs for it (offload: ZeRO-1's CPU offload).
+    built = build_optimizer(global_named_parameters(module), parameter_table(config), t)
+    ds_config = offload.merge_ds_config(ds_config, built.ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=built.optimizer, config=ds_config)
     return engine
+
+
+def offloaded_optimizer(engine) -> offload.HybridAdam | None:
+    """The HybridAdam that ZeRO-1 steps when training.offload is on; None without offload."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return inner if isinstance(inner, offload.HybridAdam) else None
+
+
+def prefetch_optimizer_state(engine) -> None:
+    """With interleaved offload, starts copying the first device subgroups' weights and moments to the
+    accelerator, so that the next optimizer step starts its device work at once. Call it at the start of a
+    step (the state does not change until that step's optimizer step; a checkpoint snapshot only reads it)."""
+    optimizer = offloaded_optimizer(engine)
+    if optimizer is not None:
+        optimizer.prefetch()
 
 
 def _schedule_without_optimizer_step(engine):
@@ -91,3 +109,32 @@ def optimizer_step(engine) -> None:
 def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, micro_batch_size: int):
     """What DeepSpeed's pipeline pulls from: (inputs, labels) per micro-batch."""
     return iter(list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size), strict=True)))
+
+
+class OffloadPlacement:
+    """The checkpointer's view of the offload placement (trainers.checkpoint.PlacementRecord): which subgroups
+    of this rank's optimizer state the accelerator updates."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def record(self) -> dict | None:
+        optimizer = offloaded_optimizer(self.engine)
+        if optimizer is None:
+            return None
+        mode = "cpu" if optimizer.device is None else "interleaved"
+        return {"mode": mode, "subgroup_size": optimizer.subgroup_size, "subgroups": len(optimizer.table),
+                **optimizer.placement.record()}
+
+    def restore(self, record: dict) -> str | None:
+        optimizer = offloaded_optimizer(self.engine)
+        if optimizer is None or optimizer.device is None or record.get("mode") != "interleaved":
+            return None  # nothing on the device, before or now: nothing to place
+        if record.get("subgroup_size") != optimizer.subgroup_size or record.get("subgroups") != len(optimizer.table):
+            return (f"it was cut into {record.get('subgroups')} subgroups of {record.get('subgroup_size')}, this "
+                    f"run into {len(optimizer.table)} of {optimizer.subgroup_size}")
+        try:
+            optimizer.set_placement(offload.Placement(frozenset(record["on_device"]), int(record["slots"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"unusable record: {exc}"
+        return None

@@ -16,7 +16,7 @@ from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import Launcher
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
-from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto
+from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto, spec_warnings
 from orchestrator.store import Database, Job, JobState, NameTaken
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -48,7 +48,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if violations:  # what the spec may reach under this server's policy; nothing is written
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in violations])
         owner = principal.user if principal else ""
-        new_job = jobs.new_job(spec, owner)
+        # What may fail at run time without being a reason to refuse (e.g. offload's pinned memory over
+        # resources.memory): the API has no field for it, so the job's first event says it.
+        warnings = "".join(f"; warning: {_join('spec', w.field)}: {w.description}" for w in spec_warnings(spec))
+        new_job = jobs.new_job(spec, owner, message=f"submitted by {owner or 'unknown'}{warnings}")
         now = new_job.job["create_time"]
         try:
             self.db.create_job(new_job)

@@ -2,7 +2,7 @@
 
 Three kinds of commands: client commands (`orchestrator.cli.jobs`: submit, watch, list, get, logs, cancel;
 `orchestrator.cli.sweeps`: sweep submit, get, list, cancel) reach a control plane over gRPC and import nothing
-of it or of the ranks; operator commands (`orchestrator.cli.operator`: serve, token) run the control plane or
+of it or of the ranks; operator commands (`orchestrator.cli.operator`: serve, token, offload plan) run the control plane or
 work on its database, where it runs; tools (`orchestrator.cli.tools`: mup coord-check) run rank-side code in a
 child interpreter.
 Preparing training data is the ranks' side: `roundhouse-data prepare` (trainers/prepare_cli.py).
@@ -23,5 +23,6 @@ app.add_typer(operator.app)
 app.add_typer(sweeps.app, name="sweep")
 app.add_typer(operator.token_app, name="token")
 app.add_typer(tools.mup_app, name="mup")
+app.add_typer(operator.offload_app, name="offload")
 
 __all__ = ["app"]

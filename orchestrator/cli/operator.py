@@ -1,8 +1,12 @@
 """Operator commands: `roundhouse serve` runs the control plane; `roundhouse token` manages users' tokens on
-its database. They run where the control plane runs, and import it only when called."""
+its database. They run where the control plane runs, and import it only when called. `roundhouse offload plan`
+sizes a job spec for optimizer-state offload by running the ranks' own planner (`python -m offload plan`) in a
+subprocess: the CLI imports no rank-side code."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +18,8 @@ from orchestrator.cli.common import console, errors, fail
 from orchestrator.launcher.registry import launcher_names
 
 app = typer.Typer()
+offload_app = typer.Typer(help="Optimizer-state offload: does a job fit, and how would it run.",
+                          no_args_is_help=True)
 token_app = typer.Typer(help="Manage users' API tokens, on the control plane's database (run it where the "
                              "server runs, e.g. kubectl exec).", no_args_is_help=True)
 
@@ -179,3 +185,28 @@ def token_revoke(
     if count == 0:
         fail(f"{user} has no token", 1)
     console.print(f"revoked {count} token(s) of {user}")
+
+
+# -- offload plan ------------------------------------------------------------------------------------------
+
+@offload_app.command("plan")
+def offload_plan(
+    spec: Annotated[Path, typer.Argument(metavar="SPEC", exists=True, dir_okay=False,
+                                         help="a job spec (YAML): its model, layout, precision and "
+                                              "training.offload")],
+    measure: Annotated[bool, typer.Option("--measure", help="measure this machine's device and CPU now")] = False,
+    profile: Annotated[str | None, typer.Option(metavar="NAME", show_default=False,
+                                                help="a known machine profile, e.g. h200-pcie5 [default: the "
+                                                     "spec's training.offload.profile]")] = None,
+) -> None:
+    """Whether the job fits at its layout with and without optimizer-state offload, which mode to run, and the
+    predicted optimizer update time with no offload, DeepSpeed's CPU offload and interleaved offload."""
+    if measure and profile:
+        fail("give --measure or --profile, not both", 2)
+    command = [sys.executable, "-m", "offload", "plan", "--spec", str(spec)]
+    command += ["--measure"] if measure else ["--profile", profile] if profile else []
+    # The planner counts the model's parameters from the trainer's own parameter table: rank-side code, run in
+    # its own process. Its output and exit code are this command's.
+    code = subprocess.run(command, check=False).returncode
+    if code:
+        raise typer.Exit(code)

@@ -133,7 +133,7 @@ class ParallelismSpec(_message.Message):
     def __init__(self, tp: _Optional[int] = ..., pp: _Optional[int] = ..., dp: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("steps", "global_batch_size", "micro_batch_size", "learning_rate", "lr_schedule", "warmup_steps", "seed", "weight_decay", "eval_interval", "precision")
+    __slots__ = ("steps", "global_batch_size", "micro_batch_size", "learning_rate", "lr_schedule", "warmup_steps", "seed", "weight_decay", "eval_interval", "precision", "offload")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class TrainingSpec(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     EVAL_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     steps: int
     global_batch_size: int
     micro_batch_size: int
@@ -154,7 +155,24 @@ class TrainingSpec(_message.Message):
     weight_decay: float
     eval_interval: int
     precision: str
-    def __init__(self, steps: _Optional[int] = ..., global_batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., eval_interval: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
+    offload: OffloadSpec
+    def __init__(self, steps: _Optional[int] = ..., global_batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., eval_interval: _Optional[int] = ..., precision: _Optional[str] = ..., offload: _Optional[_Union[OffloadSpec, _Mapping]] = ...) -> None: ...
+
+class OffloadSpec(_message.Message):
+    __slots__ = ("mode", "subgroup_size", "placement", "device_fraction", "cpu_threads", "profile")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SUBGROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CPU_THREADS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    subgroup_size: int
+    placement: str
+    device_fraction: float
+    cpu_threads: int
+    profile: str
+    def __init__(self, mode: _Optional[str] = ..., subgroup_size: _Optional[int] = ..., placement: _Optional[str] = ..., device_fraction: _Optional[float] = ..., cpu_threads: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
     __slots__ = ("path",)
