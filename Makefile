@@ -34,8 +34,8 @@ test-stress: install
 	bash scripts/stress.sh 3 $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/create_job.py
-	$(PY) benchmarks/time_to_first_step.py
+	$(PY) -m benchmarks.create_job
+	$(PY) -m benchmarks.time_to_first_step
 
 proto: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/gen_proto.sh

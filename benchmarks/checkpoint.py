@@ -18,9 +18,9 @@ The trainer runs as real rank processes (`python -m trainers`, gloo, CPU) with R
 figures are parsed from rank 0's output. The default model (8 layers, hidden 512, vocabulary 256: 25 M
 parameters) makes a checkpoint of about 300 MB (fp32 weights and two Adam moments).
 
-    python benchmarks/checkpoint.py [--parts abc] [--layers 8] [--hidden 512] [--steps 12] [--interval 4]
+    python -m benchmarks.checkpoint [--parts abc] [--layers 8] [--hidden 512] [--steps 12] [--interval 4]
                                     [--ranks 1] [--repeats 1] [--dir /tmp]
-    python benchmarks/checkpoint.py --layers 2 --hidden 64 --steps 4 --interval 2   # a smoke run
+    python -m benchmarks.checkpoint --layers 2 --hidden 64 --steps 4 --interval 2   # a smoke run
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from orchestrator.launcher.local import free_port  # noqa: E402
-from contract.spec import parse_spec  # noqa: E402
-from trainers.checkpoint import Manifest, committed_steps, step_dir  # noqa: E402
+from orchestrator.launcher.local import free_port
+from contract.spec import parse_spec
+from trainers.checkpoint import Manifest, committed_steps, step_dir
 
 COMMIT = re.compile(r"^checkpoint step (\d+) committed: (\d+) bytes in ([\d.]+) s \(snapshot\+wait ([\d.]+) s, "
                     r"write ([\d.]+) s, checksums ([\d.]+) s\)", re.M)

@@ -11,7 +11,7 @@ A job is "evaluated" once the controller's first pass over it wrote its outcome 
 The control plane runs in its own process with an in-memory launcher (no rank processes), so the figures
 are the control plane's own; the clients run in this process.
 
-    python benchmarks/controller_throughput.py [--jobs 3000] [--clients 16] [--workers 4] [--repeats 1]
+    python -m benchmarks.controller_throughput [--jobs 3000] [--clients 16] [--workers 4] [--repeats 1]
                                                [--postgres URL]
 """
 
@@ -42,7 +42,7 @@ from orchestrator.process import wait_healthy
 from orchestrator.store import Event
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
-from create_job import postgres_schema_url, process_cpu_seconds  # benchmarks/create_job.py, beside this file
+from benchmarks.create_job import postgres_schema_url, process_cpu_seconds
 
 CAPACITY = 4  # ranks: four one-rank jobs run, the rest wait
 

@@ -4,7 +4,7 @@ measured the same way in the same run.
 Every CreateJob is durably committed (SQLite in WAL mode with synchronous=FULL; PostgreSQL with its
 default synchronous_commit) before it returns. The reconciler is off so the figures are the API's alone.
 
-    python benchmarks/create_job.py [--seconds 10] [--clients 16] [--postgres URL]
+    python -m benchmarks.create_job [--seconds 10] [--clients 16] [--postgres URL]
 """
 
 from __future__ import annotations

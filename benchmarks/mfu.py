@@ -22,7 +22,7 @@ for the causal mask. Achieved TFLOP/s = tokens/s * FLOPs per token; MFU = that /
 TFLOP/s, H100 SXM dense bf16). A bf16 matrix product of 8192^3 on random data is timed too, as the
 practical ceiling. Peak GPU memory is torch.cuda.max_memory_allocated of each run's process.
 
-    python benchmarks/mfu.py [--layers 20 --hidden 2048 --heads 16 --seq 2048 --micro-batch 8 --global-batch 32]
+    python -m benchmarks.mfu [--layers 20 --hidden 2048 --heads 16 --seq 2048 --micro-batch 8 --global-batch 32]
                              [--steps 13] [--precision bf16] [--log-dir DIR] [--skip-plain] [--skip-trainer]
                              [--profile]
 
@@ -47,14 +47,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import plain_gpt  # noqa: E402
-from trainer import WARMUP_STEPS, run_trainer  # noqa: E402
+from benchmarks import plain_gpt
+from benchmarks.trainer import WARMUP_STEPS, run_trainer
 
-from contract.spec import parse_spec  # noqa: E402
-from trainers.data import TextData  # noqa: E402
-from trainers.optim import set_lr  # noqa: E402
-from trainers.schedule import lr_at  # noqa: E402
+from contract.spec import parse_spec
+from trainers.data import TextData
+from trainers.optim import set_lr
+from trainers.schedule import lr_at
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.4
 PEAK_MEMORY_LINE = re.compile(r"^roundhouse trainer: peak GPU memory (\d+) bytes", re.M)

@@ -18,9 +18,9 @@ GPU memory <= (b)'s + the ring + 5 %, the chosen fraction within one grid point 
 
 Each run is its own process (clean memory figures); about 6-8 minutes on an H100/H200 with 16 host cores.
 
-    python benchmarks/offload.py [--layers 20 --hidden 2048 --heads 16 --seq 2048 --micro-batch 8
+    python -m benchmarks.offload [--layers 20 --hidden 2048 --heads 16 --seq 2048 --micro-batch 8
                                   --global-batch 32] [--steps 4] [--warmup 2] [--peak-tflops 989.4]
-    python benchmarks/offload.py --smoke      # a tiny model; without CUDA on the simulated device
+    python -m benchmarks.offload --smoke      # a tiny model; without CUDA on the simulated device
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import offload_engines as h  # first: fixes sys.path so `offload` is the package
+from benchmarks import offload_engines as h
 import torch
 
 from offload.device import CudaDevice, SimulatedDevice
@@ -64,7 +64,7 @@ def calibrate(device, numel: int) -> MachineProfile:
 
 def group_numels(args) -> list[int]:
     """The two ZeRO-1 partitions (decay, no decay) of the model at dp=1, from a model on the meta device."""
-    import plain_gpt
+    from benchmarks import plain_gpt
     from trainers.model import GPTConfig
     with torch.device("meta"):
         model = plain_gpt.GPT(GPTConfig(layers=args.layers, hidden_size=args.hidden, heads=args.heads,
@@ -117,7 +117,7 @@ def child_train(mode: str, args) -> dict:
             return decision.placement
     model = h.build_gpt(args.layers, args.hidden, args.heads, args.seq)
     numel = sum(p.numel() for p in model.parameters())
-    import mfu
+    from benchmarks import mfu
     result["params"] = numel
     result["flops_per_token"] = mfu.flops_per_token(mfu.matmul_parameters(model), args.layers, args.hidden, args.seq)
     engine = h.build_engine(mode, model, micro_batch=args.micro_batch, global_batch=args.global_batch,
@@ -202,7 +202,7 @@ def gib(n) -> str:
 
 
 def report(args, runs: dict, update: dict) -> None:
-    import mfu
+    from benchmarks import mfu
     a, b, c = runs["none"], runs["cpu"], runs["interleaved"]
     p = MachineProfile(**c["profile"])
     n = a["params"]
@@ -301,7 +301,7 @@ def main() -> None:
 
 
 def mfu_peak() -> float:
-    import mfu
+    from benchmarks import mfu
     return mfu.H100_SXM_BF16_DENSE_TFLOPS
 
 

@@ -11,7 +11,7 @@ which must agree (all three run the same fused AdamW arithmetic on the CPU).
 On a CPU every side of (c) runs on the same cores, so (c) cannot be faster here; the question is what it
 costs. The speed-up needs an accelerator: benchmarks/offload.py.
 
-    python benchmarks/offload_cpu.py [--layers 4 --hidden 512 --heads 8 --seq 64] [--repeats 5] [--steps 3]
+    python -m benchmarks.offload_cpu [--layers 4 --hidden 512 --heads 8 --seq 64] [--repeats 5] [--steps 3]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import argparse
 import statistics
 import time
 
-import offload_engines as h  # first: fixes sys.path so `offload` is the package
+from benchmarks import offload_engines as h
 import torch
 
 from offload import Placement, SimulatedDevice

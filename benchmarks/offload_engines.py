@@ -19,13 +19,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Scripts in benchmarks/ have it first on sys.path, where benchmarks/offload.py would shadow the offload
-# package: the repository root goes first, benchmarks/ last.
-sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-import torch  # noqa: E402
+import torch
 
-from offload import HybridAdam, ds_config_for, merge_ds_config  # noqa: E402
+from offload import HybridAdam, ds_config_for, merge_ds_config
 
 BETAS = (0.9, 0.95)
 EPS = 1e-8
@@ -47,7 +44,7 @@ def init_single_rank() -> None:
 
 
 def build_gpt(layers: int, hidden: int, heads: int, seq: int, seed: int = 5):
-    import plain_gpt
+    from benchmarks import plain_gpt
     from trainers.model import GPTConfig
     model = plain_gpt.GPT(GPTConfig(layers=layers, hidden_size=hidden, heads=heads, seq_length=seq, vocab_size=256))
     model.init_weights(torch.Generator().manual_seed(seed))

@@ -23,10 +23,10 @@ Failures are SIGKILL of one rank's trainer process, picked at random.
    event), for a job of about --minutes with a failure every --failure-every seconds, against the same job
    without failures (the baseline, run first).
 
-    python benchmarks/recovery.py [--parts ab] [--kills 3] [--minutes 6] [--failure-every 120]
+    python -m benchmarks.recovery [--parts ab] [--kills 3] [--minutes 6] [--failure-every 120]
 
 A smoke run (about 4 minutes), in one line:
-    python benchmarks/recovery.py --kills 1 --minutes 1 --failure-every 30
+    python -m benchmarks.recovery --kills 1 --minutes 1 --failure-every 30
         --layers 2 --hidden 64 --heads 4 --seq 64 --batch 4
 
 A job that has not finished after max(3 x --minutes, --minutes + 5 min) is cancelled and reported. The
@@ -52,18 +52,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
 
-import grpc  # noqa: E402
-from sqlalchemy import select  # noqa: E402
+import grpc
+from sqlalchemy import select
 
-from orchestrator.config import token_file  # noqa: E402
-from orchestrator.controller import ReconcilerSettings  # noqa: E402
-from orchestrator.server import ControlPlane, ServerSettings  # noqa: E402
-from contract.spec import parse_spec, spec_to_proto  # noqa: E402
-from orchestrator.store import Event, Metric  # noqa: E402
-from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc  # noqa: E402
-from trainers.checkpoint import committed_steps  # noqa: E402
+from orchestrator.config import token_file
+from orchestrator.controller import ReconcilerSettings
+from orchestrator.server import ControlPlane, ServerSettings
+from contract.spec import parse_spec, spec_to_proto
+from orchestrator.store import Event, Metric
+from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc
+from trainers.checkpoint import committed_steps
 
 RESTORED = re.compile(r"checkpoint restored: step (\d+) \(.*?\) written at .* in ([\d.]+) s \(checksums ([\d.]+) s, "
                       r"load ([\d.]+) s\)")

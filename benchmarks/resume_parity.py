@@ -1,12 +1,12 @@
 """Resume parity of one rank's checkpoints, on whatever device the trainer finds (made for a GPU machine, where
-the test suite cannot run; on the CPU tests/test_checkpoint.py checks the same and more).
+the test suite cannot run; on the CPU tests/e2e/test_checkpoint.py checks the same and more).
 
 For each precision: a reference run of 20 steps with async saves every 5; a run killed (exit 17) at step 13
 with sync saves, so steps 5 and 10 are committed; and a run resumed from that directory. It prints the losses
 of steps 11-20 of the reference and the resumed run; they must be equal (the printed 9 significant digits), and
 the script exits 1 if they are not.
 
-    python benchmarks/resume_parity.py [--precision bf16 fp32] [--out DIR]
+    python -m benchmarks.resume_parity [--precision bf16 fp32] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from orchestrator.launcher.local import free_port  # noqa: E402
-from contract.spec import parse_spec  # noqa: E402
+from orchestrator.launcher.local import free_port
+from contract.spec import parse_spec
 
 STEP = re.compile(r"^step (\d+)/\d+ loss (\S+)", re.M)
 CHECKPOINT_LINE = re.compile(r"^.*checkpoint (?:step \d+ committed|restored).*$", re.M)

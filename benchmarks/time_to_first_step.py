@@ -2,7 +2,7 @@
 from the job's own events: queued -> launching (reconciler picks it up), launching -> ranks started,
 ranks started -> first step reported (interpreter start, imports, process group, model, first step).
 
-    python benchmarks/time_to_first_step.py [--runs 3]
+    python -m benchmarks.time_to_first_step [--runs 3]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Tokens/s is the median over the measured steps (the first steps, warm-up, are le
 is measured --repeats times (default 5), plain and trainer interleaved so both see the same machine; the
 median ratio decides, printed with its spread (min-max).
 
-    python benchmarks/trainer.py [--steps 12] [--repeats 5] [--skip-scaling]
+    python -m benchmarks.trainer [--steps 12] [--repeats 5] [--skip-scaling]
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import plain_gpt  # noqa: E402
+from benchmarks import plain_gpt
 
-from orchestrator.launcher.local import free_port  # noqa: E402
-from contract.spec import parse_spec  # noqa: E402
-from trainers.data import TextData  # noqa: E402
-from trainers.optim import set_lr  # noqa: E402
-from trainers.schedule import lr_at  # noqa: E402
+from orchestrator.launcher.local import free_port
+from contract.spec import parse_spec
+from trainers.data import TextData
+from trainers.optim import set_lr
+from trainers.schedule import lr_at
 
 WARMUP_STEPS = 3
 STEP_LINE = re.compile(r"^step (\d+)/\d+ loss [\d.]+ lr \S+ tok/s (\d+)", re.M)

@@ -20,7 +20,7 @@ from trainers.mup import (MupConfig, attention_scale, output_scale, parametrizat
                           top_singular_value)
 from trainers.optim import EPS, param_groups
 
-from .test_parameter_table import describe, stage_parameters
+from tests.unit.test_parameter_table import describe, stage_parameters
 
 BASE = 32
 
@@ -222,7 +222,7 @@ def train(tmp_path, layout: tuple[int, int, int], name: str, model: dict = MUP_M
 
 @pytest.mark.slow
 def test_mup_trains_the_same_losses_at_another_layout(tmp_path):
-    """The parity test of tests/test_parallel.py with µP on: tensor parallelism splits the logits' vocabulary
+    """The parity test of tests/e2e/test_parallel.py with µP on: tensor parallelism splits the logits' vocabulary
     and the matrices, yet every rank's multipliers come from global shapes."""
     reference, _, _ = train(tmp_path, (1, 1, 1), "reference")
     assert len(reference) == MUP_TRAINING["steps"] and reference[-1] < reference[0]

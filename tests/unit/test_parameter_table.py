@@ -2,7 +2,7 @@
 initialisation and optimizer multipliers; the optimizer's groups built from it (trainers.optim), the same at
 every tensor-parallel size and on every pipeline stage; `set_lr` applying each group's multiplier. In-process
 and fast: the multi-rank check that megatron's layers split each parameter as the table says is in
-tests/test_parallel.py."""
+tests/e2e/test_parallel.py."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 from orchestrator.controller import ControllerRuntime, JobController, ReconcilerSettings, WorkQueue
 from orchestrator.store import Database, Job, JobState, migrate
 
-from .test_reconciler import FakeLauncher, add_job, job
+from tests.integration.test_reconciler import FakeLauncher, add_job, job
 from tests.support.waiting import DEADLINE
 
 

@@ -17,8 +17,8 @@ from orchestrator.store import Event, Job
 from roundhouse.v1 import job_service_pb2 as js
 from trainers.env import ConfigError, TestHooks, checkpoint_root, data_path
 
-from .conftest import Client
-from .test_api import field_violations, rows, spec
+from tests.conftest import Client
+from tests.integration.test_api import field_violations, rows, spec
 
 
 # -- data roots --------------------------------------------------------------------------------------------

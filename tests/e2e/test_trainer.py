@@ -133,7 +133,7 @@ def test_data_parallel_matches_a_single_rank(tmp_path):
 
 
 def test_the_tiny_example_learns_beyond_byte_frequencies(tmp_path):
-    example = load_spec_file(str(Path(__file__).parent.parent / "examples" / "tiny-gpt.yaml"))
+    example = load_spec_file(str(Path(__file__).parents[2] / "examples" / "tiny-gpt.yaml"))
     spec = tmp_path / "tiny-gpt.json"
     spec.write_text(example.model_dump_json())
     results = run_ranks(spec, tmp_path, world_size=example.world_size)

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from trainers.checkpoint_format import MANIFEST, Manifest, committed_steps, retained, sha256_file, step_dir
 from trainers.checkpoint_storage import RawFileReader
 
-from .test_trainer import finish, losses, run_ranks, start_rank, write_spec
+from tests.e2e.test_trainer import finish, losses, run_ranks, start_rank, write_spec
 from orchestrator.launcher.local import free_port
 from tests.support.waiting import DEADLINE
 

@@ -20,7 +20,7 @@ from orchestrator.process import spawn_server
 from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
-from .conftest import Client, processes_of, start_plane
+from tests.conftest import Client, processes_of, start_plane
 from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
@@ -140,7 +140,7 @@ def test_the_3d_example_trains_through_the_control_plane(tmp_path):
 def _train_the_3d_example(client):
     from contract.spec import load_spec_file
 
-    example = load_spec_file(str(Path(__file__).parent.parent / "examples" / "gpt-3d.yaml"))
+    example = load_spec_file(str(Path(__file__).parents[2] / "examples" / "gpt-3d.yaml"))
     example.training.steps, example.training.warmup_steps, example.training.eval_interval = 3, 0, 0
     client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(example)), metadata=client.metadata)
     job = wait_for(client, "jobs/gpt-3d", lambda j: j.state in TERMINAL, timeout=DEADLINE)

@@ -29,7 +29,7 @@ from orchestrator.client import ClientError, JobClient, connect, describe, job_n
 from orchestrator.process import wait_healthy
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
-from .conftest import processes_of
+from tests.conftest import processes_of
 from tests.support.waiting import DEADLINE
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import Event, Job, JobState
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
-from .test_spec import BAD_INPUTS
+from tests.unit.test_spec import BAD_INPUTS
 
 
 def spec(name: str = "tiny", **sections) -> job_pb2.JobSpec:

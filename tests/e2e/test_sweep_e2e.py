@@ -18,7 +18,7 @@ from orchestrator.process import spawn_server
 from roundhouse.v1 import job_pb2, job_service_pb2 as js, sweep_pb2, sweep_service_pb2 as ss, sweep_service_pb2_grpc
 from tests.support.waiting import DEADLINE
 
-from .conftest import Client, processes_of
+from tests.conftest import Client, processes_of
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ Two controllers run inline after every write, as the cluster would run them:
 - a garbage collector: removing an object removes the objects whose ownerReferences name its uid.
 
 Pod deletion is graceful as on a real node: a running pod asked to stop with a grace gets a
-deletionTimestamp and is removed only once its kubelet (tests/fake_kubelet.py) has stopped the container;
+deletionTimestamp and is removed only once its kubelet (tests/support/fake_kubelet.py) has stopped the container;
 a pod that is not running (or a grace of 0) is removed at once. Foreground propagation is treated as
 Background (the owner goes first). Not modelled: admission, quotas, field selectors, set-based selectors."""
 

@@ -22,8 +22,8 @@ from contract.errors import SpecError
 from contract.spec import offload_host_bytes, parse_spec, spec_from_proto, spec_to_proto, spec_warnings
 from trainers.checkpoint_format import Manifest, step_dir
 
-from .test_checkpoint import SAVED_AT, TRAINING, only_step, train
-from .test_trainer import finish, losses, start_rank, write_spec
+from tests.e2e.test_checkpoint import SAVED_AT, TRAINING, only_step, train
+from tests.e2e.test_trainer import finish, losses, start_rank, write_spec
 from orchestrator.launcher.local import free_port
 
 LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1)]

@@ -30,10 +30,10 @@ from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps
 
-from .conftest import Client, processes_of
-from .fake_kube import FakeKube
-from .fake_kubelet import FakeKubelet
-from .test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
+from tests.conftest import Client, processes_of
+from tests.support.fake_kube import FakeKube
+from tests.support.fake_kubelet import FakeKubelet
+from tests.e2e.test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
 from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Any
 
 from orchestrator.launcher.local import free_port
 
-from .fake_kube import ApiError, FakeKube, now_iso
+from tests.support.fake_kube import ApiError, FakeKube, now_iso
 
 _FIELD = re.compile(r"^metadata\.annotations\['(.+)'\]$")
 

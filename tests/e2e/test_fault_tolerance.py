@@ -30,9 +30,9 @@ from orchestrator.store import Checkpoint
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps, step_dir
 
-from .conftest import Client, processes_of
-from .test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
-from .test_trainer import losses, run_ranks, write_spec
+from tests.conftest import Client, processes_of
+from tests.e2e.test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
+from tests.e2e.test_trainer import losses, run_ranks, write_spec
 from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow

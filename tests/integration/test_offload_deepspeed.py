@@ -31,7 +31,7 @@ def results(tmp_path_factory) -> dict:
            "WORLD_SIZE": "1", "LOCAL_RANK": "0",
            "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=240, cwd=Path(__file__).resolve().parents[1])
+                          timeout=240, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 

@@ -19,11 +19,11 @@ from k8s import manifests
 from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, Phase
 
-from .fake_kube import FakeKube
-from .test_k8s_launcher import make_launcher, pods_by_rank, request, set_running, set_terminated
+from tests.support.fake_kube import FakeKube
+from tests.integration.test_k8s_launcher import make_launcher, pods_by_rank, request, set_running, set_terminated
 from tests.support.waiting import DEADLINE
 
-DEPLOY = Path(__file__).parent.parent / "k8s" / "deploy"
+DEPLOY = Path(__file__).parents[2] / "k8s" / "deploy"
 VERSIONS = ["1.30", "1.37"]  # the oldest Kubernetes supported, and the newest schemas kubernetes-validate has
 
 

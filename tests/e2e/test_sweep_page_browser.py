@@ -12,9 +12,9 @@ from orchestrator.controller import SweepController
 from orchestrator.store import Job, JobState, Metric, utcnow
 from roundhouse.v1 import sweep_service_pb2 as ss, sweep_service_pb2_grpc
 
-from .conftest import Client, start_plane
-from .test_dashboard_browser import ARTIFACTS, browser, logged_in_page  # noqa: F401 (the browser fixture)
-from .test_sweeps import sweep_data
+from tests.conftest import Client, start_plane
+from tests.e2e.test_dashboard_browser import ARTIFACTS, browser, logged_in_page  # noqa: F401 (the browser fixture)
+from tests.integration.test_sweeps import sweep_data
 
 pytestmark = pytest.mark.slow
 

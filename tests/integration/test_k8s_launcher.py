@@ -1,4 +1,4 @@
-"""The Kubernetes launcher against the API stand-in (tests/fake_kube.py) over HTTP, through the official client:
+"""The Kubernetes launcher against the API stand-in (tests/support/fake_kube.py) over HTTP, through the official client:
 the objects of an attempt, idempotent launches, Kueue, the watch (resume from resourceVersion, re-list on
 410), pod phases to attempt phases, every failure reason, stop and logs. No processes: the tests write pod
 statuses as a kubelet or the cluster would."""
@@ -19,7 +19,7 @@ from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
 from contract.spec import parse_spec
 
-from .fake_kube import FakeKube, now_iso
+from tests.support.fake_kube import FakeKube, now_iso
 from tests.support.waiting import DEADLINE
 
 NS = "training"

@@ -13,7 +13,7 @@ import pytest
 from orchestrator.launcher.local import free_port
 from trainers.parallel import ParallelDims
 
-from .test_trainer import losses, run_ranks, val_losses, write_spec
+from tests.e2e.test_trainer import losses, run_ranks, val_losses, write_spec
 from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow

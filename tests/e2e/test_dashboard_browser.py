@@ -17,7 +17,7 @@ from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import ApiToken, Job
 from roundhouse.v1 import job_service_pb2 as js
 
-from .conftest import Client, processes_of, start_plane
+from tests.conftest import Client, processes_of, start_plane
 from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 # What works on the project's machines (shared/FINDINGS.md).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 JOB = "dash-live"
 
 

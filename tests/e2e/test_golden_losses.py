@@ -9,7 +9,7 @@ float32 exactly; the recorded values are those float32s in `float.hex`. Every ra
 (OMP_NUM_THREADS=1), so the sums inside a matrix product do not depend on the machine's core count.
 
 If this fails after an upgrade of torch, DeepSpeed or megatron-core (or on another CPU family, whose kernels
-may round differently), check that the run still trains the same to 1e-5 (tests/test_parallel.py) before
+may round differently), check that the run still trains the same to 1e-5 (tests/e2e/test_parallel.py) before
 recording new values; after a change to the trainer alone, a failure is a bug."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import struct
 
 import pytest
 
-from .test_trainer import losses, run_ranks, write_spec
+from tests.e2e.test_trainer import losses, run_ranks, write_spec
 
 pytestmark = pytest.mark.slow
 
