@@ -71,19 +71,22 @@ class CappedLauncher:
     def close(self) -> None:
         pass
 
+    data_roots: tuple[str, ...] = ()
+
+    def directory_violations(self, spec) -> list:
+        return []
+
     def logs(self, ref, rank, follow, attempt_ended):
         return iter(())
 
 
 def serve(home: Path, db_url: str | None, port: int, workers: int) -> None:
     """The control plane with the capped launcher, until SIGTERM (run as a separate process)."""
+    from orchestrator import server
     from orchestrator.server import ControlPlane, ServerSettings
 
-    class BenchControlPlane(ControlPlane):
-        def _make_launcher(self):
-            return CappedLauncher()
-
-    plane = BenchControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=port, http_port=0,
+    server.create_launcher = lambda settings: CappedLauncher()  # in place of the registry's launchers
+    plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=port, http_port=0,
                                              controller_workers=workers))
     plane.start()
     done = threading.Event()
@@ -97,7 +100,8 @@ def run_once(db_url: str | None, jobs: int, clients: int, workers: int) -> dict:
         home = Path(tmp) / "home"
         url = db_url or f"sqlite:///{home / 'roundhouse.db'}"
         port = free_port()
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(home), url, str(port), str(workers)])
+        server = subprocess.Popen([sys.executable, "-m", "benchmarks.controller_throughput", "--serve", str(home), url,
+                                   str(port), str(workers)], cwd=Path(__file__).resolve().parents[1])
         try:
             wait_healthy(f"127.0.0.1:{port}", timeout=60, process=server)
             return _load(home, url, port, jobs, clients, server.pid)

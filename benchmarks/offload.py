@@ -185,7 +185,7 @@ def child_update(args) -> dict:
 # --- parent: run the children, print the report ----------------------------------------------------------------
 def run_child(kind: str, args, out_dir: Path) -> dict:
     out = out_dir / f"{kind}.json"
-    argv = [sys.executable, __file__, "--child", kind, "--out", str(out)] + args.forward
+    argv = [sys.executable, "-m", "benchmarks.offload", "--child", kind, "--out", str(out)] + args.forward
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.child_timeout)
     if proc.returncode != 0:
