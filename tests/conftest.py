@@ -16,7 +16,7 @@ from orchestrator.config import token_file
 from orchestrator.controller import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
 from roundhouse.v1 import job_service_pb2_grpc
-from tests.support.processes import become_subreaper, descendants, kill_all
+from tests.support.processes import become_subreaper, descendants, kill_all, started_since
 
 # Orphaned grandchildren (the ranks of a control plane started as a subprocess) are re-parented to this
 # process rather than to init, so the sweep below still finds them.
@@ -28,10 +28,11 @@ def _kill_what_the_test_started() -> Iterator[None]:
     """Kills every process this test started (each one's whole process group), whatever the outcome.
 
     Runs after the wider-scoped fixtures have started theirs (pytest sets those up first), so a module's
-    server survives its tests while a failed test's ranks do not outlive it."""
+    server survives its tests while a failed test's ranks do not outlive it. What a process of theirs starts
+    during the test (a module's browser opening a renderer) is theirs, not the test's, and is left alone."""
     before = descendants()
     yield
-    kill_all(descendants() - before)
+    kill_all(started_since(before))
 
 # The project's machines and CI run PostgreSQL here (trust auth, database "test").
 POSTGRES_URL = os.environ.get("ROUNDHOUSE_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")

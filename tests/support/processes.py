@@ -53,6 +53,24 @@ def descendants(root: int | None = None) -> set[int]:
     return found
 
 
+def started_since(before: set[int]) -> set[int]:
+    """The processes below this one that the test itself started: new ones whose parent is this process (its
+    children, and orphans re-parented to it) or another such new one; not those a process that was already
+    running has started since (a module-scoped browser's renderers belong to the browser)."""
+    parents = _parents()
+    new = descendants() - before
+    ours: set[int] = set()
+    me = os.getpid()
+    changed = True
+    while changed:
+        changed = False
+        for pid in new - ours:
+            if parents.get(pid) == me or parents.get(pid) in ours:
+                ours.add(pid)
+                changed = True
+    return ours
+
+
 def kill_all(pids: set[int], wait_seconds: float = 30.0) -> None:
     """SIGKILL each process's group (never our own) and the process itself, then reap what is ours."""
     own_group = os.getpgrp()

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from tests.support.processes import descendants, kill_all
+from tests.support.processes import descendants, kill_all, started_since
 from tests.support.waiting import DEADLINE
 
 SPAWN_ORPHAN = ("import subprocess, sys; "
@@ -21,3 +21,25 @@ def test_an_orphaned_grandchild_in_its_own_session_is_found_and_killed():
     assert orphan in descendants()
     kill_all({orphan})
     assert orphan not in descendants()
+
+
+def test_what_an_older_process_starts_is_left_to_it():
+    """A module-scoped process (a browser) that starts a child during a test keeps it; the test's own go."""
+    older = subprocess.Popen([sys.executable, "-c", "import sys, subprocess; sys.stdin.readline(); "
+                              "subprocess.Popen(['sleep', '300']); sys.stdin.readline()"],
+                             stdin=subprocess.PIPE, text=True)
+    own = None
+    try:
+        before = descendants()
+        older.stdin.write("\n")
+        older.stdin.flush()  # now it starts its own child
+        own = subprocess.Popen(["sleep", "300"])
+        deadline = time.monotonic() + DEADLINE
+        while len(descendants() - before) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started_since(before) == {own.pid}
+    finally:
+        kill_all({older.pid, *descendants(older.pid)})
+        if own is not None:
+            own.kill()
+            own.wait()
