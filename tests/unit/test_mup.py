@@ -206,7 +206,7 @@ SAVED_AT = 3
 
 def train(tmp_path, layout: tuple[int, int, int], name: str, model: dict = MUP_MODEL, checkpoints=None,
           expect_code: int = 0) -> tuple[list[float], str, str]:
-    from .test_trainer import losses, run_ranks, write_spec
+    from tests.e2e.test_trainer import losses, run_ranks, write_spec
 
     tp, pp, dp = layout
     spec = write_spec(tmp_path, model=model, parallelism={"tp": tp, "pp": pp, "dp": dp}, training=MUP_TRAINING,
@@ -236,7 +236,7 @@ def test_mup_trains_the_same_losses_at_another_layout(tmp_path):
 def test_a_checkpoint_records_its_parametrization_and_resumes_only_under_it(tmp_path):
     from trainers.checkpoint_format import Manifest, step_dir
 
-    from .test_checkpoint import only_step
+    from tests.e2e.test_checkpoint import only_step
 
     uninterrupted, _, _ = train(tmp_path, (1, 1, 1), "full", checkpoints=tmp_path / "full-ckpt")
     manifest = Manifest.read(step_dir(tmp_path / "full-ckpt", SAVED_AT))
