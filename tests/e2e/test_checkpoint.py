@@ -55,7 +55,9 @@ def only_step(source: Path, step: int, target: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("written", "resumed"), [
-    pytest.param((2, 2, 2), [(2, 2, 2), (1, 2, 2), (2, 1, 1)], id="from-2x2x2"),
+    # Written at full 3D, resumed reshaped to fewer ranks; the bit-for-bit resume at the same layout is checked
+    # from 1x1x4 (eight ranks twice more would add minutes on two cores and check nothing new).
+    pytest.param((2, 2, 2), [(1, 2, 2), (2, 1, 1)], id="from-2x2x2"),
     pytest.param((1, 1, 4), [(1, 1, 4), (2, 2, 1)], id="from-1x1x4"),
 ])
 def test_resume_repeats_the_uninterrupted_run(tmp_path, written, resumed):

@@ -18,7 +18,9 @@ from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 2, 2)]
+# Each axis alone, then two together; all three together are the variant's (2, 2, 2) below (and the golden
+# losses' 2x2x2), so the eight-rank run is made once.
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
 PARITY_STEPS = 4
 
 
