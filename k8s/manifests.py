@@ -216,7 +216,7 @@ def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[
     one_rank = ranks_per_pod(request) == 1
     contract = RankEnv(
         world_size=request.world_size, local_rank=0, local_world_size=1, master_addr=f"{name}-0.{name}",
-        master_port=MASTER_PORT, server=request.server_address, job=f"jobs/{request.job}", attempt=request.attempt,
+        master_port=MASTER_PORT, server=request.server_address, server_ca=request.server_ca, job=f"jobs/{request.job}", attempt=request.attempt,
         start_step=request.start_step, job_dir=str(job_dirs.job_dir(jobs_root(settings), request.job)),
         checkpoint_dir=checkpoint_dir(request, settings), data_roots=(data_root(settings),),
         test_hooks=settings.allow_test_hooks)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from contract.spec import FieldViolation, JobSpec
+from orchestrator.launcher.logs import LogRange, LogRead
 
 
 # The reason of a FAILED attempt whose ranks were taken away (SIGTERM, eviction, a lost node): it spends the
@@ -52,6 +53,8 @@ class LaunchRequest:
     job_token: str
     # How ranks reach the control plane's TrainerService.
     server_address: str
+    # The PEM certificates the ranks trust for that address when the control plane serves TLS (None: plaintext).
+    server_ca: str | None = None
 
     def __post_init__(self) -> None:
         p = self.spec.parallelism
@@ -105,6 +108,8 @@ class Launcher(Protocol):
     def capacity(self) -> int | None:
         """How many ranks it could start now (None: no limit); the planner fits the next attempt to it."""
 
-    def logs(self, ref: AttemptRef, rank: int, follow: bool,
-             attempt_ended: Callable[[], bool]) -> Iterator[str]:
-        """A rank's log from its start; with follow, keeps yielding until `attempt_ended()` and the log is read."""
+    def logs(self, ref: AttemptRef, rank: int, follow: bool, attempt_ended: Callable[[], bool],
+             where: LogRange = LogRange()) -> Iterator[LogRead]:
+        """A rank's log in pieces of at most LOG_READ_BYTES, from `where` (its start by default); with follow,
+        keeps yielding until `attempt_ended()` and the log is read. It never waits: while following, an empty
+        read says nothing new is there yet, and the caller asks again after a pause (orchestrator/launcher/logs.py)."""
