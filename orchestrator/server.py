@@ -134,7 +134,7 @@ class ControlPlane:
                                                 self.settings.advertise_address or self.grpc_address,
                                                 self.settings.reconciler, workers=self.settings.controller_workers,
                                                 heartbeats=self.heartbeats,
-                                                server_ca=tls.ranks_ca_pem() if tls else None)
+                                                rank_tls=tls.rank_tls() if tls else None)
             # Sweeps own ordinary jobs (trials, a target): the job controller runs them like any other.
             self.sweep_controller = SweepController(self.db, self.job_controller.wake)
             self._on_loop(self._serve_grpc(credential_key))

@@ -87,14 +87,14 @@ class Reporter:
     def __init__(self, server: str, job: str, attempt: int, rank: int, token: str, *,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, metrics_interval: float = METRICS_INTERVAL,
                  rpc_timeout: float = RPC_TIMEOUT, max_pending: int = MAX_PENDING, log=None,
-                 server_ca: str | None = None):
+                 server_ca: str | None = None, client_cert: str | None = None, client_key: str | None = None):
         self.server, self.job, self.attempt, self.rank = server, job, attempt, rank
         self.heartbeat_interval = heartbeat_interval
         self.metrics_interval = metrics_interval
         self.rpc_timeout = rpc_timeout
         self._log = log or (lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True))
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = _channel(server, server_ca)
+        self._channel = _channel(server, server_ca, client_cert, client_key)
         self._stub = trainer_service_pb2_grpc.TrainerServiceStub(self._channel)
 
         self._lock = threading.Lock()
@@ -243,14 +243,18 @@ class Reporter:
         return response
 
 
-def _channel(server: str, server_ca: str | None) -> grpc.Channel:
-    """TLS when the control plane gave the rank the certificates to trust (ROUNDHOUSE_SERVER_CA), else plaintext."""
+def _channel(server: str, server_ca: str | None, client_cert: str | None, client_key: str | None) -> grpc.Channel:
+    """TLS when the control plane gave the rank the certificates to trust (ROUNDHOUSE_SERVER_CA), with its
+    client certificate if it gave one (mutual TLS); else plaintext."""
     if server_ca:
-        return grpc.secure_channel(server, grpc.ssl_channel_credentials(server_ca.encode()), options=_CHANNEL_OPTIONS)
+        credentials = grpc.ssl_channel_credentials(server_ca.encode(), client_key and client_key.encode(),
+                                                   client_cert and client_cert.encode())
+        return grpc.secure_channel(server, credentials, options=_CHANNEL_OPTIONS)
     return grpc.insecure_channel(server, options=_CHANNEL_OPTIONS)
 
 
 def make_reporter(env: RankEnv) -> ReporterLike:
     if not env.server:
         return NullReporter()
-    return Reporter(env.server, env.job, env.attempt, env.rank, env.token, server_ca=env.server_ca)
+    return Reporter(env.server, env.job, env.attempt, env.rank, env.token, server_ca=env.server_ca,
+                    client_cert=env.client_cert, client_key=env.client_key)

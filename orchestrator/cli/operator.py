@@ -78,6 +78,13 @@ def serve(
                                                       dir_okay=False, rich_help_panel="TLS",
                                                       help="the CA ranks trust for this server's certificate "
                                                            "[default: the --tls-cert file]")] = None,
+    tls_ranks_cert: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
+                                                        dir_okay=False, rich_help_panel="TLS",
+                                                        help="with --tls-client-ca: the certificate ranks "
+                                                             "present (with --tls-ranks-key)")] = None,
+    tls_ranks_key: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
+                                                       dir_okay=False, rich_help_panel="TLS",
+                                                       help="the key of --tls-ranks-cert")] = None,
     namespace: Annotated[str, typer.Option(envvar="ROUNDHOUSE_NAMESPACE", rich_help_panel="Kubernetes",
                                            help="namespace of the jobs' pods")] = "default",
     kubeconfig: Annotated[str | None, typer.Option(metavar="FILE", show_default=False, rich_help_panel="Kubernetes",
@@ -114,7 +121,10 @@ def serve(
         fail("--tls-cert and --tls-key go together", 2)
     if tls_cert is None and (tls_client_ca or tls_ranks_ca):
         fail("--tls-client-ca and --tls-ranks-ca need --tls-cert and --tls-key", 2)
-    tls = ServerTls(tls_cert, tls_key, tls_client_ca, tls_ranks_ca) if tls_cert else None
+    if (tls_client_ca is None) != (tls_ranks_cert is None) or (tls_ranks_cert is None) != (tls_ranks_key is None):
+        fail("--tls-client-ca, --tls-ranks-cert and --tls-ranks-key go together (with mutual TLS the ranks "
+             "present a certificate too)", 2)
+    tls = ServerTls(tls_cert, tls_key, tls_client_ca, tls_ranks_ca, tls_ranks_cert, tls_ranks_key) if tls_cert else None
 
     options = {}
     if launcher == "kubernetes":

@@ -33,7 +33,7 @@ from orchestrator.controller.failure_policy import HUNG, decide, hang_message
 from orchestrator.controller.runtime import ControllerRuntime, Requeue
 from orchestrator.controller.waiting_writer import WAITING_FOR_RANKS, WaitingNote, WaitingWriter
 from orchestrator.heartbeats import Heartbeats
-from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase
+from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase, RankTls
 from orchestrator.lifecycle import record_event, transition
 from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout
 from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, utcnow
@@ -125,12 +125,12 @@ class JobView:
 class JobController:
     def __init__(self, db: Database, launcher: Launcher, credential_key: bytes, server_address: str,
                  settings: ReconcilerSettings = ReconcilerSettings(), workers: int = 4,
-                 heartbeats: Heartbeats | None = None, server_ca: str | None = None):
+                 heartbeats: Heartbeats | None = None, rank_tls: RankTls | None = None):
         self.db = db
         # The ranks' heartbeats: the TrainerService's (in memory, then summarized), or the database's alone.
         self.heartbeats = heartbeats or Heartbeats(db)
-        # The PEM certificates ranks trust for the control plane's TLS (None: plaintext).
-        self.server_ca = server_ca
+        # What ranks need for the control plane's TLS (None: plaintext).
+        self.rank_tls = rank_tls
         self.launcher = launcher
         self.credential_key = credential_key
         self.server_address = server_address
@@ -281,7 +281,7 @@ class JobController:
             spec=spec_at_layout(self._spec(job), attempt.tp, attempt.pp, attempt.dp),
             tp=attempt.tp, pp=attempt.pp, dp=attempt.dp, start_step=attempt.start_step,
             job_token=job_token(self.credential_key, job.uid, attempt.number), server_address=self.server_address,
-            server_ca=self.server_ca)
+            tls=self.rank_tls)
         try:
             info = self.launcher.launch(request)
         except Exception as exc:  # a launch that cannot happen is the attempt's failure, not the loop's

@@ -30,6 +30,15 @@ class Phase(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class RankTls:
+    """What ranks need to reach a control plane that serves TLS, as PEM text (contract.rank_env)."""
+
+    server_ca: str  # what they trust for its certificate
+    client_cert: str | None = None  # what they present when it wants clients' certificates (mutual TLS)
+    client_key: str | None = None
+
+
+@dataclass(frozen=True)
 class AttemptRef:
     """Names one attempt of one job, plus what its launch recorded."""
 
@@ -53,8 +62,8 @@ class LaunchRequest:
     job_token: str
     # How ranks reach the control plane's TrainerService.
     server_address: str
-    # The PEM certificates the ranks trust for that address when the control plane serves TLS (None: plaintext).
-    server_ca: str | None = None
+    # TLS for the ranks' channel to that address (None: plaintext).
+    tls: RankTls | None = None
 
     def __post_init__(self) -> None:
         p = self.spec.parallelism

@@ -227,7 +227,8 @@ class LocalLauncher:
         contract = RankEnv(
             rank=rank, world_size=request.world_size, local_rank=rank, local_world_size=request.world_size,
             master_addr="127.0.0.1", master_port=port, spec_file=str(spec_file), server=request.server_address,
-            server_ca=request.server_ca,
+            server_ca=request.tls and request.tls.server_ca, client_cert=request.tls and request.tls.client_cert,
+            client_key=request.tls and request.tls.client_key,
             job=f"jobs/{request.job}", attempt=request.attempt, token=request.job_token, run_dir=str(directory),
             start_step=request.start_step, job_dir=str(self.job_dir(request.job)), checkpoint_dir=str(checkpoints),
             data_roots=self.data_roots, test_hooks=self.allow_test_hooks)

@@ -20,6 +20,7 @@ from contract.spec import parse_spec, spec_to_proto
 from orchestrator.auth import job_token, rank_credential_key
 from orchestrator.client import ClientError, ClientTls, JobClient
 from orchestrator.config import token_file
+from orchestrator.launcher import RankTls
 from orchestrator.server import ControlPlane, ServerSettings
 from orchestrator.store import Attempt, AttemptState, Job
 from orchestrator.tls import ServerTls
@@ -77,7 +78,7 @@ def test_the_api_and_the_dashboard_are_served_over_tls_to_a_client_that_trusts_t
 
 def test_ranks_are_given_the_ca_and_report_over_tls(tls_plane):
     plane, cert = tls_plane
-    assert plane.job_controller.server_ca == cert.read_text()  # what every LaunchRequest carries
+    assert plane.job_controller.rank_tls == RankTls(cert.read_text())  # what every LaunchRequest carries
     environ = RankEnv(spec_json="{}", server=plane.grpc_address, server_ca=cert.read_text()).to_environ()
     assert RankEnv.from_environ(environ).server_ca == cert.read_text() and SERVER_CA in environ
 
@@ -87,9 +88,15 @@ def test_ranks_are_given_the_ca_and_report_over_tls(tls_plane):
     with plane.db.session() as session:
         session.get(Job, "ranked").attempts.append(
             Attempt(job_name="ranked", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=1, world_size=1))
+    assert_reports_over_tls(plane, uid, RankEnv(spec_json="{}", server_ca=cert.read_text()))
+
+
+def assert_reports_over_tls(plane: ControlPlane, uid: str, env: RankEnv) -> None:
+    """A rank of attempt 1 of job "ranked" with the environment's TLS heartbeats until the server has one."""
     said: list[str] = []
     reporter = Reporter(plane.grpc_address, "jobs/ranked", 1, 0, job_token(rank_credential_key(plane.db), uid, 1),
-                        server_ca=cert.read_text(), heartbeat_interval=0.2, log=said.append)
+                        server_ca=env.server_ca, client_cert=env.client_cert, client_key=env.client_key,
+                        heartbeat_interval=0.2, log=said.append)
     reporter.start()
     try:
         deadline = time.monotonic() + DEADLINE
@@ -101,10 +108,11 @@ def test_ranks_are_given_the_ca_and_report_over_tls(tls_plane):
     assert said == []  # no outage: every call went through
 
 
-def test_with_a_client_ca_a_client_must_present_a_certificate(tmp_path):
+def test_with_a_client_ca_clients_and_ranks_present_a_certificate(tmp_path):
     server_cert, server_key = self_signed(tmp_path, "server")
-    client_cert, client_key = self_signed(tmp_path, "client")
-    plane = serve(tmp_path / "home", ServerTls(server_cert, server_key, client_ca=client_cert))
+    client_cert, client_key = self_signed(tmp_path, "client")  # its own CA: the client CA
+    plane = serve(tmp_path / "home", ServerTls(server_cert, server_key, client_ca=client_cert,
+                                               ranks_cert=client_cert, ranks_key=client_key))
     try:
         token = token_file(plane.settings.home).read_text().strip()
         with JobClient(plane.grpc_address, token, ClientTls(ca=str(server_cert))) as anonymous, \
@@ -114,5 +122,15 @@ def test_with_a_client_ca_a_client_must_present_a_certificate(tmp_path):
         known = ClientTls(ca=str(server_cert), cert=str(client_cert), key=str(client_key))
         with JobClient(plane.grpc_address, token, known) as client:
             assert list(client.list_jobs().jobs) == []
+            uid = client.create_job(spec_to_proto(parse_spec({"name": "ranked"}))).uid
+
+        rank_tls = plane.job_controller.rank_tls
+        assert rank_tls == RankTls(server_cert.read_text(), client_cert.read_text(), client_key.read_text())
+        with plane.db.session() as session:
+            session.get(Job, "ranked").attempts.append(
+                Attempt(job_name="ranked", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=1, world_size=1))
+        environ = RankEnv(spec_json="{}", server_ca=rank_tls.server_ca, client_cert=rank_tls.client_cert,
+                          client_key=rank_tls.client_key).to_environ()
+        assert_reports_over_tls(plane, uid, RankEnv.from_environ(environ))
     finally:
         plane.stop()
