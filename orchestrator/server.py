@@ -239,10 +239,19 @@ class ControlPlane:
 
     def _stop_loop(self) -> None:
         if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(_cancel_tasks(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=10)
             self._loop.close()
             self._loop = None
+
+
+async def _cancel_tasks() -> None:
+    """Ends what is left on the loop (the watches' poll) before the loop stops."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_server(settings: ServerSettings) -> None:

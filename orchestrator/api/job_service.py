@@ -15,7 +15,7 @@ import grpc
 from orchestrator import service
 from orchestrator.api import convert
 from orchestrator.api.errors import abort_field, abort_invalid, abort_refused_async, invalid_status, refusals
-from orchestrator.api.streams import Streams
+from orchestrator.api.streams import JobChanges, Streams
 from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import Launcher
 from orchestrator.launcher.logs import LogRange
@@ -25,7 +25,7 @@ from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, s
 from orchestrator.store import Database, Job, JobState, NameTaken
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
-WATCH_POLL_SECONDS = 0.5
+WATCH_POLL_SECONDS = 0.25  # how often the watched jobs are looked at (all of them at once)
 WATCH_BATCH = 1000
 LOG_POLL_SECONDS = 0.2  # a followed log that has nothing new is read again after this
 
@@ -35,8 +35,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                  streams: Streams, reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
         self.db = db
         # The streaming calls are coroutines on the event loop (orchestrator/api/streams.py); the rest block,
-        # on the server's pool.
+        # on the server's pool. Watches read their job when the one poll for all of them says it changed.
         self.streams = streams
+        self.job_changes = JobChanges(db, streams, WATCH_POLL_SECONDS)
         # What a valid spec may not reach on this server (data roots, test hooks, directories): server.py.
         self.reach_violations = reach_violations
         self.users = users
@@ -112,13 +113,14 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 watch = await self.streams.run(self._start_watch, principal, request)
             except service.ServiceError as error:
                 await abort_refused_async(context, error)
-            while True:
-                update, finished = await self.streams.run(self._watch_step, watch)
-                if update is not None:
-                    yield update
-                if finished:
-                    return
-                await asyncio.sleep(WATCH_POLL_SECONDS)
+            async with self.job_changes.subscribe(watch.name) as changed:
+                while True:
+                    await self.job_changes.wait(changed)
+                    update, finished = await self.streams.run(self._watch_step, watch)
+                    if update is not None:
+                        yield update
+                    if finished:
+                        return
 
     def _start_watch(self, principal: Principal, request) -> _Watch:
         with self.db.read() as session:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -17,8 +18,12 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import grpc
+from sqlalchemy import func, select
 
 from orchestrator.auth import Principal, UserTokens, bearer_token
+from orchestrator.store import Database, Event, Job, Metric
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_STREAMS_PER_USER = 32
 
@@ -72,3 +77,79 @@ class Streams:
 
     def open_streams(self, user: str) -> int:
         return self._open[user]
+
+
+class JobChanges:
+    """Tells WatchJob streams when their job may have changed, from one poll of the store for all of them:
+    a few cheap queries a tick however many streams are open (the newest event and metric ids, the watched
+    jobs' versions; which watched jobs have rows past the ids seen last, only when those moved). A stream
+    then reads its job in full only when told, or every `full_read_seconds` in any case (a row committed
+    out of id order on PostgreSQL is not missed for long)."""
+
+    def __init__(self, db: Database, streams: Streams, interval_seconds: float, full_read_seconds: float = 5.0):
+        self.db = db
+        self.streams = streams
+        self.interval_seconds = interval_seconds
+        self.full_read_seconds = full_read_seconds
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._versions: dict[str, tuple] = {}
+        self._seen: tuple[int, int] | None = None  # the newest event and metric ids at the last poll
+        self._task: asyncio.Task | None = None
+
+    @asynccontextmanager
+    async def subscribe(self, name: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when the job may have changed (set at first: read it now)."""
+        changed = asyncio.Event()
+        changed.set()
+        self._waiting.setdefault(name, set()).add(changed)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            yield changed
+        finally:
+            waiting = self._waiting[name]
+            waiting.discard(changed)
+            if not waiting:
+                del self._waiting[name]
+
+    async def wait(self, changed: asyncio.Event) -> None:
+        """Until the job may have changed, or for at most full_read_seconds."""
+        try:
+            await asyncio.wait_for(changed.wait(), self.full_read_seconds)
+        except TimeoutError:
+            pass
+        changed.clear()
+
+    async def _run(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(self.interval_seconds)
+            names = list(self._waiting)
+            if not names:
+                break
+            try:
+                changed = await self.streams.run(self._poll, names)
+            except Exception:  # a database that went away: the streams' own full reads say so
+                log.exception("polling the watched jobs failed")
+                continue
+            for name in changed:
+                for event in self._waiting.get(name, ()):
+                    event.set()
+            for name in [n for n in self._versions if n not in self._waiting]:  # no longer watched
+                del self._versions[name]
+
+    def _poll(self, names: list[str]) -> set[str]:
+        with self.db.read() as session:
+            seen = (session.scalar(select(func.max(Event.id))) or 0, session.scalar(select(func.max(Metric.id))) or 0)
+            changed = set()
+            for name, *version in session.execute(select(Job.name, Job.update_time, Job.current_step, Job.state)
+                                                  .where(Job.name.in_(names))):
+                if self._versions.get(name) != tuple(version):
+                    self._versions[name] = tuple(version)
+                    changed.add(name)
+            if self._seen is not None:
+                for table, before, now in ((Event, self._seen[0], seen[0]), (Metric, self._seen[1], seen[1])):
+                    if now != before:
+                        changed.update(session.scalars(select(table.job_name).distinct()
+                                                       .where(table.id > before, table.job_name.in_(names))))
+            self._seen = seen
+            return changed
