@@ -38,6 +38,8 @@ class Heartbeats:
         self._lock = threading.Lock()
         # (job name, attempt, rank) -> its newest heartbeat not yet written. Bounded by the ranks that run.
         self._pending: dict[tuple[str, int, int], Beat] = {}
+        # What a flush is writing: still read from here until its transaction has committed.
+        self._flushing: dict[tuple[str, int, int], Beat] = {}
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,7 +54,8 @@ class Heartbeats:
                 select(RankStatus.rank, RankStatus.last_heartbeat, RankStatus.step)
                 .where(RankStatus.job_name == job, RankStatus.attempt == attempt))}
         with self._lock:
-            pending = [(key[2], beat) for key, beat in self._pending.items() if key[:2] == (job, attempt)]
+            pending = [(key[2], beat) for beats in (self._flushing, self._pending) for key, beat in beats.items()
+                       if key[:2] == (job, attempt)]
         for rank, beat in pending:
             out[rank] = (beat.time, beat.step)
         return out
@@ -60,7 +63,8 @@ class Heartbeats:
     def flush(self) -> None:
         """Writes the heartbeats received since the last flush, in one transaction."""
         with self._lock:
-            pending, self._pending = self._pending, {}
+            pending = self._flushing = self._pending
+            self._pending = {}
         if not pending:
             return
         try:
@@ -73,6 +77,9 @@ class Heartbeats:
                     row.step, row.phase, row.last_heartbeat = beat.step, beat.phase, beat.time
         except Exception:  # a summary is not worth stopping for: the next heartbeats come within seconds
             log.exception("writing %d heartbeats failed", len(pending))
+        finally:
+            with self._lock:
+                self._flushing = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)

@@ -181,7 +181,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 if rest:  # the log ends in the middle of a character
                     yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=rest, next_offset=end)
             finally:
-                await self.streams.run_log(reads.close)
+                _close(reads)
 
     def _log_source(self, principal: Principal, request):
         with self.db.read() as session:
@@ -207,6 +207,15 @@ class _Watch:
     last_event: int
     last_metric: int
     job_version: tuple | None = None
+
+
+def _close(reads) -> None:
+    """Closes a launcher's log reader (its file, its stream). One still reading on a thread of the log pool
+    (a cancelled call) is left to end by itself, at its next piece."""
+    try:
+        reads.close()
+    except ValueError:  # "generator already executing"
+        pass
 
 
 def _log_range(request) -> LogRange | FieldViolation:
