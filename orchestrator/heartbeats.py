@@ -49,15 +49,17 @@ class Heartbeats:
 
     def beats(self, job: str, attempt: int) -> dict[int, tuple[datetime, int]]:
         """rank -> (time, step) of the newest heartbeat of each rank of the attempt that sent one."""
+        # Memory first, then the database: a flush that commits in between is then in one or the other.
+        with self._lock:
+            in_memory = [(key[2], beat) for beats in (self._flushing, self._pending) for key, beat in beats.items()
+                         if key[:2] == (job, attempt)]
         with self.db.read() as session:
             out = {rank: (last, step) for rank, last, step in session.execute(
                 select(RankStatus.rank, RankStatus.last_heartbeat, RankStatus.step)
                 .where(RankStatus.job_name == job, RankStatus.attempt == attempt))}
-        with self._lock:
-            pending = [(key[2], beat) for beats in (self._flushing, self._pending) for key, beat in beats.items()
-                       if key[:2] == (job, attempt)]
-        for rank, beat in pending:
-            out[rank] = (beat.time, beat.step)
+        for rank, beat in in_memory:
+            if rank not in out or beat.time >= out[rank][0]:
+                out[rank] = (beat.time, beat.step)
         return out
 
     def flush(self) -> None:
