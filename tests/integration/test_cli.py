@@ -22,6 +22,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from typer.testing import CliRunner
 
+from orchestrator import config
 from orchestrator.cli import app
 from orchestrator.cli import jobs as cli
 from orchestrator.cli.jobs import parse_labels, parse_state
@@ -140,8 +141,8 @@ class FakeClient:
         self.calls.append(("watch_job", job_name(name), after_event_id))
         yield from self.watches.pop(0)()
 
-    def stream_logs(self, name, rank=0, attempt=0, follow=False):
-        self.calls.append(("stream_logs", job_name(name), rank, attempt, follow))
+    def stream_logs(self, name, rank=0, attempt=0, follow=False, offset=0, tail_bytes=0, tail_lines=0):
+        self.calls.append(("stream_logs", job_name(name), rank, attempt, follow) + ((tail_lines,) if tail_lines else ()))
         yield js.LogChunk(text="step 1/5 loss 5.5\n")
         yield js.LogChunk(text="step 2/5 loss 5.1\n")
 
@@ -150,14 +151,14 @@ class FakeClient:
 def fake(monkeypatch):
     """Installs a FakeClient as what `connect` returns; configure it through the returned holder."""
     holder = {"client": FakeClient()}
-    monkeypatch.setattr(cli, "connect", lambda server, token: holder["client"])
+    monkeypatch.setattr(cli, "connect", lambda server, token, tls_ca=None: holder["client"])
     return holder
 
 
 @pytest.fixture
 def no_server(monkeypatch):
     """Fails the test if a command tries to reach a server."""
-    def refuse(server, token):
+    def refuse(server, token, tls_ca=None):
         raise AssertionError("the command contacted the server")
     monkeypatch.setattr(cli, "connect", refuse)
 
@@ -281,6 +282,30 @@ def test_commands_send_normalised_job_names(fake):
     assert client.calls == [("get_job", "jobs/tiny"), ("list_checkpoints", "jobs/tiny", 20), ("get_job", "jobs/tiny"),
                             ("list_checkpoints", "jobs/tiny", 20), ("cancel_job", "jobs/tiny"),
                             ("stream_logs", "jobs/tiny", 1, 2, False)]
+
+
+def test_logs_tail_asks_the_server_for_the_last_lines(fake):
+    fake["client"] = client = FakeClient(jobs=[make_job("tiny")])
+    result = run("logs", "tiny", "--tail", "5")
+    assert result.exit_code == 0 and "step 2/5 loss 5.1" in result.output
+    assert client.calls == [("stream_logs", "jobs/tiny", 0, 0, False, 5)]
+
+
+def test_tls_comes_from_a_ca_the_environment_or_a_grpcs_server(tmp_path, monkeypatch):
+    monkeypatch.delenv("ROUNDHOUSE_TLS_CA", raising=False)
+    monkeypatch.setenv("ROUNDHOUSE_TOKEN", "t")
+    assert config.client_tls() is None
+    monkeypatch.setenv("ROUNDHOUSE_TLS_CA", "/etc/ca.pem")
+    assert config.client_tls() == ("/etc/ca.pem", None, None)
+    assert config.client_tls("/other.pem")[0] == "/other.pem"
+    with pytest.raises(ClientError) as unreadable:  # the CA is read at connect: a missing file is said plainly
+        connect(UNUSED_SERVER)
+    assert "/etc/ca.pem" in str(unreadable.value) and "ROUNDHOUSE_TLS_CA" in str(unreadable.value)
+    monkeypatch.delenv("ROUNDHOUSE_TLS_CA")
+    connect(f"grpcs://{UNUSED_SERVER}").close()  # TLS with the system's CAs
+    with pytest.raises(ClientError) as scheme:
+        connect(f"http://{UNUSED_SERVER}")
+    assert "grpcs://HOST:PORT" in str(scheme.value)
 
 
 @pytest.mark.parametrize("text", ["running", "RUNNING", "Running", "JOB_STATE_RUNNING", "job_state_running",

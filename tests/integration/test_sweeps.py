@@ -343,7 +343,7 @@ def test_sweep_submit_refuses_a_bad_file_locally_naming_each_field(tmp_path, mon
     from orchestrator.cli import app
     from orchestrator.cli import sweeps as cli
 
-    def refuse(server, token):
+    def refuse(server, token, tls_ca=None):
         raise AssertionError("the command contacted the server")
     monkeypatch.setattr(cli, "connect", refuse)
     data = sweep_data(max_parallel=0)

@@ -6,6 +6,7 @@ are self-signed, made here by the openssl binary."""
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -72,7 +73,8 @@ def test_the_api_and_the_dashboard_are_served_over_tls_to_a_client_that_trusts_t
     assert unknown_ca.value.code == grpc.StatusCode.UNAVAILABLE
 
     assert plane.dashboard_url.startswith("https://")
-    response = httpx.get(f"{plane.dashboard_url}healthz", verify=str(cert), timeout=DEADLINE)
+    response = httpx.get(f"{plane.dashboard_url}healthz", verify=ssl.create_default_context(cafile=str(cert)),
+                         timeout=DEADLINE)
     assert response.status_code == 200
 
 
