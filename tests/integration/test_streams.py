@@ -53,8 +53,8 @@ class _Watches:
         self.calls = []
         self.first_update = threading.Semaphore(0)
 
-    def open(self, name: str, metadata) -> None:
-        call = self.stub.WatchJob(js.WatchJobRequest(name=name), metadata=metadata)
+    def open(self, name: str, metadata, stub=None) -> None:
+        call = (stub or self.stub).WatchJob(js.WatchJobRequest(name=name), metadata=metadata)
         self.calls.append(call)
 
         def read() -> None:
@@ -82,8 +82,14 @@ def test_many_open_watches_do_not_starve_unary_calls_or_the_health_check(plane):
     with ExitStack() as cleanup:
         cleanup.callback(channel.close)
         cleanup.callback(watches.close)
+        user_stubs = []
+        for _ in range(USERS):  # each user on a connection of its own, as separate clients are
+            user_channel = grpc.insecure_channel(plane.grpc_address)
+            cleanup.callback(user_channel.close)
+            user_stubs.append(job_service_pb2_grpc.JobServiceStub(user_channel))
         for index in range(STREAMS):
-            watches.open(f"jobs/watched-{index % 4}", _bearer(tokens[index % USERS]))
+            user = index % USERS
+            watches.open(f"jobs/watched-{index % 4}", _bearer(tokens[user]), user_stubs[user])
         for _ in range(STREAMS):  # every stream is open and has sent the job as it is
             assert watches.first_update.acquire(timeout=DEADLINE)
 
