@@ -117,7 +117,7 @@ class ControlPlane:
         ensure_admin_token(self.db, self.settings.home)
         credential_key = rank_credential_key(self.db)
         launcher = self.launcher = create_launcher(self.settings)
-        users = self.users = UserTokens(self.db)
+        self.users = UserTokens(self.db)
         self.metrics = ServiceMetrics(self.db)
         self.heartbeats = Heartbeats(self.db)
 
