@@ -364,6 +364,29 @@ def test_serve_passes_its_options_to_the_server_settings(monkeypatch, tmp_path):
     assert len(started) == 2
 
 
+def test_serve_passes_its_tls_files_and_stream_limit_and_refuses_half_a_pair(monkeypatch, tmp_path):
+    import orchestrator.server
+    from orchestrator.tls import ServerTls
+
+    started = []
+    monkeypatch.setattr(orchestrator.server, "run_server", started.append)
+    cert, key, ca = (tmp_path / name for name in ("server.crt", "server.key", "clients.crt"))
+    for path in (cert, key, ca):
+        path.write_text("-----BEGIN PEM-----\n")
+    assert run("serve", "--home", str(tmp_path), "--tls-cert", str(cert), "--tls-key", str(key),
+               "--max-streams-per-user", "5").exit_code == 0
+    assert run("serve", "--home", str(tmp_path)).exit_code == 0
+    assert (started[0].tls, started[0].max_streams_per_user) == (ServerTls(cert, key), 5)
+    assert (started[1].tls, started[1].max_streams_per_user) == (None, 32)
+    for bad, says in ((["--tls-cert", str(cert)], "--tls-cert and --tls-key go together"),
+                      (["--tls-client-ca", str(ca)], "need --tls-cert and --tls-key"),
+                      (["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca)],
+                       "--tls-client-ca, --tls-ranks-cert and --tls-ranks-key go together")):
+        result = run("serve", "--home", str(tmp_path), *bad)
+        assert result.exit_code == 2 and says in result.output, (bad, result.output)
+    assert len(started) == 2
+
+
 def test_serve_passes_the_kubernetes_options_to_its_launcher(monkeypatch, tmp_path):
     import orchestrator.server
 
