@@ -122,13 +122,19 @@ class UserTokens:
         self._db = db
         self._cache: dict[str, tuple[float, Principal]] = {}
 
+    def cached(self, token: str | None) -> Principal | None:
+        """Who the token belongs to if that is remembered; never reads the database (for the event loop)."""
+        if not token:
+            return None
+        cached = self._cache.get(digest(token))
+        return cached[1] if cached and cached[0] > time.monotonic() else None
+
     def lookup(self, token: str | None) -> Principal | None:
         if not token:
             return None
+        if (principal := self.cached(token)) is not None:
+            return principal
         key = digest(token)
-        cached = self._cache.get(key)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
         with self._db.read() as session:
             row = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
             if row is None:
@@ -154,7 +160,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is not None and method.startswith(TRAINER_SERVICE_PREFIX):
             return await continuation(handler_call_details)
-        if token is not None and await asyncio.to_thread(self._users.lookup, token) is not None:
+        if token is not None and (self._users.cached(token) or await asyncio.to_thread(self._users.lookup, token)):
             return await continuation(handler_call_details)
         return _deny(await continuation(handler_call_details))
 

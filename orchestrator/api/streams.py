@@ -54,7 +54,8 @@ class Streams:
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         """Who calls (the interceptor already refused a caller without a valid token; a token revoked since
         is refused here)."""
-        principal = await self.run(self.users.lookup, bearer_token(context.invocation_metadata()))
+        token = bearer_token(context.invocation_metadata())
+        principal = self.users.cached(token) or await self.run(self.users.lookup, token)
         if principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required")
         return principal
