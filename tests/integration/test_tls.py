@@ -88,8 +88,9 @@ def test_ranks_are_given_the_ca_and_report_over_tls(tls_plane):
     with JobClient(plane.grpc_address, token, ClientTls(ca=str(cert))) as client:
         uid = client.create_job(spec_to_proto(parse_spec({"name": "ranked"}))).uid
     with plane.db.session() as session:
-        session.get(Job, "ranked").attempts.append(
-            Attempt(job_name="ranked", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=1, world_size=1))
+        job = session.get(Job, "ranked")
+        job.attempts.append(Attempt(job_name="ranked", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=1,
+                                    world_size=1))
     assert_reports_over_tls(plane, uid, RankEnv(spec_json="{}", server_ca=cert.read_text()))
 
 
@@ -129,8 +130,9 @@ def test_with_a_client_ca_clients_and_ranks_present_a_certificate(tmp_path):
         rank_tls = plane.job_controller.rank_tls
         assert rank_tls == RankTls(server_cert.read_text(), client_cert.read_text(), client_key.read_text())
         with plane.db.session() as session:
-            session.get(Job, "ranked").attempts.append(
-                Attempt(job_name="ranked", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=1, world_size=1))
+            job = session.get(Job, "ranked")
+            job.attempts.append(Attempt(job_name="ranked", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=1,
+                                        world_size=1))
         environ = RankEnv(spec_json="{}", server_ca=rank_tls.server_ca, client_cert=rank_tls.client_cert,
                           client_key=rank_tls.client_key).to_environ()
         assert_reports_over_tls(plane, uid, RankEnv.from_environ(environ))
