@@ -87,7 +87,7 @@ class JobChanges:
     then reads its job in full only when told, or every `full_read_seconds` in any case (a row committed
     out of id order on PostgreSQL is not missed for long)."""
 
-    def __init__(self, db: Database, streams: Streams, interval_seconds: float, full_read_seconds: float = 5.0):
+    def __init__(self, db: Database, streams: Streams, interval_seconds: float, full_read_seconds: float = 30.0):
         self.db = db
         self.streams = streams
         self.interval_seconds = interval_seconds
