@@ -11,6 +11,10 @@ Kubernetes: HOME=/tmp, PYTHONUNBUFFERED=1, over the image's own): never the cont
     ROUNDHOUSE_SPEC_FILE           path to a JSON file holding the spec at the attempt's layout; or
     ROUNDHOUSE_SPEC_JSON           that JSON itself (pods get it from their attempt's Secret); one is required
     ROUNDHOUSE_SERVER              host:port of the control plane's gRPC; unset or empty: no reporting at all
+    ROUNDHOUSE_SERVER_CA           PEM certificates the rank trusts for that server: set, its channel uses TLS;
+                                   unset or empty, plaintext
+    ROUNDHOUSE_CLIENT_CERT         PEM certificate (chain) and its key the rank presents to a server that asks
+    ROUNDHOUSE_CLIENT_KEY          for one (mutual TLS); both or neither
     ROUNDHOUSE_JOB                 the job's resource name, "jobs/<name>"
     ROUNDHOUSE_ATTEMPT             the attempt number (default 0)
     ROUNDHOUSE_JOB_TOKEN           bearer token for the TrainerService
@@ -41,6 +45,9 @@ MASTER_PORT = "MASTER_PORT"
 SPEC_FILE = "ROUNDHOUSE_SPEC_FILE"
 SPEC_JSON = "ROUNDHOUSE_SPEC_JSON"
 SERVER = "ROUNDHOUSE_SERVER"
+SERVER_CA = "ROUNDHOUSE_SERVER_CA"
+CLIENT_CERT = "ROUNDHOUSE_CLIENT_CERT"
+CLIENT_KEY = "ROUNDHOUSE_CLIENT_KEY"
 JOB = "ROUNDHOUSE_JOB"
 ATTEMPT = "ROUNDHOUSE_ATTEMPT"
 JOB_TOKEN = "ROUNDHOUSE_JOB_TOKEN"
@@ -69,6 +76,9 @@ class RankEnv:
     spec_file: str = ""
     spec_json: str | None = None
     server: str | None = None
+    server_ca: str | None = None  # PEM text; None: a plaintext channel
+    client_cert: str | None = None  # PEM text, with client_key: for a server that wants clients' certificates
+    client_key: str | None = None
     job: str = ""
     attempt: int = 0
     token: str = ""
@@ -87,7 +97,9 @@ class RankEnv:
         values = {
             RANK: self.rank, WORLD_SIZE: self.world_size, LOCAL_RANK: self.local_rank,
             LOCAL_WORLD_SIZE: self.local_world_size, MASTER_ADDR: self.master_addr, MASTER_PORT: self.master_port,
-            SPEC_FILE: self.spec_file or None, SPEC_JSON: self.spec_json, SERVER: self.server, JOB: self.job,
+            SPEC_FILE: self.spec_file or None, SPEC_JSON: self.spec_json, SERVER: self.server, SERVER_CA: self.server_ca,
+            CLIENT_CERT: self.client_cert, CLIENT_KEY: self.client_key,
+            JOB: self.job,
             ATTEMPT: self.attempt, JOB_TOKEN: self.token, RUN_DIR: self.run_dir, START_STEP: self.start_step,
             JOB_DIR: self.job_dir, CHECKPOINT_DIR: self.checkpoint_dir,
             DATA_ROOTS: None if self.data_roots is None else DATA_ROOTS_SEPARATOR.join(self.data_roots),
@@ -117,6 +129,9 @@ class RankEnv:
             spec_file=spec_file,
             spec_json=spec_json or None,
             server=environ.get(SERVER) or None,
+            server_ca=environ.get(SERVER_CA) or None,
+            client_cert=environ.get(CLIENT_CERT) or None,
+            client_key=environ.get(CLIENT_KEY) or None,
             job=environ.get(JOB, ""),
             attempt=_int(environ, ATTEMPT, 0),
             token=environ.get(JOB_TOKEN, ""),

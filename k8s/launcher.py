@@ -38,6 +38,7 @@ from k8s import manifests
 from k8s.manifests import PodSettings
 from contract.spec import FieldViolation, JobSpec
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
+from orchestrator.launcher.logs import LOG_READ_BYTES, LogRange, LogRead, tail_start
 
 if TYPE_CHECKING:
     from orchestrator.server import ServerSettings
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 _PREEMPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "NodeShutdown", "Shutdown", "Terminated",
                        "UnexpectedAdmissionError", "DeadlineExceeded"}
 _IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-LOG_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -241,9 +241,12 @@ class KubernetesLauncher:
         still runs ranks."""
         return not self._list("pods", manifests.selector(ref.job, ref.attempt))["items"]
 
-    def logs(self, ref: AttemptRef, rank: int, follow: bool,
-             attempt_ended: Callable[[], bool]) -> Iterator[str]:
-        """The rank's container log (`kubectl logs`); a pod that is gone has no log left to read."""
+    def logs(self, ref: AttemptRef, rank: int, follow: bool, attempt_ended: Callable[[], bool],
+             where: LogRange = LogRange()) -> Iterator[LogRead]:
+        """The rank's container log (`kubectl logs`); a pod that is gone has no log left to read. The API
+        serves a log from its start: an offset is reached by skipping, and a tail is found by a first read
+        of the whole log. While following, the read waits in the API server's stream (the caller runs it on
+        a thread of its own pool)."""
         while True:
             ended = attempt_ended()
             pod = self._pod_of_rank(ref, rank)
@@ -251,18 +254,28 @@ class KubernetesLauncher:
                 break
             if not follow or ended:
                 return
-            time.sleep(LOG_POLL_SECONDS)
+            yield LogRead(0, b"")  # nothing yet: the caller asks again after a pause
+        name = pod["metadata"]["name"]
+        skip = where.offset
+        if where.tail_bytes or where.tail_lines:
+            skip = tail_start(self._pod_log(name, follow=False), where)
+        position = 0
+        for chunk in self._pod_log(name, follow):
+            if position + len(chunk) > skip:
+                start = max(0, skip - position)
+                yield LogRead(position + start, chunk[start:])
+            position += len(chunk)
+
+    def _pod_log(self, pod: str, follow: bool) -> Iterator[bytes]:
         try:
-            response = self.core.read_namespaced_pod_log(pod["metadata"]["name"], self.namespace,
-                                                         container=manifests.CONTAINER, follow=follow,
-                                                         _preload_content=False)
+            response = self.core.read_namespaced_pod_log(pod, self.namespace, container=manifests.CONTAINER,
+                                                         follow=follow, _preload_content=False)
         except ApiException as exc:
             if exc.status in (400, 404):
                 return
             raise
         try:
-            for chunk in response.stream(4096):
-                yield chunk.decode("utf-8", errors="replace")
+            yield from response.stream(LOG_READ_BYTES)
         finally:
             response.close()  # the reader may stop early (a client that went away)
 

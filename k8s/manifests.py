@@ -35,6 +35,7 @@ CONTAINER = "trainer"
 MASTER_PORT = 29500
 SECRET_TOKEN_KEY = "token"
 SECRET_SPEC_KEY = "spec.json"
+SECRET_CLIENT_KEY = "client.key"  # the ranks' TLS client key, with mutual TLS
 # A pod name is "<job>-<index>-<5 random>" and its hostname "<job>-<index>", both DNS labels (63).
 MAX_BASE_NAME = 50
 
@@ -106,7 +107,9 @@ def secret(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "namespace": settings.namespace, "labels": labels(request.job, request.attempt)},
         "type": "Opaque",
-        "stringData": {SECRET_TOKEN_KEY: request.job_token, SECRET_SPEC_KEY: request.spec.model_dump_json()},
+        "stringData": {SECRET_TOKEN_KEY: request.job_token, SECRET_SPEC_KEY: request.spec.model_dump_json(),
+                       **({SECRET_CLIENT_KEY: request.tls.client_key} if request.tls and request.tls.client_key
+                          else {})},
     }
 
 
@@ -217,6 +220,7 @@ def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[
     contract = RankEnv(
         world_size=request.world_size, local_rank=0, local_world_size=1, master_addr=f"{name}-0.{name}",
         master_port=MASTER_PORT, server=request.server_address, job=f"jobs/{request.job}", attempt=request.attempt,
+        server_ca=request.tls and request.tls.server_ca, client_cert=request.tls and request.tls.client_cert,
         start_step=request.start_step, job_dir=str(job_dirs.job_dir(jobs_root(settings), request.job)),
         checkpoint_dir=checkpoint_dir(request, settings), data_roots=(data_root(settings),),
         test_hooks=settings.allow_test_hooks)
@@ -231,6 +235,9 @@ def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[
     env += [
         {"name": rank_env.JOB_TOKEN, "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_TOKEN_KEY}}},
         {"name": rank_env.SPEC_JSON, "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_SPEC_KEY}}},
+        # With mutual TLS, the ranks' client key: from the Secret too, never in the pod's spec.
+        *([{"name": rank_env.CLIENT_KEY, "valueFrom": {"secretKeyRef": {"name": name, "key": SECRET_CLIENT_KEY}}}]
+          if request.tls and request.tls.client_key else []),
         {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only: caches go to the emptyDir
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]

@@ -4,6 +4,7 @@ What a caller may do once known is decided in orchestrator/service/access.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -121,13 +122,19 @@ class UserTokens:
         self._db = db
         self._cache: dict[str, tuple[float, Principal]] = {}
 
+    def cached(self, token: str | None) -> Principal | None:
+        """Who the token belongs to if that is remembered; never reads the database (for the event loop)."""
+        if not token:
+            return None
+        cached = self._cache.get(digest(token))
+        return cached[1] if cached and cached[0] > time.monotonic() else None
+
     def lookup(self, token: str | None) -> Principal | None:
         if not token:
             return None
+        if (principal := self.cached(token)) is not None:
+            return principal
         key = digest(token)
-        cached = self._cache.get(key)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
         with self._db.read() as session:
             row = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
             if row is None:
@@ -137,24 +144,25 @@ class UserTokens:
         return principal
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects JobService calls without a valid user token before they reach a servicer.
 
-    TrainerService calls need a token too; the servicer checks it against the job named in the request."""
+    TrainerService calls need a token too; the servicer checks it against the job named in the request. On
+    the grpc.aio server's event loop: a token not in the cache is looked up on a thread, not in the loop."""
 
     def __init__(self, users: UserTokens):
         self._users = users
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(PUBLIC_SERVICE_PREFIXES):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is not None and method.startswith(TRAINER_SERVICE_PREFIX):
-            return continuation(handler_call_details)
-        if self._users.lookup(token) is not None:
-            return continuation(handler_call_details)
-        return _deny(continuation(handler_call_details))
+            return await continuation(handler_call_details)
+        if token is not None and (self._users.cached(token) or await asyncio.to_thread(self._users.lookup, token)):
+            return await continuation(handler_call_details)
+        return _deny(await continuation(handler_call_details))
 
 
 def _deny(handler):

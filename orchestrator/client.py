@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 import grpc
@@ -37,13 +39,46 @@ class ClientError(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """What a client needs for TLS, as files: the CA to trust (None: the system's), and a certificate and key
+    to present to a server that asks for one (mutual TLS)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.ca, "--tls-ca / ROUNDHOUSE_TLS_CA"),
+                                            private_key=_pem(self.key, "ROUNDHOUSE_TLS_CLIENT_KEY"),
+                                            certificate_chain=_pem(self.cert, "ROUNDHOUSE_TLS_CLIENT_CERT"))
+
+
+def _pem(path: str | None, where: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {path} ({where}): {exc.strerror or exc}") from None
+
+
 class JobClient:
     """Typed calls of roundhouse.v1.JobService and SweepService. Names may be given as "NAME", "jobs/NAME" or
     "sweeps/NAME"."""
 
-    def __init__(self, address: str, token: str):
+    def __init__(self, address: str, token: str, tls: ClientTls | None = None):
+        """`address`: HOST:PORT, or grpcs://HOST:PORT for TLS (grpc://HOST:PORT: plaintext). TLS also when `tls`
+        is given (its CA, and a client certificate for a server that asks for one)."""
+        scheme, _, rest = address.rpartition("://")
+        if scheme not in ("", "grpc", "grpcs"):
+            raise ClientError(f"{address!r}: the server is HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)")
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if scheme == "grpcs" or tls is not None:
+            credentials = (tls or ClientTls()).channel_credentials()
+            self.channel = grpc.secure_channel(rest, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(rest, options=CHANNEL_OPTIONS)
         self.stub = job_service_pb2_grpc.JobServiceStub(self.channel)
         self.sweeps = sweep_service_pb2_grpc.SweepServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
@@ -102,9 +137,12 @@ class JobClient:
         return self._stream("WatchJob", js.WatchJobRequest(name=job_name(name), after_event_id=after_event_id,
                                                            after_step=after_step))
 
-    def stream_logs(self, name: str, rank: int = 0, attempt: int = 0, follow: bool = False) -> Iterator[js.LogChunk]:
+    def stream_logs(self, name: str, rank: int = 0, attempt: int = 0, follow: bool = False, offset: int = 0,
+                    tail_bytes: int = 0, tail_lines: int = 0) -> Iterator[js.LogChunk]:
+        """A rank's log in chunks, from its start, a byte `offset` (a chunk's next_offset) or its tail."""
         return self._stream("StreamLogs", js.StreamLogsRequest(name=job_name(name), rank=rank, attempt=attempt,
-                                                               follow=follow))
+                                                               follow=follow, offset=offset, tail_bytes=tail_bytes,
+                                                               tail_lines=tail_lines))
 
     def job_events(self, name: str) -> list[job_pb2.Event]:
         """Every event of the job so far, oldest first: the history a watch sends before any change."""
@@ -142,10 +180,13 @@ class JobClient:
             call.cancel()  # a caller that stops reading early must not leave the stream open on the server
 
 
-def connect(server: str | None = None, token: str | None = None) -> JobClient:
+def connect(server: str | None = None, token: str | None = None, tls_ca: str | None = None) -> JobClient:
     """A client of the control plane at `server` (else $ROUNDHOUSE_SERVER, else the local default), with
-    `token` (else $ROUNDHOUSE_TOKEN, else the admin token a local `roundhouse serve` wrote)."""
+    `token` (else $ROUNDHOUSE_TOKEN, else the admin token a local `roundhouse serve` wrote). TLS with a
+    grpcs:// server or a CA (`tls_ca`, else $ROUNDHOUSE_TLS_CA); a client certificate from
+    $ROUNDHOUSE_TLS_CLIENT_CERT and $ROUNDHOUSE_TLS_CLIENT_KEY for a server that asks for one."""
     address = config.server_address(server)
+    tls = config.client_tls(tls_ca)
     resolved = config.user_token(token)
     if not resolved:
         home = config.home_dir()
@@ -154,7 +195,7 @@ def connect(server: str | None = None, token: str | None = None) -> JobClient:
             f"`roundhouse serve` writes to its home directory, here {config.token_file(home)} (ROUNDHOUSE_HOME "
             f"or ~/.roundhouse). For a server started with `roundhouse serve --home DIR`, set "
             f"ROUNDHOUSE_HOME=DIR; for another machine's server, pass --token or set ROUNDHOUSE_TOKEN.")
-    return JobClient(address, resolved)
+    return JobClient(address, resolved, ClientTls(*tls) if tls else None)
 
 
 def describe(exc: grpc.RpcError, address: str | None = None) -> str:

@@ -36,3 +36,11 @@ def user_token(explicit: str | None = None, home: Path | None = None) -> str | N
         return os.environ["ROUNDHOUSE_TOKEN"]
     path = token_file(home or home_dir())
     return path.read_text().strip() if path.exists() else None
+
+
+def client_tls(explicit_ca: str | None = None) -> tuple[str | None, str | None, str | None] | None:
+    """(CA, client certificate, client key) files for TLS: --tls-ca, else $ROUNDHOUSE_TLS_CA, and
+    $ROUNDHOUSE_TLS_CLIENT_CERT / $ROUNDHOUSE_TLS_CLIENT_KEY; None when none of them is set."""
+    files = (explicit_ca or os.environ.get("ROUNDHOUSE_TLS_CA") or None,
+             os.environ.get("ROUNDHOUSE_TLS_CLIENT_CERT") or None, os.environ.get("ROUNDHOUSE_TLS_CLIENT_KEY") or None)
+    return files if any(files) else None

@@ -3,6 +3,7 @@ job and sweep controllers, all over one database."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -21,18 +22,31 @@ from contract.reach import reach_violations
 from contract.spec import JobSpec
 from orchestrator import config
 from orchestrator.api.job_service import JobService
+from orchestrator.api.streams import DEFAULT_MAX_STREAMS_PER_USER, Streams
 from orchestrator.api.sweep_service import SweepService
 from orchestrator.api.trainer_service import TrainerService
 from orchestrator.auth import AuthInterceptor, UserTokens, ensure_admin_token, rank_credential_key
 from orchestrator.controller import JobController, ReconcilerSettings, SweepController
 from orchestrator.dashboard import ServiceMetrics, create_app
+from orchestrator.heartbeats import Heartbeats
 from orchestrator.launcher import Launcher
 from orchestrator.launcher.registry import create_launcher
 from orchestrator.store import Database, migrate
+from orchestrator.tls import ServerTls
 from roundhouse.v1 import (job_service_pb2, job_service_pb2_grpc, sweep_service_pb2, sweep_service_pb2_grpc,
                            trainer_service_pb2, trainer_service_pb2_grpc)
 
 log = logging.getLogger(__name__)
+
+SERVICES = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+            sweep_service_pb2.DESCRIPTOR.services_by_name["SweepService"].full_name,
+            trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name)
+# Threads of the gRPC server's pool, where unary calls run (streams do not: they are coroutines).
+UNARY_THREADS = 64
+# Threads where streams' database reads run, and where logs are read (apart: a Kubernetes log follow waits
+# in its stream). Every stream of every user shares them; none holds one while it waits for news.
+STREAM_THREADS = 8
+LOG_THREADS = 8
 
 
 @dataclass
@@ -65,6 +79,10 @@ class ServerSettings:
     reconciler: ReconcilerSettings = ReconcilerSettings()
     # Threads of the job controller: jobs are reconciled in parallel, each by one worker at a time.
     controller_workers: int = 4
+    # The most streams (WatchJob, StreamLogs, WatchSweep) one user may hold open at once.
+    max_streams_per_user: int = DEFAULT_MAX_STREAMS_PER_USER
+    # TLS for gRPC and the dashboard (None: plaintext): `roundhouse serve --tls-cert/--tls-key/...`.
+    tls: ServerTls | None = None
 
 
 class ControlPlane:
@@ -72,7 +90,11 @@ class ControlPlane:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url or config.default_db_url(settings.home))
-        self.grpc_server: grpc.Server | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.streams: Streams | None = None
+        self.heartbeats: Heartbeats | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.job_controller: JobController | None = None
@@ -87,50 +109,90 @@ class ControlPlane:
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{self.settings.host}:{self.http_port}/"
+        scheme = "https" if self.settings.tls else "http"
+        return f"{scheme}://{self.settings.host}:{self.http_port}/"
 
     def start(self) -> None:
         migrate(self.db)
         ensure_admin_token(self.db, self.settings.home)
         credential_key = rank_credential_key(self.db)
         launcher = self.launcher = create_launcher(self.settings)
-        users = self.users = UserTokens(self.db)
+        self.users = UserTokens(self.db)
         self.metrics = ServiceMetrics(self.db)
+        self.heartbeats = Heartbeats(self.db)
 
-        # so_reuseport off: a second control plane on the same port must fail, not silently share it.
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
-                             interceptors=[self.metrics.interceptor, AuthInterceptor(users)],
-                             options=[("grpc.so_reuseport", 0)])
-        self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.grpc_port}")
-        self.job_controller = JobController(self.db, launcher, credential_key,
-                                        self.settings.advertise_address or self.grpc_address,
-                                        self.settings.reconciler, workers=self.settings.controller_workers)
-        # Sweeps own ordinary jobs (trials, a target): the job controller runs them like any other.
-        self.sweep_controller = SweepController(self.db, self.job_controller.wake)
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, users, launcher, self.job_controller.wake, self.reach_violations), server)
-        sweep_service_pb2_grpc.add_SweepServiceServicer_to_server(
-            SweepService(self.db, users, self.sweep_controller.wake, self.reach_violations), server)
-        trainer_service = TrainerService(self.db, credential_key,
-                                         on_checkpoint_commit=self.metrics.checkpoint_committed)
-        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        services = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-                    sweep_service_pb2.DESCRIPTOR.services_by_name["SweepService"].full_name,
-                    trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name)
-        reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        server.start()
-        self.grpc_server = server
+        # The gRPC server runs on an event loop of its own thread (grpc.aio). Unary calls are blocking
+        # functions on its pool; streams are coroutines on the loop (orchestrator/api/streams.py); the health
+        # check is answered on the loop itself, so neither pool nor database stands in its way.
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            self._on_loop(self._bind_grpc())
+            tls = self.settings.tls
+            self.job_controller = JobController(self.db, launcher, credential_key,
+                                                self.settings.advertise_address or self.grpc_address,
+                                                self.settings.reconciler, workers=self.settings.controller_workers,
+                                                heartbeats=self.heartbeats,
+                                                rank_tls=tls.rank_tls() if tls else None)
+            # Sweeps own ordinary jobs (trials, a target): the job controller runs them like any other.
+            self.sweep_controller = SweepController(self.db, self.job_controller.wake)
+            self._on_loop(self._serve_grpc(credential_key))
+        except BaseException:
+            self._stop_loop()
+            raise
 
         self._start_http()
+        self.heartbeats.start()
         if self.settings.reconcile:
             self.job_controller.start()
             self.sweep_controller.start()
-        for name in ("", *services):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._set_serving())
+
+    def _on_loop(self, coroutine):
+        """Runs a coroutine on the gRPC server's loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _bind_grpc(self) -> None:
+        # so_reuseport off: a second control plane on the same port must fail, not silently share it.
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS, thread_name_prefix="grpc"),
+            interceptors=[self.metrics.interceptor, AuthInterceptor(self.users)],
+            options=[("grpc.so_reuseport", 0)])
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        tls = self.settings.tls
+        try:
+            port = server.add_secure_port(address, tls.server_credentials()) if tls else \
+                server.add_insecure_port(address)
+        except RuntimeError:  # grpc.aio says so by raising
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.grpc_port = port
+        self.grpc_server = server
+
+    async def _serve_grpc(self, credential_key: bytes) -> None:
+        server = self.grpc_server
+        streams = self.streams = Streams(
+            self.users, futures.ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="streams"),
+            futures.ThreadPoolExecutor(max_workers=LOG_THREADS, thread_name_prefix="logs"),
+            per_user=self.settings.max_streams_per_user)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(self.db, self.users, self.launcher, self.job_controller.wake, streams, self.reach_violations),
+            server)
+        sweep_service_pb2_grpc.add_SweepServiceServicer_to_server(
+            SweepService(self.db, self.users, self.sweep_controller.wake, streams, self.reach_violations), server)
+        trainer_service = TrainerService(self.db, credential_key, on_checkpoint_commit=self.metrics.checkpoint_committed,
+                                         heartbeats=self.heartbeats)
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        await server.start()
+
+    async def _set_serving(self) -> None:
+        for name in ("", *SERVICES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def reach_violations(self, spec: JobSpec) -> list[FieldViolation]:
         """What CreateJob refuses in a valid spec: what it may not reach under this server's policy
@@ -142,8 +204,9 @@ class ControlPlane:
     def _start_http(self) -> None:
         app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake,
                          self.sweep_controller.wake)
+        ssl = self.settings.tls.uvicorn_options() if self.settings.tls else {}
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
-                                                   log_level="warning", lifespan="off"))
+                                                   log_level="warning", lifespan="off", **ssl))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         self._http_thread.start()
         while not self._http.started and self._http_thread.is_alive():
@@ -160,12 +223,35 @@ class ControlPlane:
             self.job_controller.stop()
         if self.launcher:
             self.launcher.close()
-        if self.grpc_server:
-            self.grpc_server.stop(grace=2).wait()
+        if self.grpc_server and self._loop:
+            self._on_loop(self.grpc_server.stop(grace=2))
+            self.grpc_server = None
+        self._stop_loop()
+        if self.heartbeats:
+            self.heartbeats.stop()  # the last summary
         if self._http:
             self._http.should_exit = True
             self._http_thread.join(timeout=5)
+        if self.streams:
+            self.streams.executor.shutdown(wait=False, cancel_futures=True)
+            self.streams.log_executor.shutdown(wait=False, cancel_futures=True)
         self.db.dispose()
+
+    def _stop_loop(self) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(_cancel_tasks(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=10)
+            self._loop.close()
+            self._loop = None
+
+
+async def _cancel_tasks() -> None:
+    """Ends what is left on the loop (the watches' poll) before the loop stops."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_server(settings: ServerSettings) -> None:

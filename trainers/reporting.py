@@ -86,14 +86,15 @@ class NullReporter:
 class Reporter:
     def __init__(self, server: str, job: str, attempt: int, rank: int, token: str, *,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, metrics_interval: float = METRICS_INTERVAL,
-                 rpc_timeout: float = RPC_TIMEOUT, max_pending: int = MAX_PENDING, log=None):
+                 rpc_timeout: float = RPC_TIMEOUT, max_pending: int = MAX_PENDING, log=None,
+                 server_ca: str | None = None, client_cert: str | None = None, client_key: str | None = None):
         self.server, self.job, self.attempt, self.rank = server, job, attempt, rank
         self.heartbeat_interval = heartbeat_interval
         self.metrics_interval = metrics_interval
         self.rpc_timeout = rpc_timeout
         self._log = log or (lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True))
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = grpc.insecure_channel(server, options=_CHANNEL_OPTIONS)
+        self._channel = _channel(server, server_ca, client_cert, client_key)
         self._stub = trainer_service_pb2_grpc.TrainerServiceStub(self._channel)
 
         self._lock = threading.Lock()
@@ -223,6 +224,9 @@ class Reporter:
         try:
             response = getattr(self._stub, method)(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except Exception as exc:  # grpc.RpcError mostly; nothing here may reach training
+            ended = isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            if ended and self._stop_reason is None:  # this attempt has ended: nothing it sends counts any more
+                self._stop_reason = exc.details() or "the attempt has ended"
             if not self._in_outage:
                 self._in_outage = True
                 detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else repr(exc)
@@ -239,7 +243,18 @@ class Reporter:
         return response
 
 
+def _channel(server: str, server_ca: str | None, client_cert: str | None, client_key: str | None) -> grpc.Channel:
+    """TLS when the control plane gave the rank the certificates to trust (ROUNDHOUSE_SERVER_CA), with its
+    client certificate if it gave one (mutual TLS); else plaintext."""
+    if server_ca:
+        credentials = grpc.ssl_channel_credentials(server_ca.encode(), client_key and client_key.encode(),
+                                                   client_cert and client_cert.encode())
+        return grpc.secure_channel(server, credentials, options=_CHANNEL_OPTIONS)
+    return grpc.insecure_channel(server, options=_CHANNEL_OPTIONS)
+
+
 def make_reporter(env: RankEnv) -> ReporterLike:
     if not env.server:
         return NullReporter()
-    return Reporter(env.server, env.job, env.attempt, env.rank, env.token)
+    return Reporter(env.server, env.job, env.attempt, env.rank, env.token, server_ca=env.server_ca,
+                    client_cert=env.client_cert, client_key=env.client_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
@@ -15,7 +16,8 @@ from contract.spec import FieldViolation
 from orchestrator import service
 
 
-def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViolation]):
+def invalid_status(violations: Iterable[FieldViolation]) -> grpc.Status:
+    """INVALID_ARGUMENT with a google.rpc.BadRequest naming each field."""
     violations = list(violations)
     bad_request = error_details_pb2.BadRequest(field_violations=[
         error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations])
@@ -23,7 +25,13 @@ def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViola
     detail.Pack(bad_request)
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="; ".join(str(v) for v in violations),
                                details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
+    return rpc_status.to_status(status)
+
+
+def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViolation]):
+    # The server is grpc.aio: a blocking handler's context has abort (with trailing metadata), not abort_with_status.
+    status = invalid_status(violations)
+    context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def abort_field(context: grpc.ServicerContext, field: str, description: str):
@@ -40,11 +48,29 @@ _CODES = {
 }
 
 
+def refusal_status(error: service.ServiceError) -> grpc.Status:
+    """The status that stands for the service layer's refusal."""
+    if isinstance(error, service.InvalidArgument):
+        return invalid_status([FieldViolation(error.field, error.description)])
+    return _Status(_CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error), ())
+
+
 def abort_refused(context: grpc.ServicerContext, error: service.ServiceError):
     """Ends the call with the status that stands for the service layer's refusal."""
-    if isinstance(error, service.InvalidArgument):
-        abort_field(context, error.field, error.description)
-    context.abort(_CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+    status = refusal_status(error)
+    context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def abort_refused_async(context: grpc.aio.ServicerContext, error: service.ServiceError):
+    """abort_refused, for a handler that runs on the event loop (the streams)."""
+    status = refusal_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class _Status(NamedTuple):  # what grpc_status.rpc_status.to_status makes, for a code without details
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple
 
 
 @contextmanager

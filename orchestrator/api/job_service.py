@@ -5,29 +5,39 @@ messages."""
 
 from __future__ import annotations
 
-import time
+import asyncio
+import codecs
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
+from orchestrator import service
 from orchestrator.api import convert
-from orchestrator.api.errors import abort_field, abort_invalid, refusals
+from orchestrator.api.errors import abort_field, abort_invalid, abort_refused_async, invalid_status, refusals
+from orchestrator.api.streams import JobChanges, Streams
 from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.launcher import Launcher
+from orchestrator.launcher.logs import LogRange
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
 from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto, spec_warnings
 from orchestrator.store import Database, Job, JobState, NameTaken
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
-WATCH_POLL_SECONDS = 0.25
+WATCH_POLL_SECONDS = 0.25  # how often the watched jobs are looked at (all of them at once)
 WATCH_BATCH = 1000
+LOG_POLL_SECONDS = 0.2  # a followed log that has nothing new is read again after this
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[str], None],
-                 reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
+                 streams: Streams, reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
         self.db = db
+        # The streaming calls are coroutines on the event loop (orchestrator/api/streams.py); the rest block,
+        # on the server's pool. Watches read their job when the one poll for all of them says it changed.
+        self.streams = streams
+        self.job_changes = JobChanges(db, streams, WATCH_POLL_SECONDS)
         # What a valid spec may not reach on this server (data roots, test hooks, directories): server.py.
         self.reach_violations = reach_violations
         self.users = users
@@ -96,47 +106,86 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
     # -- WatchJob ----------------------------------------------------------------------------------------
 
-    def WatchJob(self, request, context):
-        principal = self._principal(context)
-        with self.db.read() as session, refusals(context):
+    async def WatchJob(self, request, context):
+        principal = await self.streams.principal(context)
+        async with self.streams.slot(principal, context):
+            try:
+                watch = await self.streams.run(self._start_watch, principal, request)
+            except service.ServiceError as error:
+                await abort_refused_async(context, error)
+            async with self.job_changes.subscribe(watch.name) as changed:
+                while True:
+                    await self.job_changes.wait(changed)
+                    update, finished = await self.streams.run(self._watch_step, watch)
+                    if update is not None:
+                        yield update
+                    if finished:
+                        return
+
+    def _start_watch(self, principal: Principal, request) -> _Watch:
+        with self.db.read() as session:
             job = jobs.get_job(session, principal, request.name)
-            name = job.name
-            last_metric = jobs.metric_cursor_after_step(session, job, request.after_step)
-        last_event = request.after_event_id
-        last_job_version = None
-        while context.is_active():
-            with self.db.read() as session:
-                job = session.get(Job, name)
-                events = jobs.events_after(session, job, last_event, WATCH_BATCH)
-                metrics = jobs.metrics_after(session, job, last_metric, WATCH_BATCH)
-                version = (job.update_time, job.current_step, job.state)
-                if events or metrics or version != last_job_version:
-                    yield job_service_pb2.JobUpdate(
-                        job=convert.job_to_proto(job),
-                        events=[convert.event_to_proto(e) for e in events],
-                        metrics=[convert.metric_to_proto(m) for m in metrics])
-                last_event = events[-1].id if events else last_event
-                last_metric = metrics[-1].id if metrics else last_metric
-                last_job_version = version
-                finished = JobState(job.state).terminal and len(events) < WATCH_BATCH and len(metrics) < WATCH_BATCH
-            if finished:
-                return
-            time.sleep(WATCH_POLL_SECONDS)
+            return _Watch(job.name, request.after_event_id, jobs.metric_cursor_after_step(session, job, request.after_step))
+
+    def _watch_step(self, watch: _Watch) -> tuple[job_service_pb2.JobUpdate | None, bool]:
+        """What changed since the last step (None: nothing), and whether the watch is over."""
+        with self.db.read() as session:
+            job = session.get(Job, watch.name)
+            events = jobs.events_after(session, job, watch.last_event, WATCH_BATCH)
+            metrics = jobs.metrics_after(session, job, watch.last_metric, WATCH_BATCH)
+            version = (job.update_time, job.current_step, job.state)
+            update = None
+            if events or metrics or version != watch.job_version:
+                update = job_service_pb2.JobUpdate(job=convert.job_to_proto(job),
+                                                   events=[convert.event_to_proto(e) for e in events],
+                                                   metrics=[convert.metric_to_proto(m) for m in metrics])
+            watch.last_event = events[-1].id if events else watch.last_event
+            watch.last_metric = metrics[-1].id if metrics else watch.last_metric
+            watch.job_version = version
+            return update, JobState(job.state).terminal and len(events) < WATCH_BATCH and len(metrics) < WATCH_BATCH
 
     # -- StreamLogs --------------------------------------------------------------------------------------
 
-    def StreamLogs(self, request, context):
-        with self.db.read() as session, refusals(context):
-            ref = jobs.log_source(session, self._principal(context), request.name, request.rank, request.attempt)
+    async def StreamLogs(self, request, context):
+        where = _log_range(request)
+        if isinstance(where, FieldViolation):
+            status = invalid_status([where])
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        principal = await self.streams.principal(context)
+        async with self.streams.slot(principal, context):
+            try:
+                ref = await self.streams.run(self._log_source, principal, request)
+            except service.ServiceError as error:
+                await abort_refused_async(context, error)
 
-        def attempt_ended() -> bool:
-            if not context.is_active():
-                return True
-            with self.db.read() as session:
-                return jobs.attempt_ended(session, ref)
+            def attempt_ended() -> bool:
+                with self.db.read() as session:
+                    return jobs.attempt_ended(session, ref)
 
-        for text in self.launcher.logs(ref, request.rank, request.follow, attempt_ended):
-            yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=text)
+            reads = self.launcher.logs(ref, request.rank, request.follow, attempt_ended, where)
+            # A character split between two reads is held back and sent whole with the next.
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            end = 0
+            try:
+                while (read := await self.streams.run_log(next, reads, None)) is not None:
+                    if not read.data:  # following, and nothing new yet
+                        await asyncio.sleep(LOG_POLL_SECONDS)
+                        continue
+                    text = decoder.decode(read.data)
+                    held_back = len(decoder.getstate()[0])
+                    if text:
+                        yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=text,
+                                                       next_offset=read.offset + len(read.data) - held_back)
+                    end = read.offset + len(read.data)
+                rest = decoder.decode(b"", final=True)
+                if rest:  # the log ends in the middle of a character
+                    yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=rest, next_offset=end)
+            finally:
+                _close(reads)
+
+    def _log_source(self, principal: Principal, request):
+        with self.db.read() as session:
+            return jobs.log_source(session, principal, request.name, request.rank, request.attempt)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -148,6 +197,35 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         with refusals(context):
             access.authorize(principal, action)
         return principal
+
+
+@dataclass
+class _Watch:
+    """Where a WatchJob stream is: what it has sent so far."""
+
+    name: str
+    last_event: int
+    last_metric: int
+    job_version: tuple | None = None
+
+
+def _close(reads) -> None:
+    """Closes a launcher's log reader (its file, its stream). One still reading on a thread of the log pool
+    (a cancelled call) is left to end by itself, at its next piece."""
+    try:
+        reads.close()
+    except ValueError:  # "generator already executing"
+        pass
+
+
+def _log_range(request) -> LogRange | FieldViolation:
+    asked = [(name, getattr(request, name)) for name in ("offset", "tail_bytes", "tail_lines")]
+    for name, value in asked:
+        if value < 0:
+            return FieldViolation(name, "must not be negative")
+    if sum(1 for _, value in asked if value) > 1:
+        return FieldViolation("offset", "give at most one of offset, tail_bytes and tail_lines")
+    return LogRange(offset=request.offset, tail_bytes=request.tail_bytes, tail_lines=request.tail_lines)
 
 
 def _join(prefix: str, field: str) -> str:

@@ -4,7 +4,7 @@ write durable intent and wake the sweep controller; queries and who may do what 
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Callable
 
 from sqlalchemy.exc import IntegrityError
@@ -13,9 +13,10 @@ from contract.errors import FieldViolation, SpecError
 from contract.spec import JobSpec
 from contract.sweep import sweep_dict_to_proto, sweep_from_proto
 from orchestrator.api.convert import job_state_to_proto, timestamp
-from orchestrator.api.errors import abort_invalid, refusals
+from orchestrator.api.errors import abort_invalid, abort_refused_async, refusals
+from orchestrator.api.streams import Streams
 from orchestrator.auth import Principal, UserTokens, bearer_token
-from orchestrator.service import AlreadyExists, access, sweeps
+from orchestrator.service import AlreadyExists, ServiceError, access, sweeps
 from orchestrator.service.access import Action
 from orchestrator.service.sweeps import SweepView
 from orchestrator.store import Database, SweepState
@@ -25,9 +26,10 @@ WATCH_POLL_SECONDS = 0.5
 
 
 class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
-    def __init__(self, db: Database, users: UserTokens, wake_controller: Callable[[str], None],
+    def __init__(self, db: Database, users: UserTokens, wake_controller: Callable[[str], None], streams: Streams,
                  reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
         self.db = db
+        self.streams = streams
         self.users = users
         self.wake_controller = wake_controller
         # What a valid job spec may not reach on this server (data roots, test hooks, directories): server.py.
@@ -77,22 +79,31 @@ class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
         self.wake_controller(name)
         return self._get(principal, name, context)
 
-    def WatchSweep(self, request, context):
-        principal = self._principal(context)
-        last = None
-        while context.is_active():
-            current = self._get(principal, request.name, context)
-            if current != last:
-                yield current
-                last = current
-            if current.state in _TERMINAL:
-                return
-            time.sleep(WATCH_POLL_SECONDS)
+    async def WatchSweep(self, request, context):
+        """A coroutine on the event loop, like WatchJob (orchestrator/api/streams.py)."""
+        principal = await self.streams.principal(context)
+        async with self.streams.slot(principal, context):
+            last = None
+            while True:
+                try:
+                    current = await self.streams.run(self._view, principal, request.name)
+                except ServiceError as error:
+                    await abort_refused_async(context, error)
+                if current != last:
+                    yield current
+                    last = current
+                if current.state in _TERMINAL:
+                    return
+                await asyncio.sleep(WATCH_POLL_SECONDS)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _get(self, principal: Principal | None, name: str, context) -> sweep_pb2.Sweep:
-        with self.db.read() as session, refusals(context):
+        with refusals(context):
+            return self._view(principal, name)
+
+    def _view(self, principal: Principal | None, name: str) -> sweep_pb2.Sweep:
+        with self.db.read() as session:
             return sweep_to_proto(sweeps.sweep_view(session, sweeps.get_sweep(session, principal, name)))
 
     def _principal(self, context) -> Principal | None:

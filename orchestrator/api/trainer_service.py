@@ -1,10 +1,13 @@
 """roundhouse.v1.TrainerService: what ranks call. Ranks never touch the database; this is their only way in.
 
-Each call must carry the credential of the attempt it names. Every answer tells a rank whether to stop:
-a rank of an attempt that is no longer current (or of a cancelled job) is told to exit.
+Each call must carry the credential of the attempt it names, for a rank within that attempt's world size,
+and is refused once that attempt has ended (FAILED_PRECONDITION: its ranks are gone, so nothing more can
+come from them). These checks read, and never write: a refused call takes no write lock. Every answer tells
+a rank whether to stop: a rank of an attempt that is no longer current (or of a cancelled job) is told to exit.
 
-Checkpoint reports are facts about files on disk, so they are recorded whichever attempt sends them (a
-rank may report late, after buffering while the control plane was down, from an attempt since replaced)."""
+Heartbeats go to memory (orchestrator/heartbeats.py), which writes them to the database as periodic
+summaries. Checkpoint reports are facts about files on disk, so they are recorded whichever attempt sends
+them while it has not ended (a rank stopping on SIGTERM commits one last checkpoint)."""
 
 from __future__ import annotations
 
@@ -13,42 +16,43 @@ from collections.abc import Callable
 import grpc
 from sqlalchemy import delete, exists, func, select
 
-from orchestrator.api.errors import abort_invalid
+from orchestrator.api.errors import abort_field, abort_invalid
 from orchestrator.auth import bearer_token
+from orchestrator.heartbeats import Heartbeats
 from orchestrator.lifecycle import record_event
 from orchestrator.service.access import rank_may_report
 from orchestrator.service.jobs import job_id
 from contract.spec import FieldViolation
-from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
+from orchestrator.store import AttemptState, Checkpoint, Database, Event, Job, JobState, Metric, utcnow
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 
 _EVENTS = trainer_service_pb2.CheckpointEvent
 MAX_PHASE_LENGTH = 64  # a rank's phase is a few words; a longer one is cut, not stored whole
+UNAUTHENTICATED_MESSAGE = "the credential does not match this job and attempt"
 
 
 class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, db: Database, credential_key: bytes, on_checkpoint_commit: Callable[[], None] = lambda: None):
+    def __init__(self, db: Database, credential_key: bytes, on_checkpoint_commit: Callable[[], None] = lambda: None,
+                 heartbeats: Heartbeats | None = None):
         self.db = db
         self.credential_key = credential_key
         # Called once for each commit recorded (not for a retried report): the checkpoint-commit counter.
         self.on_checkpoint_commit = on_checkpoint_commit
+        self.heartbeats = heartbeats or Heartbeats(db)
 
     def Heartbeat(self, request, context):
-        with self.db.session() as session:
-            job = self._authorized_job(session, request.job, request.attempt, context)
-            row = session.get(RankStatus, (job.name, request.attempt, request.rank))
-            if row is None:
-                row = RankStatus(job_name=job.name, attempt=request.attempt, rank=request.rank)
-                session.add(row)
-            row.step = request.step
-            row.phase = request.phase[:MAX_PHASE_LENGTH]
-            row.last_heartbeat = utcnow()
+        with self.db.read() as session:
+            job = self._admitted_job(session, request, context)
             stop, reason = _should_stop(job, request.attempt)
+            name = job.name
+        self.heartbeats.record(name, request.attempt, request.rank, request.step, request.phase[:MAX_PHASE_LENGTH])
         return trainer_service_pb2.HeartbeatResponse(stop=stop, stop_reason=reason)
 
     def ReportMetrics(self, request, context):
+        with self.db.read() as session:
+            self._admitted_job(session, request, context)
         with self.db.session() as session:
-            job = self._authorized_job(session, request.job, request.attempt, context)
+            job = self._admitted_job(session, request, context)
             stop, reason = _should_stop(job, request.attempt)
             if not stop:
                 for point in request.points:
@@ -69,14 +73,16 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
         return trainer_service_pb2.ReportMetricsResponse(stop=stop, stop_reason=reason)
 
     def ReportCheckpoint(self, request, context):
+        violations = _checkpoint_report_violations(request)
+        with self.db.read() as session:
+            self._admitted_job(session, request, context)
+        if violations:
+            abort_invalid(context, violations)
         committed = False
         with self.db.session() as session:
             # Locked (PostgreSQL; SQLite writers queue anyway): one job's reports apply one at a time, so
-            # checkpoint_step is always the newest row's step.
-            job = self._authorized_job(session, request.job, request.attempt, context, lock=True)
-            violations = _checkpoint_report_violations(request)
-            if violations:
-                abort_invalid(context, violations)
+            # checkpoint_step is always the newest row's step. Checked again: the attempt may have ended since.
+            job = self._admitted_job(session, request, context, lock=True)
             if request.event == _EVENTS.CHECKPOINT_EVENT_COMMITTED:
                 committed = _record_commit(session, job, request)
             elif request.event == _EVENTS.CHECKPOINT_EVENT_RESTORED:
@@ -93,11 +99,24 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
             self.on_checkpoint_commit()
         return trainer_service_pb2.ReportCheckpointResponse(stop=stop, stop_reason=reason)
 
-    def _authorized_job(self, session, name: str, attempt: int, context, lock: bool = False) -> Job:
-        found = job_id(name)
+    def _admitted_job(self, session, request, context, lock: bool = False) -> Job:
+        """The job the call names, if the call may report for it; else the call ends here. First (before any
+        database access) a credential must be there at all; then it must be this attempt's, the attempt must
+        not have ended and the rank must be one of its ranks."""
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        found = job_id(request.job)
         job = session.get(Job, found, with_for_update=lock) if found else None
-        if not rank_may_report(self.credential_key, job, attempt, bearer_token(context.invocation_metadata())):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential does not match this job and attempt")
+        if not rank_may_report(self.credential_key, job, request.attempt, token):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        attempt = next((a for a in job.attempts if a.number == request.attempt), None)
+        if attempt is None or AttemptState(attempt.state).terminal:
+            ended = f"has ended ({attempt.state})" if attempt is not None else "does not exist"
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"attempt {request.attempt} of {job.resource_name} {ended}: its reports are refused")
+        if not 0 <= request.rank < attempt.world_size:
+            abort_field(context, "rank", f"must be in [0, {attempt.world_size}) for attempt {attempt.number}")
         return job
 
 

@@ -45,13 +45,16 @@ Server = Annotated[str | None, typer.Option("--server", envvar="ROUNDHOUSE_SERVE
                                             help=f"control plane address [default: {config.DEFAULT_SERVER}]")]
 Token = Annotated[str | None, typer.Option("--token", envvar="ROUNDHOUSE_TOKEN", show_default=False, metavar="TOKEN",
                                            help="API bearer token [default: the admin token of a local server]")]
+TlsCa = Annotated[str | None, typer.Option("--tls-ca", envvar="ROUNDHOUSE_TLS_CA", show_default=False, metavar="FILE",
+                                           help="reach the control plane over TLS, trusting this CA (PEM); "
+                                                "a grpcs:// server uses TLS with the system's CAs without it")]
 Output = Annotated[OutputFormat, typer.Option("--output", "-o", case_sensitive=False, help="table or json")]
 JobName = Annotated[str, typer.Argument(help="job name: NAME or jobs/NAME", metavar="NAME", show_default=False)]
 
 
-def _connect(server: str | None, token: str | None) -> JobClient:
+def _connect(server: str | None, token: str | None, tls_ca: str | None) -> JobClient:
     try:
-        return connect(server, token)
+        return connect(server, token, tls_ca)
     except ClientError as exc:
         fail(str(exc))
 
@@ -87,6 +90,7 @@ def submit(
                                              show_default=False)] = None,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Validate a job spec, submit it, and optionally watch it to the end."""
     try:
@@ -100,7 +104,7 @@ def submit(
         raise typer.Exit(2) from None
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}", 2)
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             job = client.create_job(spec_to_proto(spec))
         except ClientError as exc:
@@ -114,9 +118,10 @@ def submit(
 
 
 @app.command("watch")
-def watch_command(name: JobName, server: Server = None, token: Token = None) -> None:
+def watch_command(name: JobName, server: Server = None, token: Token = None,
+        tls_ca: TlsCa = None) -> None:
     """Show a job's events and progress until it ends; exit 0 only if it SUCCEEDED."""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         final = _watch_until_it_ends(client, name)
     raise typer.Exit(0 if final.state == job_pb2.JOB_STATE_SUCCEEDED else 1)
 
@@ -219,13 +224,14 @@ def list_jobs(
     output: Output = OutputFormat.table,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """List jobs, newest first."""
     states = [parse_state(s) for s in state or []]
     labels = parse_labels(label or [])
     jobs: list[job_pb2.Job] = []
     page_token = ""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             while True:
                 response = client.list_jobs(states=states, labels=labels, page_size=page_size, page_token=page_token)
@@ -247,9 +253,10 @@ def list_jobs(
 
 
 @app.command()
-def get(name: JobName, output: Output = OutputFormat.table, server: Server = None, token: Token = None) -> None:
+def get(name: JobName, output: Output = OutputFormat.table, server: Server = None, token: Token = None,
+        tls_ca: TlsCa = None) -> None:
     """Show one job: its state, progress, attempts and kept checkpoints (with -o json, its events too)."""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             job = client.get_job(name)
             checkpoints = client.list_checkpoints(name, page_size=GET_CHECKPOINTS).checkpoints
@@ -278,9 +285,10 @@ def cancel(
     = 300.0,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Cancel a job: its ranks are stopped and it ends CANCELLED."""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             job = client.cancel_job(name)
             if wait and job.state not in TERMINAL:
@@ -310,15 +318,18 @@ def logs(
     rank: Annotated[int, typer.Option(min=0, help="which rank")] = 0,
     attempt: Annotated[int, typer.Option(min=0, help="which attempt (0: the newest)")] = 0,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming until the attempt ends")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", "-n", min=1, metavar="N", show_default=False,
+                                             help="only the last N lines (then, with --follow, what comes)")] = None,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
-    """Print a rank's log (from the start; with --follow, until the attempt ends)."""
-    with _connect(server, token) as client:
+    """Print a rank's log (from the start, or its last --tail lines; with --follow, until the attempt ends)."""
+    with _connect(server, token, tls_ca) as client:
         try:
             if follow:
                 _wait_for_launch(client, name)
-            for chunk in client.stream_logs(name, rank=rank, attempt=attempt, follow=follow):
+            for chunk in client.stream_logs(name, rank=rank, attempt=attempt, follow=follow, tail_lines=tail or 0):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
         except ClientError as exc:

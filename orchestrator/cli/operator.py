@@ -60,6 +60,31 @@ def serve(
                                                               "built-in corpus]")] = None,
     controller_workers: Annotated[int, typer.Option(min=1, metavar="N",
                                                     help="jobs the controller works on at once")] = 4,
+    max_streams_per_user: Annotated[int, typer.Option(min=1, metavar="N",
+                                                      help="streams (watches, followed logs) one user may hold "
+                                                           "open at once")] = 32,
+    tls_cert: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True, dir_okay=False,
+                                                  rich_help_panel="TLS",
+                                                  help="serve gRPC and the dashboard over TLS with this "
+                                                       "certificate (PEM; with --tls-key)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True, dir_okay=False,
+                                                 rich_help_panel="TLS", help="the certificate's private key (PEM)")]
+    = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
+                                                       dir_okay=False, rich_help_panel="TLS",
+                                                       help="require gRPC clients to present a certificate "
+                                                            "this CA signed (mutual TLS)")] = None,
+    tls_ranks_ca: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
+                                                      dir_okay=False, rich_help_panel="TLS",
+                                                      help="the CA ranks trust for this server's certificate "
+                                                           "[default: the --tls-cert file]")] = None,
+    tls_ranks_cert: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
+                                                        dir_okay=False, rich_help_panel="TLS",
+                                                        help="with --tls-client-ca: the certificate ranks "
+                                                             "present (with --tls-ranks-key)")] = None,
+    tls_ranks_key: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
+                                                       dir_okay=False, rich_help_panel="TLS",
+                                                       help="the key of --tls-ranks-cert")] = None,
     namespace: Annotated[str, typer.Option(envvar="ROUNDHOUSE_NAMESPACE", rich_help_panel="Kubernetes",
                                            help="namespace of the jobs' pods")] = "default",
     kubeconfig: Annotated[str | None, typer.Option(metavar="FILE", show_default=False, rich_help_panel="Kubernetes",
@@ -90,6 +115,16 @@ def serve(
     from sqlalchemy.exc import SQLAlchemyError
 
     from orchestrator.server import ServerSettings, run_server
+    from orchestrator.tls import ServerTls
+
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together", 2)
+    if tls_cert is None and (tls_client_ca or tls_ranks_ca):
+        fail("--tls-client-ca and --tls-ranks-ca need --tls-cert and --tls-key", 2)
+    if (tls_client_ca is None) != (tls_ranks_cert is None) or (tls_ranks_cert is None) != (tls_ranks_key is None):
+        fail("--tls-client-ca, --tls-ranks-cert and --tls-ranks-key go together (with mutual TLS the ranks "
+             "present a certificate too)", 2)
+    tls = ServerTls(tls_cert, tls_key, tls_client_ca, tls_ranks_ca, tls_ranks_cert, tls_ranks_key) if tls_cert else None
 
     options = {}
     if launcher == "kubernetes":
@@ -99,7 +134,8 @@ def serve(
                               grpc_port=grpc_port, http_port=http_port, launcher=launcher, launcher_options=options,
                               max_ranks=max_ranks, reconcile=reconcile, kubeconfig=kubeconfig,
                               advertise_address=advertise_address, data_roots=tuple(data_root or ()),
-                              allow_test_hooks=allow_test_hooks, controller_workers=controller_workers)
+                              allow_test_hooks=allow_test_hooks, controller_workers=controller_workers,
+                              max_streams_per_user=max_streams_per_user, tls=tls)
     try:
         run_server(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:

@@ -17,7 +17,7 @@ from rich.text import Text
 from contract.errors import SpecError
 from contract.sweep import load_sweep_file, sweep_to_proto
 from orchestrator.cli.common import EXIT_INTERRUPTED, console, errors, fail
-from orchestrator.cli.jobs import Output, OutputFormat, Server, Token
+from orchestrator.cli.jobs import Output, OutputFormat, Server, TlsCa, Token
 from orchestrator.cli.render import STATE_STYLE, duration, message_json, print_json, state_text
 from orchestrator.client import ClientError, JobClient, connect
 from roundhouse.v1 import sweep_pb2
@@ -30,9 +30,9 @@ TERMINAL = frozenset({sweep_pb2.SWEEP_STATE_SUCCEEDED, sweep_pb2.SWEEP_STATE_FAI
 POLL_SECONDS = 1.0
 
 
-def _connect(server: str | None, token: str | None) -> JobClient:
+def _connect(server: str | None, token: str | None, tls_ca: str | None) -> JobClient:
     try:
-        return connect(server, token)
+        return connect(server, token, tls_ca)
     except ClientError as exc:
         fail(str(exc))
 
@@ -53,6 +53,7 @@ def submit(
                                                       "SUCCEEDED")] = False,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Validate a sweep spec, submit it, and optionally follow it to the end."""
     try:
@@ -66,7 +67,7 @@ def submit(
         fail(f"cannot read {file}: {exc.strerror or exc}", 2)
     for warning in warnings:
         errors.print(Text.assemble(("warning: ", "bold yellow"), warning))
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             sweep = client.create_sweep(sweep_to_proto(spec))
         except ClientError as exc:
@@ -111,9 +112,10 @@ def _follow(client: JobClient, name: str) -> sweep_pb2.Sweep:
 
 
 @app.command()
-def get(name: SweepName, output: Output = OutputFormat.table, server: Server = None, token: Token = None) -> None:
+def get(name: SweepName, output: Output = OutputFormat.table, server: Server = None, token: Token = None,
+        tls_ca: TlsCa = None) -> None:
     """Show one sweep: its state, its trials and their objectives, the chosen point, the target, the cost."""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             sweep = client.get_sweep(name)
         except ClientError as exc:
@@ -150,9 +152,10 @@ def list_sweeps(
     output: Output = OutputFormat.table,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """List sweeps, newest first."""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             sweeps = client.list_sweeps(page_size=page_size).sweeps
         except ClientError as exc:
@@ -181,9 +184,10 @@ def cancel(
     = 300.0,
     server: Server = None,
     token: Token = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Cancel a sweep: its running trials (or its target) are cancelled and it ends CANCELLED."""
-    with _connect(server, token) as client:
+    with _connect(server, token, tls_ca) as client:
         try:
             sweep = client.cancel_sweep(name)
             deadline = time.monotonic() + timeout if timeout else math.inf

@@ -32,10 +32,11 @@ from orchestrator.auth import job_token
 from orchestrator.controller.failure_policy import HUNG, decide, hang_message
 from orchestrator.controller.runtime import ControllerRuntime, Requeue
 from orchestrator.controller.waiting_writer import WAITING_FOR_RANKS, WaitingNote, WaitingWriter
-from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase
+from orchestrator.heartbeats import Heartbeats
+from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase, RankTls
 from orchestrator.lifecycle import record_event, transition
 from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout
-from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, RankStatus, utcnow
+from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,13 @@ class JobView:
 
 class JobController:
     def __init__(self, db: Database, launcher: Launcher, credential_key: bytes, server_address: str,
-                 settings: ReconcilerSettings = ReconcilerSettings(), workers: int = 4):
+                 settings: ReconcilerSettings = ReconcilerSettings(), workers: int = 4,
+                 heartbeats: Heartbeats | None = None, rank_tls: RankTls | None = None):
         self.db = db
+        # The ranks' heartbeats: the TrainerService's (in memory, then summarized), or the database's alone.
+        self.heartbeats = heartbeats or Heartbeats(db)
+        # What ranks need for the control plane's TLS (None: plaintext).
+        self.rank_tls = rank_tls
         self.launcher = launcher
         self.credential_key = credential_key
         self.server_address = server_address
@@ -274,7 +280,8 @@ class JobController:
             job=job.name, job_uid=job.uid, attempt=attempt.number,
             spec=spec_at_layout(self._spec(job), attempt.tp, attempt.pp, attempt.dp),
             tp=attempt.tp, pp=attempt.pp, dp=attempt.dp, start_step=attempt.start_step,
-            job_token=job_token(self.credential_key, job.uid, attempt.number), server_address=self.server_address)
+            job_token=job_token(self.credential_key, job.uid, attempt.number), server_address=self.server_address,
+            tls=self.rank_tls)
         try:
             info = self.launcher.launch(request)
         except Exception as exc:  # a launch that cannot happen is the attempt's failure, not the loop's
@@ -339,10 +346,7 @@ class JobController:
         timeout = self._spec(job).restart_policy.hang_timeout_seconds
         if time.monotonic() - self.started_at < timeout:
             return ""
-        with self.db.read() as session:
-            beats = {rank: (last, step) for rank, last, step in session.execute(
-                select(RankStatus.rank, RankStatus.last_heartbeat, RankStatus.step)
-                .where(RankStatus.job_name == job.name, RankStatus.attempt == attempt.number))}
+        beats = self.heartbeats.beats(job.name, attempt.number)
         return hang_message(attempt, beats, job.total_steps, timeout,
                             max(timeout, self.settings.hang_start_end_grace_seconds))
 

@@ -29,6 +29,7 @@ from orchestrator import service
 from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
 from orchestrator.launcher import Launcher
+from orchestrator.launcher.logs import LogRange
 from orchestrator.service import jobs as job_queries
 from orchestrator.service import sweeps as sweep_queries
 from orchestrator.store import Database, Job, JobState, utcnow
@@ -197,7 +198,8 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             return PlainTextResponse(str(error), status_code=HTTP_STATUS.get(type(error), 500))
         if launcher is None:
             return PlainTextResponse("no launcher to read logs from", status_code=404)
-        text = "".join(launcher.logs(ref, rank, False, lambda: True))
+        reads = launcher.logs(ref, rank, False, lambda: True, LogRange(tail_lines=lines))  # seeks to the tail
+        text = b"".join(read.data for read in reads).decode("utf-8", errors="replace")
         return PlainTextResponse("\n".join(text.splitlines()[-lines:]))
 
     async def cancel(request: Request) -> Response:

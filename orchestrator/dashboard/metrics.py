@@ -9,6 +9,8 @@ ControlPlane has its own registry, so several in one process (tests) don't clash
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 
 import grpc
@@ -60,47 +62,89 @@ class _DatabaseCollector:
                                   value=restarts or 0)
 
 
-class _ApiMetricsInterceptor(grpc.ServerInterceptor):
-    """Counts every call and times it, by method and final status code (unary and server-streaming)."""
+class _ApiMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call and times it, by method and final status code (unary and server-streaming). On the
+    grpc.aio server a handler is a coroutine (the streams) or a blocking function (run on the server's pool);
+    each is wrapped in its own kind."""
 
     def __init__(self, metrics: ServiceMetrics):
         self._metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method
         record = self._metrics.record
+        wrap = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
 
-        if handler.response_streaming:
-            inner = handler.unary_stream
-
-            def stream(request, context):
+        if inspect.isasyncgenfunction(inner):
+            async def call(request, context):
                 start = time.perf_counter()
                 try:
-                    yield from inner(request, context)
-                except Exception:
+                    async for response in inner(request, context):
+                        yield response
+                except asyncio.CancelledError:  # the client went away
+                    record(method, grpc.StatusCode.CANCELLED, time.perf_counter() - start)
+                    raise
+                except BaseException:  # AbortError among others
                     record(method, _code(context, grpc.StatusCode.UNKNOWN), time.perf_counter() - start)
                     raise
                 record(method, _code(context, grpc.StatusCode.OK), time.perf_counter() - start)
+        elif inspect.iscoroutinefunction(inner):
+            async def call(request, context):
+                start = time.perf_counter()
+                try:
+                    response = await inner(request, context)
+                except BaseException:
+                    record(method, _code(context, grpc.StatusCode.UNKNOWN), time.perf_counter() - start)
+                    raise
+                record(method, _code(context, grpc.StatusCode.OK), time.perf_counter() - start)
+                return response
+        elif handler.response_streaming:
+            def call(request, context):
+                context = _CodeKeeper(context)
+                start = time.perf_counter()
+                try:
+                    yield from inner(request, context)
+                except BaseException:
+                    record(method, context.code or grpc.StatusCode.UNKNOWN, time.perf_counter() - start)
+                    raise
+                record(method, context.code or grpc.StatusCode.OK, time.perf_counter() - start)
+        else:
+            def call(request, context):
+                context = _CodeKeeper(context)
+                start = time.perf_counter()
+                try:
+                    response = inner(request, context)
+                except BaseException:
+                    record(method, context.code or grpc.StatusCode.UNKNOWN, time.perf_counter() - start)
+                    raise
+                record(method, context.code or grpc.StatusCode.OK, time.perf_counter() - start)
+                return response
 
-            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
-                                                        handler.response_serializer)
+        return wrap(call, handler.request_deserializer, handler.response_serializer)
 
-        inner = handler.unary_unary
 
-        def unary(request, context):
-            start = time.perf_counter()
-            try:
-                response = inner(request, context)
-            except Exception:
-                record(method, _code(context, grpc.StatusCode.UNKNOWN), time.perf_counter() - start)
-                raise
-            record(method, _code(context, grpc.StatusCode.OK), time.perf_counter() - start)
-            return response
+class _CodeKeeper:
+    """A blocking handler's context (grpc.aio's has no code()), remembering the code it ends with."""
 
-        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    def __init__(self, context):
+        self._context = context
+        self.code: grpc.StatusCode | None = None
+
+    def abort(self, code, details="", trailing_metadata=()):
+        self.code = code
+        self._context.abort(code, details, trailing_metadata)
+
+    def set_code(self, code) -> None:
+        self.code = code
+        self._context.set_code(code)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
 
 
 def _code(context, default: grpc.StatusCode) -> grpc.StatusCode:

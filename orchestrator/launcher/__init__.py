@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from contract.spec import FieldViolation, JobSpec
+from orchestrator.launcher.logs import LogRange, LogRead
 
 
 # The reason of a FAILED attempt whose ranks were taken away (SIGTERM, eviction, a lost node): it spends the
@@ -26,6 +27,15 @@ class Phase(enum.StrEnum):
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class RankTls:
+    """What ranks need to reach a control plane that serves TLS, as PEM text (contract.rank_env)."""
+
+    server_ca: str  # what they trust for its certificate
+    client_cert: str | None = None  # what they present when it wants clients' certificates (mutual TLS)
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class LaunchRequest:
     job_token: str
     # How ranks reach the control plane's TrainerService.
     server_address: str
+    # TLS for the ranks' channel to that address (None: plaintext).
+    tls: RankTls | None = None
 
     def __post_init__(self) -> None:
         p = self.spec.parallelism
@@ -105,6 +117,8 @@ class Launcher(Protocol):
     def capacity(self) -> int | None:
         """How many ranks it could start now (None: no limit); the planner fits the next attempt to it."""
 
-    def logs(self, ref: AttemptRef, rank: int, follow: bool,
-             attempt_ended: Callable[[], bool]) -> Iterator[str]:
-        """A rank's log from its start; with follow, keeps yielding until `attempt_ended()` and the log is read."""
+    def logs(self, ref: AttemptRef, rank: int, follow: bool, attempt_ended: Callable[[], bool],
+             where: LogRange = LogRange()) -> Iterator[LogRead]:
+        """A rank's log in pieces of at most LOG_READ_BYTES, from `where` (its start by default); with follow,
+        keeps yielding until `attempt_ended()` and the log is read. It never waits: while following, an empty
+        read says nothing new is there yet, and the caller asks again after a pause (orchestrator/launcher/logs.py)."""

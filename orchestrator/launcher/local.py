@@ -32,6 +32,7 @@ from contract.errors import FieldViolation
 from contract.rank_env import DATA_ROOTS_SEPARATOR, RankEnv
 from contract.spec import JobSpec
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
+from orchestrator.launcher.logs import LogRange, LogRead, read_log_file
 
 if TYPE_CHECKING:
     from orchestrator.server import ServerSettings
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 # and so lives to record how the rank ended. A trap, not an ignore: the rank itself keeps the default.
 _WRAPPER = ('trap : TERM; echo $$ > "$1"; p="$1"; e="$2"; shift 2; "$@"; c=$?; '
             'echo $c > "$e.tmp"; mv "$e.tmp" "$e"; exit $c')
-LOG_POLL_SECONDS = 0.2
 
 
 def free_port() -> int:
@@ -216,22 +216,9 @@ class LocalLauncher:
     def ranks_gone(self, ref: AttemptRef) -> bool:
         return not any(self._alive(rank) for rank in ref.launch_info.get("ranks", []))
 
-    def logs(self, ref: AttemptRef, rank: int, follow: bool,
-             attempt_ended: Callable[[], bool]) -> Iterator[str]:
-        path = self.log_path(ref.job, ref.attempt, rank)
-        position = 0
-        while True:
-            ended = attempt_ended()  # read before the file, so nothing written after is missed
-            if path.exists():
-                with open(path, "rb") as f:
-                    f.seek(position)
-                    data = f.read()
-                position += len(data)
-                if data:
-                    yield data.decode("utf-8", errors="replace")
-            if not follow or ended:
-                return
-            time.sleep(LOG_POLL_SECONDS)
+    def logs(self, ref: AttemptRef, rank: int, follow: bool, attempt_ended: Callable[[], bool],
+             where: LogRange = LogRange()) -> Iterator[LogRead]:
+        return read_log_file(self.log_path(ref.job, ref.attempt, rank), follow, attempt_ended, where)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -240,6 +227,8 @@ class LocalLauncher:
         contract = RankEnv(
             rank=rank, world_size=request.world_size, local_rank=rank, local_world_size=request.world_size,
             master_addr="127.0.0.1", master_port=port, spec_file=str(spec_file), server=request.server_address,
+            server_ca=request.tls and request.tls.server_ca, client_cert=request.tls and request.tls.client_cert,
+            client_key=request.tls and request.tls.client_key,
             job=f"jobs/{request.job}", attempt=request.attempt, token=request.job_token, run_dir=str(directory),
             start_step=request.start_step, job_dir=str(self.job_dir(request.job)), checkpoint_dir=str(checkpoints),
             data_roots=self.data_roots, test_hooks=self.allow_test_hooks)

@@ -22,6 +22,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from typer.testing import CliRunner
 
+from orchestrator import config
 from orchestrator.cli import app
 from orchestrator.cli import jobs as cli
 from orchestrator.cli.jobs import parse_labels, parse_state
@@ -140,8 +141,8 @@ class FakeClient:
         self.calls.append(("watch_job", job_name(name), after_event_id))
         yield from self.watches.pop(0)()
 
-    def stream_logs(self, name, rank=0, attempt=0, follow=False):
-        self.calls.append(("stream_logs", job_name(name), rank, attempt, follow))
+    def stream_logs(self, name, rank=0, attempt=0, follow=False, offset=0, tail_bytes=0, tail_lines=0):
+        self.calls.append(("stream_logs", job_name(name), rank, attempt, follow) + ((tail_lines,) if tail_lines else ()))
         yield js.LogChunk(text="step 1/5 loss 5.5\n")
         yield js.LogChunk(text="step 2/5 loss 5.1\n")
 
@@ -150,14 +151,14 @@ class FakeClient:
 def fake(monkeypatch):
     """Installs a FakeClient as what `connect` returns; configure it through the returned holder."""
     holder = {"client": FakeClient()}
-    monkeypatch.setattr(cli, "connect", lambda server, token: holder["client"])
+    monkeypatch.setattr(cli, "connect", lambda server, token, tls_ca=None: holder["client"])
     return holder
 
 
 @pytest.fixture
 def no_server(monkeypatch):
     """Fails the test if a command tries to reach a server."""
-    def refuse(server, token):
+    def refuse(server, token, tls_ca=None):
         raise AssertionError("the command contacted the server")
     monkeypatch.setattr(cli, "connect", refuse)
 
@@ -283,6 +284,30 @@ def test_commands_send_normalised_job_names(fake):
                             ("stream_logs", "jobs/tiny", 1, 2, False)]
 
 
+def test_logs_tail_asks_the_server_for_the_last_lines(fake):
+    fake["client"] = client = FakeClient(jobs=[make_job("tiny")])
+    result = run("logs", "tiny", "--tail", "5")
+    assert result.exit_code == 0 and "step 2/5 loss 5.1" in result.output
+    assert client.calls == [("stream_logs", "jobs/tiny", 0, 0, False, 5)]
+
+
+def test_tls_comes_from_a_ca_the_environment_or_a_grpcs_server(tmp_path, monkeypatch):
+    monkeypatch.delenv("ROUNDHOUSE_TLS_CA", raising=False)
+    monkeypatch.setenv("ROUNDHOUSE_TOKEN", "t")
+    assert config.client_tls() is None
+    monkeypatch.setenv("ROUNDHOUSE_TLS_CA", "/etc/ca.pem")
+    assert config.client_tls() == ("/etc/ca.pem", None, None)
+    assert config.client_tls("/other.pem")[0] == "/other.pem"
+    with pytest.raises(ClientError) as unreadable:  # the CA is read at connect: a missing file is said plainly
+        connect(UNUSED_SERVER)
+    assert "/etc/ca.pem" in str(unreadable.value) and "ROUNDHOUSE_TLS_CA" in str(unreadable.value)
+    monkeypatch.delenv("ROUNDHOUSE_TLS_CA")
+    connect(f"grpcs://{UNUSED_SERVER}").close()  # TLS with the system's CAs
+    with pytest.raises(ClientError) as scheme:
+        connect(f"http://{UNUSED_SERVER}")
+    assert "grpcs://HOST:PORT" in str(scheme.value)
+
+
 @pytest.mark.parametrize("text", ["running", "RUNNING", "Running", "JOB_STATE_RUNNING", "job_state_running",
                                   " running "])
 def test_states_parse_case_insensitively_with_or_without_prefix(text):
@@ -336,6 +361,29 @@ def test_serve_passes_its_options_to_the_server_settings(monkeypatch, tmp_path):
         result = run("serve", "--home", str(tmp_path), *bad)
         assert result.exit_code == 2, (bad, result.output)
     assert "not an installed launcher (one of: kubernetes, local)" in result.output
+    assert len(started) == 2
+
+
+def test_serve_passes_its_tls_files_and_stream_limit_and_refuses_half_a_pair(monkeypatch, tmp_path):
+    import orchestrator.server
+    from orchestrator.tls import ServerTls
+
+    started = []
+    monkeypatch.setattr(orchestrator.server, "run_server", started.append)
+    cert, key, ca = (tmp_path / name for name in ("server.crt", "server.key", "clients.crt"))
+    for path in (cert, key, ca):
+        path.write_text("-----BEGIN PEM-----\n")
+    assert run("serve", "--home", str(tmp_path), "--tls-cert", str(cert), "--tls-key", str(key),
+               "--max-streams-per-user", "5").exit_code == 0
+    assert run("serve", "--home", str(tmp_path)).exit_code == 0
+    assert (started[0].tls, started[0].max_streams_per_user) == (ServerTls(cert, key), 5)
+    assert (started[1].tls, started[1].max_streams_per_user) == (None, 32)
+    for bad, says in ((["--tls-cert", str(cert)], "--tls-cert and --tls-key go together"),
+                      (["--tls-client-ca", str(ca)], "need --tls-cert and --tls-key"),
+                      (["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca)],
+                       "--tls-client-ca, --tls-ranks-cert and --tls-ranks-key go together")):
+        result = run("serve", "--home", str(tmp_path), *bad)
+        assert result.exit_code == 2 and says in result.output, (bad, result.output)
     assert len(started) == 2
 
 

@@ -17,6 +17,7 @@ from k8s import manifests
 from k8s.launcher import KubernetesLauncher, KubernetesSettings
 from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
+from orchestrator.launcher.logs import LogRange
 from contract.spec import parse_spec
 
 from tests.support.fake_kube import FakeKube, now_iso
@@ -299,7 +300,13 @@ def test_logs_are_read_from_the_rank_s_pod(kube, launcher, tmp_path):
     kube.pod_logs[(NS, pods[1]["metadata"]["name"])] = log
     set_running(kube, pods[1])
     eventually(lambda: (p := launcher._pod_of_rank(ref, 1)) and p["status"]["phase"] == "Running")
-    assert "".join(launcher.logs(ref, 1, follow=False, attempt_ended=lambda: False)) == log.read_text()
+    reads = list(launcher.logs(ref, 1, follow=False, attempt_ended=lambda: False))
+    assert b"".join(r.data for r in reads) == log.read_bytes() and reads[0].offset == 0
+    # An offset is reached by skipping, a tail by a first read of the whole log.
+    rest = launcher.logs(ref, 1, follow=False, attempt_ended=lambda: False, where=LogRange(offset=7))
+    assert b"".join(r.data for r in rest) == log.read_bytes()[7:]
+    last = list(launcher.logs(ref, 1, follow=False, attempt_ended=lambda: False, where=LogRange(tail_lines=1)))
+    assert b"".join(r.data for r in last) == b"step 2 loss 5.1\n" and last[0].offset == len("step 1 loss 5.5\n")
 
 
 def test_capacity_is_the_configured_most_ranks_or_none(kube):

@@ -4,6 +4,7 @@ and the control plane's Role allows exactly what the launcher does (checked on i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from kubernetes_validate.utils import ValidationError
 from contract.rank_env import RankEnv
 from k8s import manifests
 from k8s.manifests import PodSettings
-from orchestrator.launcher import AttemptRef, Phase
+from orchestrator.launcher import AttemptRef, Phase, RankTls
 
 from tests.support.fake_kube import FakeKube
 from tests.integration.test_k8s_launcher import make_launcher, pods_by_rank, request, set_running, set_terminated
@@ -106,6 +107,20 @@ def test_a_pods_environment_is_the_contract_the_specs_env_and_the_pods_minimum()
     assert env["ROUNDHOUSE_TEST_HOOKS"] == "0"
     [container] = manifests.job(req, PodSettings(allow_test_hooks=True))["spec"]["template"]["spec"]["containers"]
     assert {e["name"]: e.get("value") for e in container["env"]}["ROUNDHOUSE_TEST_HOOKS"] == "1"
+
+
+def test_with_tls_pods_get_the_ca_and_client_certificate_and_the_key_only_through_the_secret():
+    req = dataclasses.replace(request(), tls=RankTls("CA PEM", "CERT PEM", "KEY PEM"))
+    [container] = manifests.job(req, PodSettings())["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["ROUNDHOUSE_SERVER_CA"] == "CA PEM" and env["ROUNDHOUSE_CLIENT_CERT"] == "CERT PEM"
+    secret = manifests.secret(req, PodSettings())
+    assert env["ROUNDHOUSE_CLIENT_KEY"] == {"secretKeyRef": {"name": secret["metadata"]["name"],
+                                                             "key": manifests.SECRET_CLIENT_KEY}}
+    assert secret["stringData"][manifests.SECRET_CLIENT_KEY] == "KEY PEM"
+    assert "KEY PEM" not in str(manifests.job(req, PodSettings()))
+    plain = {e["name"] for e in manifests.job(request(), PodSettings())["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not plain & {"ROUNDHOUSE_SERVER_CA", "ROUNDHOUSE_CLIENT_CERT", "ROUNDHOUSE_CLIENT_KEY"}
 
 
 def deploy_objects() -> list[tuple[str, dict[str, Any]]]:

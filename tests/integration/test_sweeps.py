@@ -320,8 +320,15 @@ def test_the_sweep_service_creates_gets_lists_cancels_and_refuses_with_the_field
     assert httpx.get(f"{base}/sweeps/nope", headers=headers).status_code == 404
     assert [s["name"] for s in httpx.get(f"{base}/api/sweeps", headers=headers).json()["sweeps"]] == ["lr"]
 
+    watch = stub.WatchSweep(ss.WatchSweepRequest(name="lr"), metadata=client.metadata)  # a stream on the loop
+    assert next(watch).uid == created.uid
     cancelled = stub.CancelSweep(ss.CancelSweepRequest(name="sweeps/lr"), metadata=client.metadata)
     assert cancelled.cancel_requested and cancelled.state_reason == "CancelRequested"
+    assert next(watch).cancel_requested  # the change, as it happened
+    watch.cancel()
+    with pytest.raises(grpc.RpcError) as unknown:
+        next(stub.WatchSweep(ss.WatchSweepRequest(name="nope"), metadata=client.metadata))
+    assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------
@@ -343,7 +350,7 @@ def test_sweep_submit_refuses_a_bad_file_locally_naming_each_field(tmp_path, mon
     from orchestrator.cli import app
     from orchestrator.cli import sweeps as cli
 
-    def refuse(server, token):
+    def refuse(server, token, tls_ca=None):
         raise AssertionError("the command contacted the server")
     monkeypatch.setattr(cli, "connect", refuse)
     data = sweep_data(max_parallel=0)

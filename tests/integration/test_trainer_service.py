@@ -1,5 +1,6 @@
-"""TrainerService.ReportCheckpoint over real gRPC on both databases: what rank 0 tells about checkpoints
-becomes rows, the job's checkpoint step and events; reports from stale attempts still count."""
+"""TrainerService over real gRPC on both databases: what rank 0 tells about checkpoints becomes rows, the
+job's checkpoint step and events; a report counts only while its attempt has not ended, from a rank within its
+world, and a refusal writes nothing and waits for no lock. Heartbeats are kept in memory and summarized."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from orchestrator.auth import job_token, rank_credential_key
 from contract.spec import parse_spec, spec_to_proto
 from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job, RankStatus
 from roundhouse.v1 import job_pb2, job_service_pb2 as js, trainer_service_pb2 as ts, trainer_service_pb2_grpc
+from tests.support.waiting import DEADLINE
 
 COMMITTED = ts.CHECKPOINT_EVENT_COMMITTED
 RESTORED = ts.CHECKPOINT_EVENT_RESTORED
@@ -75,17 +77,73 @@ def test_committed_records_the_checkpoint_once_and_moves_the_checkpoint_step(ran
     assert ranks.job().checkpoint_step == 20
 
 
-def test_a_stale_attempts_commit_is_recorded_and_told_to_stop(ranks):
-    answer = ranks.report(COMMITTED, 30, attempt=1, path="/ck/step-30")
-    assert answer.stop is True and "attempt 1 is not the job's current attempt" in answer.stop_reason
-    assert ranks.checkpoints() == [(30, 1, 2, 2, 2, "/ck/step-30", 0)]
+def test_an_ended_attempts_reports_are_refused_and_write_nothing(ranks):
+    """Attempt 1 ended (its ranks are gone): its credential no longer counts, for any call."""
+    with pytest.raises(grpc.RpcError) as info:
+        ranks.report(COMMITTED, 999, attempt=1, path="/anywhere")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "attempt 1 of jobs/ckpt has ended (FAILED)" in info.value.details()
+    metadata = [("authorization", f"Bearer {job_token(ranks.key, ranks.uid, 1)}")]
+    with pytest.raises(grpc.RpcError) as beat:
+        ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=1, rank=0, step=5), metadata=metadata)
+    assert beat.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as metrics:
+        ranks.stub.ReportMetrics(ts.ReportMetricsRequest(job="jobs/ckpt", attempt=1, rank=0,
+                                                         points=[job_pb2.MetricPoint(step=5, loss=1.0)]),
+                                 metadata=metadata)
+    assert metrics.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    ranks.plane.heartbeats.flush()
+    assert ranks.checkpoints() == [] and ranks.job().checkpoint_step == 0 and ranks.job().current_step == 0
+    with ranks.plane.db.read() as session:
+        assert session.scalars(select(RankStatus).where(RankStatus.job_name == "ckpt")).all() == []
+
+
+def test_once_the_job_has_ended_its_current_attempts_reports_are_refused(ranks):
+    with ranks.plane.db.session() as session:
+        session.get(Job, "ckpt").current_attempt.state = AttemptState.SUCCEEDED
+    with pytest.raises(grpc.RpcError) as info:
+        ranks.report(COMMITTED, 10, path="/ck/step-10")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ranks.checkpoints() == []
+
+
+def test_a_rank_outside_the_attempts_world_is_invalid_argument(ranks):
+    """Attempt 2 has 4 ranks: its credential vouches for ranks 0 to 3 only."""
+    metadata = [("authorization", f"Bearer {job_token(ranks.key, ranks.uid, 2)}")]
+    for rank in (4, -1):
+        with pytest.raises(grpc.RpcError) as info:
+            ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=rank, step=1), metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rank" in info.value.details()
+    ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=3, step=1), metadata=metadata)
+
+
+def test_a_refused_call_takes_no_write_lock(ranks):
+    """While another transaction holds the write lock (SQLite) or the job's row (PostgreSQL), a call with a
+    wrong credential or none is still refused at once: refusing only reads."""
+    with ranks.plane.db.session() as session:
+        session.get(Job, "ckpt", with_for_update=True)
+        for token in ("not-the-token", None):
+            metadata = [("authorization", f"Bearer {token}")] if token else []
+            request = ts.ReportCheckpointRequest(job="jobs/ckpt", attempt=2, rank=0, event=COMMITTED, step=10,
+                                                 layout=LAYOUT_222)
+            with pytest.raises(grpc.RpcError) as info:
+                ranks.stub.ReportCheckpoint(request, metadata=metadata, timeout=DEADLINE)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as ended:  # an ended attempt's report too
+            ranks.report(COMMITTED, 10, attempt=1)
+        assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_stopping_attempts_commit_is_recorded(ranks):
+    """A rank that checkpoints on SIGTERM reports while its attempt stops: the attempt has not ended yet."""
+    with ranks.plane.db.session() as session:
+        job = session.get(Job, "ckpt")
+        job.current_attempt.stop_deadline = job.current_attempt.create_time
+        job.cancel_requested = True
+    answer = ranks.report(COMMITTED, 30, path="/ck/step-30")
+    assert answer.stop is True and "cancelled" in answer.stop_reason
+    assert ranks.checkpoints() == [(30, 2, 2, 2, 2, "/ck/step-30", 0)]
     assert ranks.job().checkpoint_step == 30
-
-
-def test_a_late_report_from_an_older_attempt_does_not_overwrite_a_newer_write(ranks):
-    ranks.report(COMMITTED, 10, attempt=2, layout=job_pb2.Layout(tp=2, pp=2, dp=1), path="/ck/new")
-    ranks.report(COMMITTED, 10, attempt=1, path="/ck/old")
-    assert ranks.checkpoints() == [(10, 2, 2, 2, 1, "/ck/new", 0)]
 
 
 def test_restored_sets_the_attempts_start_step_and_says_it_reshaped(ranks):
@@ -190,7 +248,24 @@ def test_a_heartbeat_records_what_the_rank_is_doing_cut_to_its_bound(ranks):
                          metadata=metadata)
     ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=0, step=0, phase="x" * 1000),
                          metadata=metadata)
+    ranks.plane.heartbeats.flush()  # what the periodic summary writes
     with ranks.plane.db.read() as session:
         rows = session.scalars(select(RankStatus).where(RankStatus.job_name == "ckpt")).all()
         phases = {row.rank: row.phase for row in rows}
     assert phases == {0: "x" * 64, 1: phase}
+
+
+def test_heartbeats_stay_in_memory_until_the_summary_and_the_hang_check_sees_them_at_once(ranks):
+    metadata = [("authorization", f"Bearer {job_token(ranks.key, ranks.uid, 2)}")]
+    ranks.stub.Heartbeat(ts.HeartbeatRequest(job="jobs/ckpt", attempt=2, rank=2, step=7), metadata=metadata)
+    heartbeats = ranks.plane.heartbeats
+    assert heartbeats is ranks.plane.job_controller.heartbeats
+    with ranks.plane.db.read() as session:  # not yet written: a heartbeat is no durable write
+        assert session.scalars(select(RankStatus).where(RankStatus.job_name == "ckpt")).all() == []
+    [(rank, (when, step))] = heartbeats.beats("ckpt", 2).items()
+    assert (rank, step) == (2, 7)
+    heartbeats.flush()
+    with ranks.plane.db.read() as session:
+        row = session.get(RankStatus, ("ckpt", 2, 2))
+        assert (row.step, row.last_heartbeat) == (7, when)
+    assert heartbeats.beats("ckpt", 2) == {2: (when, 7)}  # now from the database

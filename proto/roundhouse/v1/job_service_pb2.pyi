@@ -91,23 +91,31 @@ class JobUpdate(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ..., events: _Optional[_Iterable[_Union[_job_pb2.Event, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[_job_pb2.MetricPoint, _Mapping]]] = ...) -> None: ...
 
 class StreamLogsRequest(_message.Message):
-    __slots__ = ("name", "rank", "attempt", "follow")
+    __slots__ = ("name", "rank", "attempt", "follow", "offset", "tail_bytes", "tail_lines")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TAIL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     attempt: int
     follow: bool
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    offset: int
+    tail_bytes: int
+    tail_lines: int
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ..., tail_bytes: _Optional[int] = ..., tail_lines: _Optional[int] = ...) -> None: ...
 
 class LogChunk(_message.Message):
-    __slots__ = ("attempt", "rank", "text")
+    __slots__ = ("attempt", "rank", "text", "next_offset")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     rank: int
     text: str
-    def __init__(self, attempt: _Optional[int] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+    next_offset: int
+    def __init__(self, attempt: _Optional[int] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ..., next_offset: _Optional[int] = ...) -> None: ...

@@ -110,7 +110,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamLogs(self, request, context):
-        """A rank's log, from the start; with follow, until the attempt ends.
+        """A rank's log in chunks of at most 64 KiB of log bytes, from the start, an offset or its tail; with
+        follow, until the attempt ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
