@@ -13,7 +13,7 @@ import grpc
 from orchestrator.api import convert
 from orchestrator.api.errors import abort_field, abort_invalid, refusals
 from orchestrator.auth import Principal, UserTokens, bearer_token
-from orchestrator.launcher import Launcher
+from orchestrator.launcher import Launcher, LogsUnavailable
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
 from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto, spec_warnings
@@ -135,8 +135,11 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             with self.db.read() as session:
                 return jobs.attempt_ended(session, ref)
 
-        for text in self.launcher.logs(ref, request.rank, request.follow, attempt_ended):
-            yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=text)
+        try:
+            for text in self.launcher.logs(ref, request.rank, request.follow, attempt_ended):
+                yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=text)
+        except LogsUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     # -- helpers -----------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 from orchestrator import service
 from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
-from orchestrator.launcher import Launcher
+from orchestrator.launcher import Launcher, LogsUnavailable
 from orchestrator.service import jobs as job_queries
 from orchestrator.service import sweeps as sweep_queries
 from orchestrator.store import Database, Job, JobState, utcnow
@@ -197,7 +197,10 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             return PlainTextResponse(str(error), status_code=HTTP_STATUS.get(type(error), 500))
         if launcher is None:
             return PlainTextResponse("no launcher to read logs from", status_code=404)
-        text = "".join(launcher.logs(ref, rank, False, lambda: True))
+        try:
+            text = "".join(launcher.logs(ref, rank, False, lambda: True))
+        except LogsUnavailable as exc:
+            return PlainTextResponse(str(exc), status_code=503)
         return PlainTextResponse("\n".join(text.splitlines()[-lines:]))
 
     async def cancel(request: Request) -> Response:

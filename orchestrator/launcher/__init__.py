@@ -21,6 +21,11 @@ PREEMPTED = "Preempted"
 PREEMPTED_EXIT_CODE = 4
 
 
+class LogsUnavailable(Exception):
+    """A rank's log cannot be read now (its node does not answer); the text says why. Callers answer
+    UNAVAILABLE: trying again later may work."""
+
+
 class Phase(enum.StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -107,4 +112,5 @@ class Launcher(Protocol):
 
     def logs(self, ref: AttemptRef, rank: int, follow: bool,
              attempt_ended: Callable[[], bool]) -> Iterator[str]:
-        """A rank's log from its start; with follow, keeps yielding until `attempt_ended()` and the log is read."""
+        """A rank's log from its start; with follow, keeps yielding until `attempt_ended()` and the log is read.
+        Raises LogsUnavailable when the log exists but cannot be reached now."""
