@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 from kubernetes import client
 
@@ -20,7 +21,9 @@ from k8s import manifests
 from k8s.launcher import KubernetesLauncher, KubernetesSettings
 from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, LaunchRequest, LogsUnavailable, Phase
-from contract.spec import parse_spec
+from contract.spec import parse_spec, spec_to_proto
+from orchestrator.store import Attempt, AttemptState
+from roundhouse.v1 import job_service_pb2 as js
 
 from tests.support.fake_kube import FakeKube, now_iso, shipped_role
 from tests.support.waiting import DEADLINE
@@ -588,3 +591,23 @@ def test_an_api_server_that_forbids_everything_until_its_rbac_is_ready_is_waited
             assert all(r.exc_info is None for r in caplog.records if r.name == "k8s.launcher")
         finally:
             launcher.close()
+
+
+def test_a_log_that_cannot_be_reached_is_unavailable_over_grpc_with_the_reason(api_plane, client, monkeypatch):
+    spec = parse_spec({"name": "far", "parallelism": {"dp": 2},
+                       "training": {"global_batch_size": 4, "micro_batch_size": 2}})
+    client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=client.metadata)
+    with api_plane.db.session() as session:
+        session.add(Attempt(job_name="far", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=2, world_size=2,
+                            start_step=0, launch_info={"name": "far-a1"}))
+
+    def unreachable(ref, rank, follow, attempt_ended):
+        raise LogsUnavailable(f"the log of rank {rank} cannot be read now: dial tcp: no route to host")
+        yield  # a generator, as launchers' logs are
+
+    monkeypatch.setattr(api_plane.launcher, "logs", unreachable)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(client.jobs.StreamLogs(js.StreamLogsRequest(name="jobs/far", rank=1), metadata=client.metadata,
+                                    timeout=DEADLINE))
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details() == "the log of rank 1 cannot be read now: dial tcp: no route to host"
