@@ -6,7 +6,10 @@ both libraries really agree, since a disagreement would silently train nonsense.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, as torch's extension loader names it
 
 
 class LayoutError(RuntimeError):
@@ -66,12 +70,31 @@ def startup_phase() -> str:
     and one that finds another build's lock waits: both take minutes, so the rank says so."""
     if torch.cuda.is_available():
         return "joining its peers"
-    ops = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "deepspeed_shm_comm"
+    ops = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / SHM_OP
     if (ops / "lock").exists():
         return "waiting on another build of DeepSpeed's CPU comm op"
-    if not (ops / "deepspeed_shm_comm.so").exists():
+    if not (ops / f"{SHM_OP}.so").exists():
         return "building DeepSpeed's CPU comm op (once per venv)"
     return "joining its peers"
+
+
+def use_prebuilt_ops_read_only() -> Path | None:
+    """Lets DeepSpeed load its prebuilt CPU comm op from a directory this rank cannot write (an image's,
+    under readOnlyRootFilesystem, or one owned by another user): torch's extension loader takes a lock file
+    and rewrites its build file in the op's directory even when the op is built, an OSError there. The rank
+    then loads it from a copy in its temporary directory (TORCH_EXTENSIONS_DIR points there; the copy keeps
+    the files' times, so nothing is rebuilt) and the prebuilt directory is only read. Returns the copy's root,
+    or None where nothing had to be done (no prebuilt op: it is built in place, once; a writable one)."""
+    ops = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / SHM_OP
+    if not (ops / f"{SHM_OP}.so").exists() or os.access(ops, os.W_OK):
+        return None
+    copy = Path(tempfile.mkdtemp(prefix="roundhouse-ops-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    shutil.copytree(ops, copy / SHM_OP, ignore=shutil.ignore_patterns("lock"))
+    for path in [copy, *copy.rglob("*")]:  # a read-only original's modes came along
+        path.chmod(path.stat().st_mode | 0o200)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(copy)
+    return copy
 
 
 def setup(dims: ParallelDims, master_addr: str, master_port: int, local_rank: int):
@@ -89,6 +112,8 @@ def setup(dims: ParallelDims, master_addr: str, master_port: int, local_rank: in
         os.environ.setdefault(name, str(value))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # before NCCL starts: one GPU per rank, by its local rank
+    else:
+        use_prebuilt_ops_read_only()  # before DeepSpeed loads its CPU comm op
     # Under torchrun (several ranks per pod) its agent already serves the store at MASTER_ADDR:MASTER_PORT, and
     # env:// joins it (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 serves it.
     init_method = "env://" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") else f"tcp://{master_addr}:{master_port}"

@@ -17,7 +17,7 @@ from orchestrator.api import convert
 from orchestrator.api.errors import abort_field, abort_invalid, abort_refused_async, invalid_status, refusals
 from orchestrator.api.streams import JobChanges, Streams
 from orchestrator.auth import Principal, UserTokens, bearer_token
-from orchestrator.launcher import Launcher
+from orchestrator.launcher import Launcher, LogsUnavailable
 from orchestrator.launcher.logs import LogRange
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
@@ -167,7 +167,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             end = 0
             try:
-                while (read := await self.streams.run_log(next, reads, None)) is not None:
+                while (read := await self._next_log_read(reads, context)) is not None:
                     if not read.data:  # following, and nothing new yet
                         await asyncio.sleep(LOG_POLL_SECONDS)
                         continue
@@ -182,6 +182,13 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                     yield job_service_pb2.LogChunk(attempt=ref.attempt, rank=request.rank, text=rest, next_offset=end)
             finally:
                 _close(reads)
+
+    async def _next_log_read(self, reads, context):
+        """The next read of a rank's log; a log whose node cannot serve it now ends the stream UNAVAILABLE."""
+        try:
+            return await self.streams.run_log(next, reads, None)
+        except LogsUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def _log_source(self, principal: Principal, request):
         with self.db.read() as session:

@@ -332,9 +332,9 @@ class JobController:
                                f"all {row.world_size} ranks of attempt {row.number} are running", attempt=row.number)
             else:  # SUCCEEDED: every rank exited 0, none is left
                 _end_attempt(row, AttemptState.SUCCEEDED, "all ranks exited 0")
-                current.current_step = max(current.current_step, current.total_steps)
-                transition(session, current, JobState.SUCCEEDED, "Completed", f"trained {current.total_steps} steps",
-                           attempt=row.number)
+                # The step stays what the ranks reported: an exit code says nothing of how far they trained.
+                transition(session, current, JobState.SUCCEEDED, "Completed",
+                           f"trained {current.current_step} of {current.total_steps} steps", attempt=row.number)
                 freed = True
         if freed:
             self._ranks_freed()

@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 from orchestrator import service
 from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
-from orchestrator.launcher import Launcher
+from orchestrator.launcher import Launcher, LogsUnavailable
 from orchestrator.launcher.logs import LogRange
 from orchestrator.service import jobs as job_queries
 from orchestrator.service import sweeps as sweep_queries
@@ -198,8 +198,11 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             return PlainTextResponse(str(error), status_code=HTTP_STATUS.get(type(error), 500))
         if launcher is None:
             return PlainTextResponse("no launcher to read logs from", status_code=404)
-        reads = launcher.logs(ref, rank, False, lambda: True, LogRange(tail_lines=lines))  # seeks to the tail
-        text = b"".join(read.data for read in reads).decode("utf-8", errors="replace")
+        try:
+            reads = launcher.logs(ref, rank, False, lambda: True, LogRange(tail_lines=lines))  # seeks to the tail
+            text = b"".join(read.data for read in reads).decode("utf-8", errors="replace")
+        except LogsUnavailable as exc:
+            return PlainTextResponse(str(exc), status_code=503)
         return PlainTextResponse("\n".join(text.splitlines()[-lines:]))
 
     async def cancel(request: Request) -> Response:

@@ -22,6 +22,11 @@ PREEMPTED = "Preempted"
 PREEMPTED_EXIT_CODE = 4
 
 
+class LogsUnavailable(Exception):
+    """A rank's log cannot be read now (its node does not answer); the text says why. Callers answer
+    UNAVAILABLE: trying again later may work."""
+
+
 class Phase(enum.StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -121,4 +126,5 @@ class Launcher(Protocol):
              where: LogRange = LogRange()) -> Iterator[LogRead]:
         """A rank's log in pieces of at most LOG_READ_BYTES, from `where` (its start by default); with follow,
         keeps yielding until `attempt_ended()` and the log is read. It never waits: while following, an empty
-        read says nothing new is there yet, and the caller asks again after a pause (orchestrator/launcher/logs.py)."""
+        read says nothing new is there yet, and the caller asks again after a pause (orchestrator/launcher/logs.py).
+        Raises LogsUnavailable when the log exists but cannot be reached now."""

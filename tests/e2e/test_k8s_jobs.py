@@ -2,7 +2,8 @@
 reaching the API stand-in through a kubeconfig), the simulated kubelet running every pod's trainer as a real
 process (gloo, checkpoints on the shared "volume"), jobs submitted over gRPC.
 
-A job trains to SUCCEEDED with its logs read from its pods; a pod deleted mid-run as a lost node would be
+A job trains to SUCCEEDED with its logs read from its pods (DeepSpeed's prebuilt op read-only to them, as
+under readOnlyRootFilesystem); a pod deleted mid-run as a lost node would be
 (no grace) leads to a new attempt that resumes from the newest committed checkpoint and succeeds; a cancel
 deletes the Job, its pods and their processes; a control plane restarted mid-run adopts the running pods."""
 
@@ -31,7 +32,7 @@ from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps
 
 from tests.conftest import Client, processes_of
-from tests.support.fake_kube import FakeKube
+from tests.support.fake_kube import FakeKube, shipped_role
 from tests.support.fake_kubelet import FakeKubelet
 from tests.e2e.test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
 from tests.support.waiting import DEADLINE
@@ -55,13 +56,16 @@ class Cluster:
     """The API stand-in, a kubelet on this machine, and a control plane that launches onto them."""
 
     def __init__(self, tmp: Path):
-        self.kube = FakeKube()
+        self.kube = FakeKube(token="test", role=shipped_role())  # the kubeconfig's token; RBAC from the Role
         url = self.kube.start()
         self.volume = tmp / "pvc"  # what the claim holds, as ReadWriteMany storage would
         # The image's environment: its prebuilt ops directory is this venv's, built once by `make install`
         # (the image's Dockerfile sets its own), never the user-wide ~/.cache that other clones rebuild.
-        image_env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
-        self.kubelet = FakeKubelet(self.kube, NS, tmp / "node", {CLAIM: self.volume}, image_env)
+        ops = Path(sys.prefix) / "torch_extensions"
+        image_env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ops)}
+        # Under readOnlyRootFilesystem the image's prebuilt ops cannot be written (issue 17).
+        self.kubelet = FakeKubelet(self.kube, NS, tmp / "node", {CLAIM: self.volume}, image_env,
+                                   image_read_only=(ops,))
         self.kubelet.start()
         self.settings = ServerSettings(
             home=tmp / "home", grpc_port=0, http_port=0, launcher="kubernetes", allow_test_hooks=True,
@@ -105,6 +109,8 @@ def cluster(tmp_path) -> Iterator[Cluster]:
 
 
 def test_a_job_trains_to_succeeded_as_pods(cluster):
+    ops = Path(sys.prefix) / "torch_extensions"
+    before = {str(p): p.stat().st_mtime_ns for p in ops.rglob("*")}
     job = cluster.submit("k8s-ok", steps=4)
     done = wait_for(cluster.client, job, lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
@@ -115,6 +121,8 @@ def test_a_job_trains_to_succeeded_as_pods(cluster):
                                                                   metadata=cluster.client.metadata, timeout=DEADLINE))
     assert "step 4/4" in log
     assert committed_steps(cluster.volume / "jobs" / "k8s-ok" / "checkpoints")[0] == 4
+    if cluster.kubelet.read_only_enforced:  # the ranks loaded the image's prebuilt op without writing
+        assert {str(p): p.stat().st_mtime_ns for p in ops.rglob("*")} == before
 
 
 def test_a_pod_of_two_ranks_trains_them_under_torchrun(cluster):

@@ -1,7 +1,10 @@
 """The Kubernetes launcher against the API stand-in (tests/support/fake_kube.py) over HTTP, through the official client:
 the objects of an attempt, idempotent launches, Kueue, the watch (resume from resourceVersion, re-list on
-410), pod phases to attempt phases, every failure reason, stop and logs. No processes: the tests write pod
-statuses as a kubelet or the cluster would."""
+410, bookmarks, retries that say so in one line), pod phases to attempt phases, every failure reason and
+which rank failed first however the pods are seen (a watch, a re-list, an adoption), lost nodes, launches
+that cannot make progress, stop (through the watch, never beside a terminating pod) and logs. Every request
+goes through RBAC with the shipped Role. No processes: the tests write pod statuses as a kubelet, the node
+lifecycle controller or the taint manager would."""
 
 from __future__ import annotations
 
@@ -10,17 +13,20 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 from kubernetes import client
 
 from k8s import manifests
 from k8s.launcher import KubernetesLauncher, KubernetesSettings
 from k8s.manifests import PodSettings
-from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
+from orchestrator.launcher import AttemptRef, LaunchRequest, LogsUnavailable, Phase
 from orchestrator.launcher.logs import LogRange
-from contract.spec import parse_spec
+from contract.spec import parse_spec, spec_to_proto
+from orchestrator.store import Attempt, AttemptState
+from roundhouse.v1 import job_service_pb2 as js
 
-from tests.support.fake_kube import FakeKube, now_iso
+from tests.support.fake_kube import FakeKube, now_iso, shipped_role
 from tests.support.waiting import DEADLINE
 
 NS = "training"
@@ -43,9 +49,12 @@ def eventually(check: Callable[[], object], timeout: float = DEADLINE):
         time.sleep(0.05)
 
 
+TOKEN = "test-token"
+
+
 @pytest.fixture
 def kube() -> Iterator[FakeKube]:
-    fake = FakeKube()
+    fake = FakeKube(token=TOKEN, role=shipped_role())  # the launcher's requests as RBAC checks them
     fake.url = fake.start()
     yield fake
     fake.stop()
@@ -54,6 +63,7 @@ def kube() -> Iterator[FakeKube]:
 def make_launcher(kube: FakeKube, **settings) -> KubernetesLauncher:
     configuration = client.Configuration()
     configuration.host = kube.url
+    configuration.api_key = {"authorization": f"Bearer {TOKEN}"}
     defaults = {"pods": PodSettings(namespace=NS, image="registry.example/trainer:1", volume_claim="shared"),
                 "unschedulable_timeout_seconds": 30.0}
     return KubernetesLauncher(client.ApiClient(configuration), KubernetesSettings(**{**defaults, **settings}))
@@ -77,11 +87,17 @@ def set_running(kube: FakeKube, pod: dict) -> None:
          "imageID": "", "state": {"running": {"startedAt": now_iso()}}}]})
 
 
-def set_terminated(kube: FakeKube, pod: dict, code: int, reason: str = "Error", phase: str | None = None) -> None:
+def set_terminated(kube: FakeKube, pod: dict, code: int, reason: str = "Error", phase: str | None = None,
+                   finished: str | None = None) -> None:
     kube.set_pod_status(NS, pod["metadata"]["name"], {
         "phase": phase or ("Succeeded" if code == 0 else "Failed"), "containerStatuses": [
             {"name": "trainer", "image": "registry.example/trainer:1", "ready": False, "restartCount": 0,
-             "imageID": "", "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now_iso()}}}]})
+             "imageID": "", "state": {"terminated": {"exitCode": code, "reason": reason,
+                                                     "finishedAt": finished or now_iso()}}}]})
+
+
+def seconds_ago(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds))
 
 
 def status_becomes(launcher: KubernetesLauncher, ref: AttemptRef, phase: Phase, timeout: float = DEADLINE):
@@ -95,6 +111,7 @@ def launched(launcher: KubernetesLauncher, kube: FakeKube, **kwargs) -> AttemptR
 
 
 def test_launch_creates_an_indexed_job_with_its_service_and_secret_and_is_idempotent(kube, launcher):
+    kube.priority_classes.add("training")  # the cluster's admission refuses one that does not exist
     req = request(resources={"cpu": "2", "memory": "4Gi", "gpus": 1},
                   kubernetes={"node_selector": {"pool": "gpu"}, "priority_class": "training",
                               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
@@ -276,6 +293,15 @@ def test_the_watch_resumes_from_its_resource_version_and_relists_when_it_is_gone
         launcher.close()
 
 
+def kubelet_removes(kube: FakeKube, pod: dict) -> None:
+    """What a kubelet does once it has stopped a deleted pod's container: the pod goes."""
+    kube.delete("pods", NS, pod["metadata"]["name"], grace=0)
+
+
+def pod_lists(kube: FakeKube) -> int:
+    return sum(1 for method, path in kube.requests if method == "GET" and "/pods?" in path and "watch" not in path)
+
+
 def test_stop_deletes_the_job_and_everything_it_owns(kube, launcher):
     ref = launched(launcher, kube)
     pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
@@ -283,13 +309,60 @@ def test_stop_deletes_the_job_and_everything_it_owns(kube, launcher):
         set_running(kube, pod)
     status_becomes(launcher, ref, Phase.RUNNING)
     launcher.stop(ref, grace_seconds=0)
-    assert kube.pods(NS) == []
     for kind in ("jobs", "services", "secrets"):
         assert kube.list(kind, NS)["items"] == []
     deletes = [path for method, path in kube.requests if method == "DELETE"]
     assert any("/jobs/gpt-a1" in d and "propagationPolicy=Background" in d for d in deletes)
-    assert all("gracePeriodSeconds=0" in d for d in deletes if "/pods/" in d)
+    # Even "kill now" leaves each pod to its kubelet (grace 1 s): a force delete (0) would remove the pod while
+    # its container still runs, and the next attempt could start beside it.
+    assert all("gracePeriodSeconds=1" in d for d in deletes if "/pods/" in d)
+    terminating = kube.pods(NS)
+    assert len(terminating) == 2 and all(p["metadata"]["deletionGracePeriodSeconds"] == 1 for p in terminating)
+    for pod in terminating:
+        kubelet_removes(kube, pod)
+    eventually(lambda: launcher.ranks_gone(ref))
     launcher.stop(ref, grace_seconds=0)  # idempotent: nothing left is fine
+
+
+def test_ranks_are_gone_only_once_every_pod_is_and_waiting_costs_no_list(kube, launcher):
+    ref = launched(launcher, kube)
+    pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
+    for pod in pods.values():
+        set_running(kube, pod)
+    status_becomes(launcher, ref, Phase.RUNNING)
+    launcher.stop(ref, grace_seconds=30)
+    eventually(lambda: all("deletionTimestamp" in p["metadata"] for p in launcher.cache.objects["pods"].values()))
+    lists = pod_lists(kube)
+    for _ in range(20):  # a stopping gang is looked at every interval: the watch answers, not a LIST
+        assert not launcher.ranks_gone(ref)
+    assert pod_lists(kube) == lists
+    launcher.stop(ref, grace_seconds=0)  # the grace is over: shortened to 1 s, not forced
+    assert {p["metadata"]["deletionGracePeriodSeconds"] for p in kube.pods(NS)} == {1}
+    kubelet_removes(kube, pods[0])
+    time.sleep(0.3)
+    assert not launcher.ranks_gone(ref)  # rank 1 still terminates: no new attempt may start beside it
+    kubelet_removes(kube, pods[1])
+    eventually(lambda: launcher.ranks_gone(ref))
+    assert pod_lists(kube) == lists + 1  # the one listing that confirms what the watch showed
+
+
+def test_a_pod_whose_node_never_confirms_the_stop_is_removed_by_force_long_after_its_grace(kube, launcher):
+    ref = launched(launcher, kube)
+    pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
+    for pod in pods.values():
+        set_running(kube, pod)
+    status_becomes(launcher, ref, Phase.RUNNING)
+    launcher.stop(ref, grace_seconds=5)
+    kubelet_removes(kube, pods[0])
+    lost = pods[1]["metadata"]["name"]
+    long_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
+    kube.patch("pods", NS, lost, {"metadata": {"deletionTimestamp": long_ago}})  # its node never answered
+    eventually(lambda: launcher.cache.objects["pods"].get(lost, {}).get("metadata", {})
+               .get("deletionTimestamp") == long_ago)
+    launcher.stop(ref, grace_seconds=0)
+    assert any(method == "DELETE" and f"/pods/{lost}" in path and "gracePeriodSeconds=0" in path
+               for method, path in kube.requests)
+    eventually(lambda: launcher.ranks_gone(ref))
 
 
 def test_logs_are_read_from_the_rank_s_pod(kube, launcher, tmp_path):
@@ -314,3 +387,234 @@ def test_capacity_is_the_configured_most_ranks_or_none(kube):
         launcher = make_launcher(kube, max_ranks=most)
         assert launcher.capacity() == most  # None: the cluster schedules; a Job waits for room
         launcher.close()
+
+
+# -- which pod failed first, whatever order the pods are seen in ------------------------------------------------
+
+
+def running_gang(kube: FakeKube, launcher: KubernetesLauncher, ranks: int = 2) -> tuple[AttemptRef, dict[int, dict]]:
+    ref = launched(launcher, kube, dp=ranks)
+    pods = eventually(lambda: len(p := pods_by_rank(kube)) == ranks and p)
+    for pod in pods.values():
+        set_running(kube, pod)
+    status_becomes(launcher, ref, Phase.RUNNING)
+    return ref, pods
+
+
+def crash_then_the_job_controller_stops_the_rest(kube: FakeKube, pods: dict[int, dict], first: int,
+                                                 same_second: bool) -> None:
+    """Rank `first` crashes; the Job controller (the stand-in's) then deletes the other pods, whose ranks
+    checkpoint on SIGTERM and exit 4; the kubelet removes them."""
+    set_terminated(kube, pods[first], 17, finished=None if same_second else seconds_ago(5))
+    for rank, pod in pods.items():
+        if rank != first:
+            assert "deletionTimestamp" in kube.get("pods", NS, pod["metadata"]["name"])["metadata"]
+            set_terminated(kube, pod, 4)
+
+
+def seen_by(kube: FakeKube, launcher: KubernetesLauncher, how: str, fault: Callable[[], None]) -> KubernetesLauncher:
+    """Lets the launcher see `fault` through its watch, through a re-list after its watch's version was
+    compacted away (a 410), or by adopting the attempt when it starts afterwards (a control plane restarted)."""
+    if how == "watch":
+        fault()
+        return launcher
+    if how == "relist":
+        gone = kube.gone_sent
+        with kube.changed:  # the watches cannot see these writes before their history is compacted
+            fault()
+            kube.expire_watches()
+        eventually(lambda: kube.gone_sent > gone)
+        return launcher
+    launcher.close()
+    fault()
+    return make_launcher(kube)
+
+
+@pytest.mark.parametrize("how", ["watch", "relist", "adoption"])
+@pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.parametrize("same_second", [False, True], ids=["earlier", "same-second"])
+def test_the_rank_that_failed_first_is_the_cause_however_the_pods_are_seen(kube, launcher, how, first,
+                                                                           same_second):
+    ref, pods = running_gang(kube, launcher)
+    seeing = seen_by(kube, launcher, how, lambda: crash_then_the_job_controller_stops_the_rest(
+        kube, pods, first, same_second))
+    try:
+        status = status_becomes(seeing, ref, Phase.FAILED)
+        assert status.reason == "RankFailed", status.message
+        assert status.message.startswith(f"rank {first} (pod gpt-a1-{first}-")
+        assert status.message.endswith("exited with code 17")
+    finally:
+        if seeing is not launcher:
+            seeing.close()
+
+
+@pytest.mark.parametrize("how", ["watch", "relist", "adoption"])
+def test_an_eviction_is_the_cause_of_the_crash_it_caused_in_the_same_second(kube, launcher, how):
+    ref, pods = running_gang(kube, launcher)
+
+    def evicted_then_peer_crashes():
+        kube.evict(NS, pods[1]["metadata"]["name"])  # the Eviction API: DisruptionTarget, graceful delete
+        set_terminated(kube, pods[0], 1)  # its peer lost the connection
+        set_terminated(kube, pods[1], 4)  # the evicted rank checkpointed
+
+    seeing = seen_by(kube, launcher, how, evicted_then_peer_crashes)
+    try:
+        status = status_becomes(seeing, ref, Phase.FAILED)
+        assert status.reason == "Preempted", status.message
+        assert status.message.startswith("rank 1 (pod gpt-a1-1-") and "EvictionByEvictionAPI" in status.message
+    finally:
+        if seeing is not launcher:
+            seeing.close()
+
+
+def test_a_job_reported_failed_before_its_pods_waits_for_the_pods_watch(kube, launcher):
+    """The Jobs watch may run ahead of the pods watch: the launcher does not blame the ranks from the Job
+    alone while the pods may still show what happened."""
+    ref, pods = running_gang(kube, launcher)
+    with launcher.cache.lock:  # as if the pods watch lagged: the Job's condition arrives first
+        launcher.cache.objects["jobs"]["gpt-a1"]["status"]["conditions"] = [
+            {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}]
+    assert launcher.status(ref).phase is Phase.PENDING
+    set_terminated(kube, pods[1], 17)
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "RankFailed" and status.message.startswith("rank 1 (pod gpt-a1-1-")
+
+
+# -- lost nodes --------------------------------------------------------------------------------------------------
+
+
+def test_a_lost_node_is_a_preemption_when_its_peers_then_time_out(kube, launcher):
+    """A cluster takes a lost node's pods away only after its tolerations (300 s) and never completes the
+    delete; its peers' collective timeout (120 s) ends them first. The pod's Ready condition, which the node
+    lifecycle controller turns False after its grace (40-50 s), dates the loss before their exits."""
+    ref, pods = running_gang(kube, launcher)
+    lost = pods[1]["metadata"]["name"]
+    kube.lose_node(NS, lost)
+    kube.mark_not_ready(NS, lost)
+    time.sleep(0.3)
+    assert launcher.status(ref).phase is Phase.RUNNING  # not ready alone fails nothing: a node may come back
+    set_terminated(kube, pods[0], 1, finished=now_iso())  # the collective timed out (later, in a cluster)
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "Preempted", status.message
+    assert status.message.startswith(f"rank 1 (pod {lost}) was lost with its node")
+    # The Job controller deleted the lost pod; no kubelet will confirm it: still there, terminating.
+    assert "deletionTimestamp" in kube.get("pods", NS, lost)["metadata"]
+
+
+def test_a_pod_evicted_from_a_lost_node_is_a_preemption(kube, launcher):
+    ref, pods = running_gang(kube, launcher)
+    lost = pods[0]["metadata"]["name"]
+    kube.lose_node(NS, lost)
+    kube.evict_from_lost_node(NS, lost)  # the taint manager, once the toleration ran out
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "Preempted" and "DeletionByTaintManager" in status.message
+
+
+def test_the_log_of_a_pod_whose_node_is_gone_is_unavailable_with_the_reason(kube, launcher):
+    ref, pods = running_gang(kube, launcher)
+    kube.lose_node(NS, pods[1]["metadata"]["name"])
+    with pytest.raises(LogsUnavailable, match="rank 1 .* cannot be read now: .*no route to host"):
+        list(launcher.logs(ref, 1, follow=False, attempt_ended=lambda: False))
+
+
+# -- launches that cannot make progress ----------------------------------------------------------------------
+
+
+def test_pods_refused_at_admission_fail_the_attempt_with_the_api_s_message(kube, launcher):
+    ref = launched(launcher, kube, kubernetes={"priority_class": "no-such-class"})
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "PodsRefused" and not status.retryable
+    assert status.message.startswith("the Kubernetes Job gpt-a1 cannot create its pods: Error creating: pods ")
+    assert "no PriorityClass with name no-such-class was found" in status.message
+    assert kube.pods(NS) == []
+
+
+def test_pods_refused_by_a_quota_fail_the_attempt_after_the_timeout_with_a_budgeted_failure(kube):
+    launcher = make_launcher(kube, unschedulable_timeout_seconds=1.0)  # a quota may free up meanwhile
+    try:
+        kube.pod_quota = 1
+        ref = launched(launcher, kube)
+        status = status_becomes(launcher, ref, Phase.FAILED)
+        assert status.reason == "PodsRefused" and status.retryable
+        assert status.message.startswith("the Kubernetes Job gpt-a1 created 1 of its 2 pods in ")
+        assert "exceeded quota: pods" in status.message
+    finally:
+        launcher.close()
+
+
+def test_a_job_that_does_not_create_its_pods_in_time_fails_the_attempt(kube):
+    launcher = make_launcher(kube, unschedulable_timeout_seconds=0.5)
+    try:
+        kube.pod_quota, kube.events_kept = 0, False  # no pod is created, and the events saying why are gone
+        ref = launched(launcher, kube)
+        status = status_becomes(launcher, ref, Phase.FAILED)
+        assert status.reason == "PodsRefused" and status.retryable
+        assert status.message.startswith("the Kubernetes Job gpt-a1 created 0 of its 2 pods in ")
+    finally:
+        launcher.close()
+
+
+# -- the watches ---------------------------------------------------------------------------------------------
+
+
+def test_an_idle_watch_resumes_from_its_bookmarks(kube):
+    kube.bookmark_seconds = 0.1
+    launcher = make_launcher(kube, watch_seconds=1)
+    try:
+        launched(launcher, kube)
+        eventually(lambda: [p["metadata"]["labels"].get(manifests.LABEL_RANK) for p in kube.pods(NS)] == ["0", "1"])
+        kube.create("secrets", "elsewhere", {"metadata": {"name": "unrelated"}})  # versions move on
+        version = kube.version
+        eventually(lambda: kube.bookmarks_sent >= 2)
+        eventually(lambda: any(f"resourceVersion={version}" in path and "/pods?" in path
+                               for _, path in kube.requests))  # the next watch starts from the bookmark
+    finally:
+        launcher.close()
+
+
+def test_a_watch_that_cannot_reach_the_api_server_says_so_in_one_line_and_backs_off(kube, caplog):
+    launcher = make_launcher(kube)
+    try:
+        eventually(lambda: launcher.cache.synced["pods"].is_set())
+        kube.stop()  # the API server goes away
+        with caplog.at_level("WARNING", logger="k8s.launcher"):
+            eventually(lambda: sum("retrying in 2 s" in r.getMessage() for r in caplog.records) >= 1)
+        failures = [r for r in caplog.records if r.name == "k8s.launcher"]
+        assert failures and all(r.exc_info is None for r in failures)  # no traceback per retry
+        assert all("\n" not in r.getMessage() for r in failures)
+        assert "retrying in 1 s" in failures[0].getMessage()
+    finally:
+        launcher.close()
+
+
+def test_an_api_server_that_forbids_everything_until_its_rbac_is_ready_is_waited_for(kube, caplog):
+    kube.rbac_ready = False  # a restarting API server answers 403 for a few seconds
+    with caplog.at_level("WARNING", logger="k8s.launcher"):
+        launcher = make_launcher(kube)
+        try:
+            eventually(lambda: any("403" in r.getMessage() and "forbidden" in r.getMessage() for r in caplog.records))
+            kube.rbac_ready = True
+            eventually(lambda: launcher.cache.synced["pods"].is_set() and launcher.cache.synced["jobs"].is_set())
+            assert all(r.exc_info is None for r in caplog.records if r.name == "k8s.launcher")
+        finally:
+            launcher.close()
+
+
+def test_a_log_that_cannot_be_reached_is_unavailable_over_grpc_with_the_reason(api_plane, client, monkeypatch):
+    spec = parse_spec({"name": "far", "parallelism": {"dp": 2},
+                       "training": {"global_batch_size": 4, "micro_batch_size": 2}})
+    client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=client.metadata)
+    with api_plane.db.session() as session:
+        session.add(Attempt(job_name="far", number=1, state=AttemptState.RUNNING, tp=1, pp=1, dp=2, world_size=2,
+                            start_step=0, launch_info={"name": "far-a1"}))
+
+    def unreachable(ref, rank, follow, attempt_ended, where=None):
+        raise LogsUnavailable(f"the log of rank {rank} cannot be read now: dial tcp: no route to host")
+        yield  # a generator, as launchers' logs are
+
+    monkeypatch.setattr(api_plane.launcher, "logs", unreachable)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(client.jobs.StreamLogs(js.StreamLogsRequest(name="jobs/far", rank=1), metadata=client.metadata,
+                                    timeout=DEADLINE))
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details() == "the log of rank 1 cannot be read now: dial tcp: no route to host"

@@ -191,6 +191,12 @@ def test_the_role_allows_what_the_launcher_does_and_no_more():
         while launcher.status(ref).phase is not Phase.FAILED and time.monotonic() < deadline:
             time.sleep(0.05)
         launcher.stop(ref, grace_seconds=0)
+        launcher.ranks_gone(ref)
+        # An attempt whose pods admission refuses: the launcher reads the Job's FailedCreate events.
+        refused = request(attempt=2, kubernetes={"priority_class": "missing"})
+        ref = AttemptRef(refused.job, refused.attempt, launcher.launch(refused))
+        while launcher.status(ref).phase is not Phase.FAILED and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         launcher.close()
         kube.stop()

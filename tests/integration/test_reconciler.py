@@ -391,3 +391,17 @@ def test_a_restart_waits_for_the_old_gang_to_be_gone_and_its_ranks_stay_taken_me
     del launcher.status_of[1]
     after = run_attempt(reconciler, db)
     assert [a.state for a in after.attempts] == ["FAILED", "RUNNING"]
+
+
+def test_a_job_whose_ranks_all_exited_0_keeps_the_step_they_reported(db, launcher, reconciler):
+    """An exit code says nothing of how far the ranks trained: the job's step is what they reported."""
+    add_job(db)
+    run_attempt(reconciler, db)
+    with db.session() as session:
+        session.get(Job, "j").current_step = 3  # rank 0's last ReportMetrics
+    launcher.status_of[1] = AttemptStatus(Phase.SUCCEEDED)
+    settle(reconciler)
+    done = job(db)
+    assert done.state == JobState.SUCCEEDED and done.current_step == 3
+    [completed] = events(db, "Completed")
+    assert completed.message == f"trained 3 of {done.total_steps} steps"

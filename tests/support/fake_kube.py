@@ -1,22 +1,39 @@
 """A small, honest stand-in for a Kubernetes API server, served over HTTP to the official client.
 
-It serves the real paths the client uses for batch/v1 jobs and v1 pods, services and secrets in namespaces:
-create (POST), get, list and watch (GET with labelSelector, `watch=true&resourceVersion=`, timeoutSeconds),
-merge patches (PATCH, also on `/status`), delete (DELETE with gracePeriodSeconds and propagationPolicy) and
-pod logs (`/log`, with follow). Every write bumps one resourceVersion counter; watches replay the history
+It serves the real paths the client uses for batch/v1 jobs and v1 pods, services, secrets and events in
+namespaces: create (POST), get, list and watch (GET with labelSelector, equality fieldSelector,
+`watch=true&resourceVersion=`, timeoutSeconds, allowWatchBookmarks: an idle watch gets BOOKMARK events),
+merge patches (PATCH, also on `/status`), delete (DELETE with gracePeriodSeconds and propagationPolicy), the
+Eviction API (POST `/eviction`: DisruptionTarget, then a graceful delete) and pod logs (`/log`, with follow;
+500 for a pod whose node is gone). Every write bumps one resourceVersion counter; watches replay the history
 after the version asked for, and a version older than the retained history gets the ERROR event with code
 410 (Gone) a real server sends, so clients must re-list. `compact()` forgets the history, as etcd does.
 
+Admission refuses a pod naming a PriorityClass that does not exist, or past the namespace's pod quota, with
+the API server's 403 message. Pods get the API's defaults (service account, the not-ready/unreachable
+tolerations of 300 s).
+
 Two controllers run inline after every write, as the cluster would run them:
-- a Job controller for Indexed Jobs with backoffLimit 0: one pod per completion index (the index annotation
-  and label, hostname `<job>-<index>`, the template's subdomain), the Failed condition once a pod fails or
-  vanishes (its remaining pods are deleted), Complete once every index succeeded; nothing while suspended;
+- a Job controller for Indexed Jobs (see `_sync_job`): `Suspended`/`JobResumed`, one pod per completion index
+  (the index annotation and label, hostname `<job>-<index>`, the template's subdomain), a FailedCreate event
+  on the Job when admission refuses a pod, the counts (active, ready, terminating, succeeded, failed,
+  completedIndexes), `FailureTarget` once a pod fails or is deleted (its remaining pods are deleted) and
+  `Failed` once none is left, `SuccessCriteriaMet` and `Complete` once every index succeeded;
 - a garbage collector: removing an object removes the objects whose ownerReferences name its uid.
 
 Pod deletion is graceful as on a real node: a running pod asked to stop with a grace gets a
-deletionTimestamp and is removed only once its kubelet (tests/support/fake_kubelet.py) has stopped the container;
-a pod that is not running (or a grace of 0) is removed at once. Foreground propagation is treated as
-Background (the owner goes first). Not modelled: admission, quotas, field selectors, set-based selectors."""
+deletionTimestamp (a later delete may shorten it) and is removed only once its kubelet
+(tests/support/fake_kubelet.py) has stopped the container; a pod that is not running, or a grace of 0 (a
+force delete), is removed at once, its deletionTimestamp in the DELETED event. A lost node is played step by
+step (`lose_node`, `mark_not_ready`, `evict_from_lost_node`), the times the test's to choose.
+
+Requests over HTTP may be held to a bearer token (401) and to the rules of a Role (403, as RBAC: the tests
+use the shipped one), and `rbac_ready = False` forbids everything, as a restarting API server does at first.
+
+Not modelled: the Job controller's pod finalizer (a deleted pod goes without waiting for it), a scheduler
+(a pod has no PodScheduled condition until the kubelet starts it; a test writes Unschedulable), QoS classes,
+garbage collection in the background (it runs inline), Foreground propagation (treated as Background),
+set-based selectors, resourceVersion "0" semantics beyond "from the start"."""
 
 from __future__ import annotations
 
@@ -33,11 +50,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import yaml
+
 KINDS = {"pods": ("v1", "Pod"), "services": ("v1", "Service"), "secrets": ("v1", "Secret"),
-         "jobs": ("batch/v1", "Job")}
-_PATH = re.compile(r"^/(?:api/v1|apis/batch/v1)/namespaces/([^/]+)/(pods|services|secrets|jobs)"
-                   r"(?:/([^/]+))?(?:/(status|log))?$")
+         "events": ("v1", "Event"), "jobs": ("batch/v1", "Job")}
+_PATH = re.compile(r"^/(?:api/v1|apis/batch/v1)/namespaces/([^/]+)/(pods|services|secrets|events|jobs)"
+                   r"(?:/([^/]+))?(?:/(status|log|eviction))?$")
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+SHIPPED_ROLE = Path(__file__).parents[2] / "k8s" / "deploy" / "role.yaml"
+
+
+def shipped_role() -> dict[str, Any]:
+    """The Role the control plane runs under on a cluster (k8s/deploy/role.yaml)."""
+    return yaml.safe_load(SHIPPED_ROLE.read_text())
 
 
 class ApiError(Exception):
@@ -48,6 +73,25 @@ class ApiError(Exception):
     def status(self) -> dict[str, Any]:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": self.message, "reason": self.reason, "code": self.code}
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+
+
+def _intervals(indexes: list[int]) -> str:
+    """Sorted indexes as a Job's status writes them: "0-2,5"."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def now_iso() -> str:
@@ -66,6 +110,20 @@ def matches(obj: dict[str, Any], selector: str | None) -> bool:
     return True
 
 
+def field_matches(obj: dict[str, Any], selector: str | None) -> bool:
+    """Equality field selectors ("involvedObject.uid=x,reason=FailedCreate"), as events are listed."""
+    for term in (selector or "").split(","):
+        if not term:
+            continue
+        path, _, value = term.partition("=")
+        found: Any = obj
+        for part in path.strip().split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if str(found) != value.strip():
+            return False
+    return True
+
+
 def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
     """RFC 7386 JSON merge patch (the client sends dict patches; maps merge, lists are replaced)."""
     for key, value in patch.items():
@@ -78,7 +136,12 @@ def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
 
 
 class FakeKube:
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None, role: dict[str, Any] | None = None) -> None:
+        # Authentication and authorization of requests over HTTP (the kubelet and tests call in directly): a
+        # bearer token (401 without it), and the rules of a Role (403 for what it does not grant, as RBAC).
+        self.token = token
+        self.role = role
+        self.rbac_ready = True  # False: every request is forbidden, as a restarting API server's are at first
         self.changed = threading.Condition()
         self.version = 0
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {kind: {} for kind in KINDS}
@@ -92,6 +155,16 @@ class FakeKube:
         self._stopped = False
         self._epoch = 0  # bumped by expire_watches(): open watches end
         self.gone_sent = 0  # ERROR 410 events sent
+        # Admission: the PriorityClasses that exist (a pod naming another is refused) and the most pods the
+        # namespace's ResourceQuota allows (None: no quota). The Job controller reports a refusal as a
+        # FailedCreate event on the Job and creates no pod.
+        self.priority_classes: set[str] = {"system-cluster-critical", "system-node-critical"}
+        self.pod_quota: int | None = None
+        # Pods whose node is gone: their logs, which the API server proxies from the kubelet, answer 500.
+        self.unreachable_pods: set[tuple[str, str]] = set()
+        self.events_kept = True  # False: events are gone at once (a cluster keeps them an hour, --event-ttl)
+        self.bookmark_seconds = 0.5  # how often an idle watch that asked for bookmarks gets one
+        self.bookmarks_sent = 0
 
     # -- serving -------------------------------------------------------------------------------------------
 
@@ -170,10 +243,11 @@ class FakeKube:
                 raise ApiError(404, "NotFound", f'{kind} "{name}" not found')
             return copy.deepcopy(obj)
 
-    def list(self, kind: str, namespace: str, selector: str | None = None) -> dict[str, Any]:
+    def list(self, kind: str, namespace: str, selector: str | None = None,
+             fields: str | None = None) -> dict[str, Any]:
         with self.changed:
             items = [copy.deepcopy(o) for (ns, _), o in sorted(self.objects[kind].items())
-                     if ns == namespace and matches(o, selector)]
+                     if ns == namespace and matches(o, selector) and field_matches(o, fields)]
             return {"apiVersion": KINDS[kind][0], "kind": KINDS[kind][1] + "List",
                     "metadata": {"resourceVersion": str(self.version)}, "items": items}
 
@@ -199,15 +273,33 @@ class FakeKube:
                 grace = obj["spec"].get("terminationGracePeriodSeconds", 30) if grace is None else grace
                 if grace > 0:  # the kubelet stops the container, then removes the pod (delete with grace 0)
                     meta = obj["metadata"]
-                    if "deletionTimestamp" not in meta:
-                        meta["deletionTimestamp"] = (datetime.now(UTC) + timedelta(seconds=grace)) \
-                            .strftime("%Y-%m-%dT%H:%M:%SZ")
+                    ends = datetime.now(UTC) + timedelta(seconds=grace)
+                    # A later delete may shorten the grace, never lengthen it.
+                    if "deletionTimestamp" not in meta or ends < _parse(meta["deletionTimestamp"]):
+                        meta["deletionTimestamp"] = ends.strftime("%Y-%m-%dT%H:%M:%SZ")
                         meta["deletionGracePeriodSeconds"] = grace
                         self._record(kind, "MODIFIED", obj)
                     return copy.deepcopy(obj)
+            # Removed at once (grace 0 is a force delete: the pod goes whether or not its container stopped).
+            meta = obj["metadata"]
+            meta.setdefault("deletionTimestamp", now_iso())
+            meta["deletionGracePeriodSeconds"] = 0
             self._remove(kind, namespace, name, orphan=propagation == "Orphan")
             self._run_controllers()
             return {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}
+
+    def evict(self, namespace: str, name: str) -> dict[str, Any]:
+        """The Eviction API: the pod gets the DisruptionTarget condition, then a graceful delete."""
+        with self.changed:
+            pod = self.objects["pods"].get((namespace, name))
+            if pod is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found')
+            pod["status"].setdefault("conditions", []).append({
+                "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting", "lastTransitionTime": now_iso()})
+            self._record("pods", "MODIFIED", pod)
+            self.delete("pods", namespace, name)
+            return {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}
 
     def _remove(self, kind: str, namespace: str, name: str, orphan: bool = False) -> None:
         obj = self.objects[kind].pop((namespace, name))
@@ -225,7 +317,8 @@ class FakeKube:
                         self._remove(dependent_kind, ns, dependent)
 
     def watch_events(self, kind: str, namespace: str, selector: str | None, since: int):
-        """(rv, type, object) after `since`, for as long as the caller iterates; ApiError(410) if too old."""
+        """(rv, type, object) after `since`, for as long as the caller iterates, and (rv, None, None) when
+        nothing came for a while (every event up to rv has been given); ApiError(410) if too old."""
         last, epoch = since, self._epoch
         while not self._stopped and epoch == self._epoch:
             with self.changed:
@@ -241,7 +334,42 @@ class FakeKube:
             last = max(last, newest) if not batch else batch[-1][0]
             yield from batch
             if not batch:
-                yield None  # a tick: lets the caller check its deadline
+                yield last, None, None  # a tick: lets the caller check its deadline (and send a bookmark)
+
+    # -- admission and events ----------------------------------------------------------------------------------
+
+    def _admit_pod(self, namespace: str, pod: dict[str, Any]) -> None:
+        """What admission refuses (ApiError 403 with the API server's message), as a real server would."""
+        name = pod["metadata"]["name"]
+        wanted = pod["spec"].get("priorityClassName")
+        if wanted and wanted not in self.priority_classes:
+            raise ApiError(403, "Forbidden",
+                           f'pods "{name}" is forbidden: no PriorityClass with name {wanted} was found')
+        if self.pod_quota is not None:
+            used = sum(1 for (ns, _), p in self.objects["pods"].items() if ns == namespace)
+            if used >= self.pod_quota:
+                raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: exceeded quota: pods, requested: '
+                                                 f"pods=1, used: pods={used}, limited: pods={self.pod_quota}")
+
+    def _event(self, namespace: str, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """An Event about an object (one per object and reason, its count bumped when it repeats)."""
+        if not self.events_kept:
+            return
+        meta = involved["metadata"]
+        name = f"{meta['name']}.{reason.lower()}"
+        event = self.objects["events"].get((namespace, name))
+        if event is not None:
+            event.update(count=event["count"] + 1, lastTimestamp=now_iso(), message=message)
+            self._record("events", "MODIFIED", event)
+            return
+        event = {"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason, "message": message,
+                 "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                              "creationTimestamp": now_iso()},
+                 "involvedObject": {"kind": kind, "name": meta["name"], "namespace": namespace, "uid": meta["uid"]},
+                 "count": 1, "firstTimestamp": now_iso(), "lastTimestamp": now_iso(),
+                 "source": {"component": "job-controller"}}
+        self.objects["events"][(namespace, name)] = event
+        self._record("events", "ADDED", event)
 
     # -- the Job controller ----------------------------------------------------------------------------------
 
@@ -250,46 +378,83 @@ class FakeKube:
             self._sync_job(namespace, name, job)
 
     def _sync_job(self, namespace: str, name: str, job: dict[str, Any]) -> None:
+        """As the Job controller (1.31+) does for an Indexed Job: `Suspended` while suspended (`JobResumed` once
+        resumed); one pod per index; counts of active, ready, terminating, succeeded and failed pods (a deleted
+        pod counts as failed) and the completed indexes; past the backoff limit `FailureTarget`, its running
+        pods deleted, and `Failed` once none is left; `SuccessCriteriaMet`, then `Complete`."""
         spec, status = job["spec"], job["status"]
-        if any(c["type"] in ("Complete", "Failed") for c in status.get("conditions", [])):
+        conditions = status.setdefault("conditions", [])
+        if any(c["type"] in ("Complete", "Failed") for c in conditions):
             return
         uid = job["metadata"]["uid"]
         created = self._created.setdefault(uid, set())
+        suspended = _condition(job, "Suspended")
         if spec.get("suspend"):
+            if suspended is None or suspended["status"] != "True":
+                self._set_condition(job, "Suspended", "True", "JobSuspended", "Job suspended")
+                self._record("jobs", "MODIFIED", job)
             return
         changed = False
+        if suspended is not None and suspended["status"] == "True":
+            self._set_condition(job, "Suspended", "False", "JobResumed", "Job resumed")
+            changed = True
         if "startTime" not in status:
             status["startTime"] = now_iso()
             changed = True
+        failing = _condition(job, "FailureTarget") is not None
         for index in range(spec["completions"]):
-            if index not in created:
-                created.add(index)
-                self._create_pod(namespace, name, job, index)
-                changed = True
+            if index not in created and not failing:
+                try:
+                    self._create_pod(namespace, name, job, index)
+                    created.add(index)
+                    changed = True
+                except ApiError as exc:  # refused at admission: reported on the Job, tried again later
+                    self._event(namespace, job, "Job", "FailedCreate", f"Error creating: {exc.message}")
         pods = {int(p["metadata"]["annotations"][INDEX_KEY]): p for (ns, _), p in self.objects["pods"].items()
                 if ns == namespace and p["metadata"].get("ownerReferences", [{}])[0].get("uid") == uid}
-        succeeded = sum(1 for p in pods.values() if p["status"].get("phase") == "Succeeded")
-        failed = sum(1 for p in pods.values() if p["status"].get("phase") == "Failed") + \
+        phase = {i: p["status"].get("phase") for i, p in pods.items()}
+        terminating = {i for i, p in pods.items() if "deletionTimestamp" in p["metadata"]
+                       and phase[i] in ("Pending", "Running")}
+        succeeded = sorted(i for i in pods if phase[i] == "Succeeded")
+        failed = sum(1 for i in pods if phase[i] == "Failed" or i in terminating) + \
             sum(1 for i in created if i not in pods)  # a pod that vanished before it ended counts as failed
-        active = sum(1 for p in pods.values() if p["status"].get("phase") in ("Pending", "Running"))
-        if (status.get("active"), status.get("succeeded"), status.get("failed")) != (active, succeeded, failed):
-            status.update(active=active, succeeded=succeeded, failed=failed)
+        counts = {"active": sum(1 for i in pods if phase[i] in ("Pending", "Running") and i not in terminating),
+                  "ready": sum(1 for p in pods.values() if (_condition(p, "Ready") or {}).get("status") == "True"),
+                  "terminating": len(terminating), "succeeded": len(succeeded), "failed": failed,
+                  "completedIndexes": _intervals(succeeded)}
+        if any(status.get(k) != v for k, v in counts.items()):
+            status.update(counts)
             changed = True
-        if failed > spec.get("backoffLimit", 6):
-            status["conditions"] = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                                     "message": "Job has reached the specified backoff limit",
-                                     "lastTransitionTime": now_iso()}]
+        if not failing and failed > spec.get("backoffLimit", 6):
+            self._set_condition(job, "FailureTarget", "True", "BackoffLimitExceeded",
+                                "Job has reached the specified backoff limit")
             self._record("jobs", "MODIFIED", job)
-            for index, pod in pods.items():  # a failed Job's running pods are terminated
+            for pod in pods.values():  # a failing Job's running pods are terminated
                 if pod["status"].get("phase") in ("Pending", "Running"):
                     self.delete("pods", namespace, pod["metadata"]["name"])
             return
-        if succeeded == spec["completions"]:
-            status["conditions"] = [{"type": "Complete", "status": "True", "lastTransitionTime": now_iso()}]
+        if failing and not counts["active"] and not counts["terminating"]:
+            self._set_condition(job, "Failed", "True", "BackoffLimitExceeded",
+                                "Job has reached the specified backoff limit")
+            changed = True
+        elif len(succeeded) == spec["completions"]:
+            self._set_condition(job, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number "
+                                "of succeeded pods")
+            self._set_condition(job, "Complete", "True", "CompletionsReached", "Reached expected number of "
+                                "succeeded pods")
             status["completionTime"] = now_iso()
             changed = True
         if changed:
             self._record("jobs", "MODIFIED", job)
+
+    @staticmethod
+    def _set_condition(obj: dict[str, Any], kind: str, state: str, reason: str, message: str) -> None:
+        conditions = obj["status"].setdefault("conditions", [])
+        old = _condition(obj, kind)
+        if old is not None:
+            conditions.remove(old)
+        conditions.append({"type": kind, "status": state, "reason": reason, "message": message,
+                           "lastProbeTime": now_iso(), "lastTransitionTime": now_iso()})
 
     def _create_pod(self, namespace: str, job_name: str, job: dict[str, Any], index: int) -> None:
         template = copy.deepcopy(job["spec"]["template"])
@@ -303,9 +468,15 @@ class FakeKube:
                                     "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
         spec = template["spec"]
         spec["hostname"] = f"{job_name}-{index}"  # with the template's subdomain: <job>-<index>.<subdomain>
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": {
-            "phase": "Pending",
-            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}]}}
+        # What the API server's defaults and admission add to every pod.
+        spec.setdefault("serviceAccountName", "default")
+        spec.setdefault("tolerations", []).extend([
+            {"key": f"node.kubernetes.io/{taint}", "operator": "Exists", "effect": "NoExecute",
+             "tolerationSeconds": 300} for taint in ("not-ready", "unreachable")])
+        self._admit_pod(namespace, {"metadata": meta, "spec": spec})
+        # No PodScheduled condition until a node takes it (the simulated kubelet sets it when it starts the
+        # pod; a test writes Unschedulable, as a scheduler would).
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": {"phase": "Pending"}}
         self.objects["pods"][(namespace, meta["name"])] = pod
         self._record("pods", "ADDED", pod)
 
@@ -316,6 +487,36 @@ class FakeKube:
 
     def set_pod_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return self.patch("pods", namespace, name, {"status": status})
+
+    def lose_node(self, namespace: str, name: str) -> None:
+        """The pod's node stops answering. What the control plane then does, in the order a cluster does it
+        (the times are the test's to choose; a cluster waits the node monitor's grace, then the pods'
+        not-ready/unreachable toleration, 300 s by default):
+        at once: the pod's logs answer 500 (the API server cannot reach the kubelet); `mark_not_ready`: the
+        node lifecycle controller turns its Ready condition False; `evict_from_lost_node`: the taint manager
+        deletes it with DisruptionTarget, a deletion that never completes (no kubelet confirms it)."""
+        self.unreachable_pods.add((namespace, name))
+
+    def mark_not_ready(self, namespace: str, name: str) -> None:
+        with self.changed:
+            pod = self.objects["pods"][(namespace, name)]
+            conditions = pod["status"].setdefault("conditions", [])
+            ready = _condition(pod, "Ready")
+            if ready is None:
+                ready = {"type": "Ready"}
+                conditions.append(ready)
+            ready.update(status="False", lastTransitionTime=now_iso())
+            ready.pop("reason", None)
+            self._record("pods", "MODIFIED", pod)
+
+    def evict_from_lost_node(self, namespace: str, name: str) -> None:
+        with self.changed:
+            pod = self.objects["pods"][(namespace, name)]
+            pod["status"].setdefault("conditions", []).append({
+                "type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+                "message": "Taint manager: deleting due to NoExecute taint", "lastTransitionTime": now_iso()})
+            self._record("pods", "MODIFIED", pod)
+            self.delete("pods", namespace, name)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -361,14 +562,20 @@ class _Handler(BaseHTTPRequestHandler):
             if not match:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource {url.path}")
             namespace, kind, name, sub = match.groups()
+            self._authorize(method, namespace, kind, name, sub, query)
             if method == "GET" and sub == "log":
+                if (namespace, name) in self.kube.unreachable_pods:
+                    raise ApiError(500, "InternalError", f'Get "https://10.0.3.7:10250/containerLogs/{namespace}/'
+                                   f'{name}/trainer": dial tcp 10.0.3.7:10250: connect: no route to host')
                 self._log(namespace, name, query.get("follow") == "true")
+            elif method == "POST" and sub == "eviction":
+                self._send(201, self.kube.evict(namespace, name))
             elif method == "GET" and name:
                 self._send(200, self.kube.get(kind, namespace, name))
             elif method == "GET" and query.get("watch") in ("true", "1"):
                 self._watch(kind, namespace, query)
             elif method == "GET":
-                self._send(200, self.kube.list(kind, namespace, query.get("labelSelector")))
+                self._send(200, self.kube.list(kind, namespace, query.get("labelSelector"), query.get("fieldSelector")))
             elif method == "POST" and not name:
                 self._send(201, self.kube.create(kind, namespace, self._body()))
             elif method == "PATCH" and name:
@@ -384,16 +591,50 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._send(exc.code, exc.status())
 
+    def _authorize(self, method: str, namespace: str, kind: str, name: str | None, sub: str | None,
+                   query: dict[str, str]) -> None:
+        kube = self.kube
+        if kube.token is not None and self.headers.get("Authorization") != f"Bearer {kube.token}":
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        if kube.role is None and kube.rbac_ready:
+            return
+        group = KINDS[kind][0].rpartition("/")[0]
+        resource = kind + (f"/{sub}" if sub in ("log", "eviction") else "")
+        if method == "GET":
+            verb = "get" if name else ("watch" if query.get("watch") in ("true", "True", "1") else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
+        if sub == "status":
+            resource = f"{kind}/status"
+        granted = kube.rbac_ready and any(
+            group in rule.get("apiGroups", []) and resource in rule.get("resources", []) and
+            verb in rule.get("verbs", []) for rule in (kube.role or {}).get("rules", []))
+        if not granted:
+            raise ApiError(403, "Forbidden", f'{resource} is forbidden: User "system:serviceaccount:{namespace}:'
+                           f'roundhouse" cannot {verb} resource "{resource}" in API group "{group}" in the '
+                           f'namespace "{namespace}"')
+
     def _watch(self, kind: str, namespace: str, query: dict[str, str]) -> None:
         since = int(query.get("resourceVersion") or 0)
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        bookmarks = query.get("allowWatchBookmarks") in ("true", "True", "1")
+        last_sent = time.monotonic()
         self._start_stream("application/json")
         try:
             try:
                 for event in self.kube.watch_events(kind, namespace, query.get("labelSelector"), since):
-                    if event is not None:
-                        _, event_type, obj = event
+                    version, event_type, obj = event
+                    if event_type is not None:
                         self._chunk(json.dumps({"type": event_type, "object": obj}).encode() + b"\n")
+                        last_sent = time.monotonic()
+                    elif bookmarks and time.monotonic() - last_sent >= self.kube.bookmark_seconds:
+                        # Where the watch has got to, though nothing it selects changed: resume from here.
+                        bookmark = {"kind": KINDS[kind][1], "apiVersion": KINDS[kind][0],
+                                    "metadata": {"resourceVersion": str(version),
+                                                 "annotations": {"k8s.io/initial-events-end": "false"}}}
+                        self._chunk(json.dumps({"type": "BOOKMARK", "object": bookmark}).encode() + b"\n")
+                        self.kube.bookmarks_sent += 1
+                        last_sent = time.monotonic()
                     if time.monotonic() > deadline:
                         break
             except ApiError as exc:  # what a real server sends for an expired version: an ERROR event, code 410

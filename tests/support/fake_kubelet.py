@@ -11,13 +11,16 @@ Where a node would differ from one machine, it plays the part:
 - cluster DNS: MASTER_ADDR `<host>.<service>` of a headless Service resolves to 127.0.0.1, and MASTER_PORT
   (fixed in the manifests, as every pod has its own IP) becomes a free port chosen per Service;
 - volumes: a mountPath in an environment value is rewritten to a local directory, per claim for a
-  PersistentVolumeClaim (shared by every pod, as ReadWriteMany storage) and per pod for an emptyDir."""
+  PersistentVolumeClaim (shared by every pod, as ReadWriteMany storage) and per pod for an emptyDir;
+- readOnlyRootFilesystem: the image's directories named in `image_read_only` (DeepSpeed's prebuilt ops) are
+  read-only to the container (a read-only bind mount in its own mount namespace, where this runs as root)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -38,16 +41,22 @@ class _Container:
     process: subprocess.Popen
     log: Any
     kill_at: float | None = None  # SIGKILL once past this (after SIGTERM on deletion)
+    grace: float | None = None  # the deletion's grace when SIGTERM was sent
 
 
 class FakeKubelet:
     def __init__(self, kube: FakeKube, namespace: str, workdir: Path, claims: dict[str, Path],
-                 image_env: dict[str, str]):
+                 image_env: dict[str, str], image_read_only: tuple[Path, ...] = ()):
         self.kube = kube
         self.namespace = namespace
         self.workdir = workdir
         self.claims = claims  # PersistentVolumeClaim name -> local directory
         self.image_env = image_env  # the environment the image gives every container
+        # What the image's root filesystem holds that a container with readOnlyRootFilesystem cannot write:
+        # mounted read-only in the container's own mount namespace (as root, where mount namespaces are
+        # allowed; elsewhere it stays writable and `read_only_enforced` says so).
+        self.image_read_only = image_read_only
+        self.read_only_enforced = bool(image_read_only) and _can_mount_read_only()
         self.containers: dict[str, _Container] = {}  # pod name -> its process
         self.ports: dict[str, int] = {}  # Service name -> the rendezvous port its pods use here
         self._stopping = threading.Event()
@@ -89,9 +98,13 @@ class FakeKubelet:
                 continue
             code = container.process.poll()
             if deleting and code is None:
+                grace = pod["metadata"].get("deletionGracePeriodSeconds", 30)
                 if container.kill_at is None:
                     _signal(container.process, signal.SIGTERM)
-                    container.kill_at = time.monotonic() + pod["metadata"].get("deletionGracePeriodSeconds", 30)
+                    container.kill_at, container.grace = time.monotonic() + grace, grace
+                elif grace < container.grace:  # a later delete shortened the grace
+                    container.kill_at = min(container.kill_at, time.monotonic() + grace)
+                    container.grace = grace
                 elif time.monotonic() > container.kill_at:
                     _signal(container.process, signal.SIGKILL)
                 continue
@@ -138,6 +151,8 @@ class FakeKubelet:
             for mount_path, local in mounts.items():
                 if value == mount_path or value.startswith(mount_path + "/"):
                     env[key] = str(local) + value[len(mount_path):]
+        if "/tmp" in mounts and "TMPDIR" not in env:  # the container's /tmp is its volume, not this host's
+            env["TMPDIR"] = str(mounts["/tmp"])
         service = spec.get("subdomain")
         if service and env.get("MASTER_ADDR", "").endswith(f".{service}"):
             env["MASTER_ADDR"] = "127.0.0.1"  # cluster DNS: every pod is on this machine
@@ -145,6 +160,8 @@ class FakeKubelet:
         log_path = pod_dir / "container.log"
         log = open(log_path, "ab")
         argv = [_expand(arg, env) for arg in [*container.get("command", []), *container.get("args", [])]]
+        if (container.get("securityContext") or {}).get("readOnlyRootFilesystem") and self.read_only_enforced:
+            argv = _with_read_only(self.image_read_only, argv)
         process = subprocess.Popen(argv,
                                    env={**self.image_env, **env}, cwd=pod_dir, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
@@ -185,6 +202,22 @@ class FakeKubelet:
         except ApiError:
             raise KeyError(f"secret {ref['name']}") from None
         return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+
+def _can_mount_read_only() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                          capture_output=True).returncode == 0
+
+
+def _with_read_only(paths: tuple[Path, ...], argv: list[str]) -> list[str]:
+    """`argv` run in its own mount namespace where each of `paths` is a read-only bind of itself (writes fail
+    with EROFS, as on a read-only root filesystem); the same process, so its pid and group stay the kubelet's."""
+    script = "".join(f'mount --bind "${i}" "${i}" && mount -o remount,bind,ro "${i}" && '
+                     for i in range(1, len(paths) + 1))
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'{script}shift {len(paths)} && exec "$@"', "sh", *map(str, paths), *argv]
 
 
 def _container_status(pod: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
