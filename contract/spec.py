@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from contract.errors import FieldViolation, SpecError
 from contract.layout import MAX_RANKS, Layout, layout_violations
+from contract.sizing import (OFFLOAD_STATE_BYTES, approximate_parameters, fit_at, offload_mode_for,
+                             parse_quantity, pinned_host_bytes, weight_bytes_of)
 from roundhouse.v1 import job_pb2
 
 # RFC 1123 label: the name must also be usable for Kubernetes objects (Jobs, Services, pods).
@@ -108,11 +110,6 @@ DEFAULT_SUBGROUP_SIZE = 10_000_000  # offload.subgroups.DEFAULT_SUBGROUP_SIZE (t
 MAX_SUBGROUP_SIZE = 1 << 34
 MAX_CPU_THREADS = 4096
 _PROFILE_NAME = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"  # a name, never a path
-# Pinned host memory per parameter a rank's share of the state takes with offload (offload.plan): fp32
-# master, two moments and the fp32 gradient (16 bytes), plus the weights' own copy for the refresh; and the
-# checkpointer's snapshot buffers, kept from save to save (fp32 master and two moments).
-OFFLOAD_STATE_BYTES = 16
-SNAPSHOT_BYTES = 12
 
 
 class OffloadSpec(_Section):
@@ -158,6 +155,10 @@ class ResourcesSpec(_Section):
     cpu: str | None = Field(None, pattern=_QUANTITY)
     memory: str | None = Field(None, pattern=_QUANTITY)
     gpus: int = Field(0, ge=0, le=64)  # nvidia.com/gpu
+    # Per rank, the accelerator memory its share of the model may use. With it the planner sizes each layout
+    # (contract.sizing): a layout where the model does not fit even with its optimizer state offloaded is never
+    # chosen, and one where it fits only offloaded runs with training.offload.mode interleaved.
+    accelerator_memory: str | None = Field(None, pattern=_QUANTITY)
 
 
 class Toleration(_Section):
@@ -339,6 +340,8 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         out.append(FieldViolation("resources.min_ranks",
                                   f"{spec.resources.min_ranks} exceeds the job's {p.world_size} ranks (tp*pp*dp)"))
     out += _offload_violations(t.offload)
+    if spec.resources.accelerator_memory is not None:
+        out += _accelerator_memory_violations(spec)
     if t.warmup_steps > t.steps:
         out.append(FieldViolation("training.warmup_steps", f"{t.warmup_steps} exceeds training.steps={t.steps}"))
     for key, value in spec.labels.items():
@@ -358,6 +361,18 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         if problem:
             out.append(FieldViolation(f"env.{key}", problem))
     return out
+
+
+def _accelerator_memory_violations(spec: JobSpec) -> list[FieldViolation]:
+    """The job's own layout must fit its declared accelerator memory at least with the optimizer state offloaded
+    (the planner then offloads it if it must; contract.sizing)."""
+    memory = spec.resources.accelerator_memory
+    if offload_mode_at(spec, spec.parallelism.layout) is None:
+        fit = fit_at(spec.model, spec.training, spec.parallelism.layout, memory)
+        return [FieldViolation("resources.accelerator_memory", (
+            f"{memory} per rank cannot hold the model even with its optimizer state offloaded: {fit.describe()}; "
+            "split the model over more ranks (parallelism.tp or pp) or use a smaller micro_batch_size"))]
+    return []
 
 
 def env_name_problem(name: str) -> str | None:
@@ -433,43 +448,28 @@ def _offload_violations(o: OffloadSpec) -> list[FieldViolation]:
     return out
 
 
-def approximate_parameters(m: ModelSpec) -> int:
-    """About how many parameters the model has (its matrices and embeddings; the exact count is the parameter
-    table's, rank-side): enough to size memory."""
-    ffn = 4 * m.hidden_size if m.mlp == "gelu" else -(-8 * m.hidden_size // (3 * m.heads)) * m.heads
-    mlp_matrices = 2 if m.mlp == "gelu" else 3
-    per_layer = 4 * m.hidden_size ** 2 + mlp_matrices * ffn * m.hidden_size
-    positions = m.seq_length * m.hidden_size if m.positions == "learned" else 0
-    return 2 * m.vocab_size * m.hidden_size + positions + m.layers * per_layer
-
-
-def parse_quantity(text: str) -> float:
-    """A Kubernetes quantity ("16Gi", "500M", "1.5G", "250m") as a number."""
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", text)
-    if not match:
-        raise ValueError(f"not a quantity: {text!r}")
-    number, suffix = float(match[1]), match[2] or ""
-    if suffix == "m":
-        return number / 1000
-    if suffix.endswith("i"):
-        return number * 1024 ** ("KMGTPE".index(suffix[0]) + 1)
-    return number * 1000 ** ("kMGTPE".index(suffix) + 1) if suffix else number
+def offload_mode_at(spec: JobSpec, layout: Layout) -> str | None:
+    """The offload mode the spec's ranks run at `layout`: training.offload.mode, except that where the declared
+    resources.accelerator_memory holds the model only with its optimizer state offloaded, `none` becomes
+    `interleaved`. None: the declared memory holds the model at `layout` neither way."""
+    memory = spec.resources.accelerator_memory
+    if memory is None:
+        return spec.training.offload.mode
+    return offload_mode_for(spec.training.offload.mode, fit_at(spec.model, spec.training, layout, memory))
 
 
 def offload_host_bytes(spec: JobSpec) -> int:
     """About how much host memory a rank pins with offload on: its 1/dp share of the optimizer state of its
     1/(tp*pp) of the model, plus the checkpointer's snapshot buffers of it."""
-    p = spec.parallelism
-    weight_bytes = 2 if spec.training.precision == "bf16" else 4
-    per_rank = approximate_parameters(spec.model) / (p.tp * p.pp) / p.dp
-    return int(per_rank * (OFFLOAD_STATE_BYTES + weight_bytes + SNAPSHOT_BYTES))
+    return pinned_host_bytes(approximate_parameters(spec.model), spec.parallelism.layout,
+                             weight_bytes_of(spec.training.precision), snapshot=True)
 
 
 def spec_warnings(spec: JobSpec) -> list[FieldViolation]:
     """What a valid spec may get wrong without being refused: each a field and why it may fail at run time."""
     out = []
     memory = spec.resources.memory
-    if spec.training.offload.mode != "none" and memory is not None:
+    if memory is not None and offload_mode_at(spec, spec.parallelism.layout) != "none":
         needed, limit = offload_host_bytes(spec), parse_quantity(memory)
         if needed > limit:
             out.append(FieldViolation("resources.memory", (

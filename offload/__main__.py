@@ -29,9 +29,10 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-def sizing_from_spec(path: str) -> tuple[dict, str | None]:
+def sizing_from_spec(path: str):
     """What `plan` needs from a job spec file: the exact parameter count (the trainer's parameter table), the
-    layout, the weights' bytes and the subgroup size; and its training.offload.profile."""
+    layout, the weights' bytes and the subgroup size; and the spec itself (its training.offload.profile,
+    resources.accelerator_memory and what the activations are estimated from)."""
     from contract.errors import SpecError
     from contract.spec import load_spec_file
     from trainers.model import GPTConfig, parameter_table
@@ -45,7 +46,7 @@ def sizing_from_spec(path: str) -> tuple[dict, str | None]:
     p, t = spec.parallelism, spec.training
     return ({"params": params, "dp": p.dp, "tp": p.tp, "pp": p.pp,
              "weight_bytes": 2 if t.precision == "bf16" else 4, "subgroup_size": t.offload.subgroup_size},
-            t.offload.profile)
+            spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=parse_count, help="default 1, or the spec's")
     p.add_argument("--weight-bytes", type=int, choices=(2, 4),
                    help="2 for bf16/fp16, 4 for fp32 (default 2, or the spec's training.precision)")
-    p.add_argument("--activation-gib", type=float, default=0.0, help="activation memory per rank, GiB")
-    p.add_argument("--device-memory-gib", type=float, help="device memory (default: the profile's)")
+    p.add_argument("--activation-gib", type=float,
+                   help="activation memory per rank, GiB (default 0, or estimated from the spec)")
+    p.add_argument("--device-memory-gib", type=float,
+                   help="device memory (default: the spec's resources.accelerator_memory, else the profile's)")
     p.add_argument("--subgroup-size", type=parse_count,
                    help=f"default {DEFAULT_SUBGROUP_SIZE:,}, or the spec's training.offload.subgroup_size")
 
@@ -96,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     from offload.plan import GiB, plan
     sizing = {"params": args.params, "dp": 1, "tp": 1, "pp": 1, "weight_bytes": 2,
               "subgroup_size": DEFAULT_SUBGROUP_SIZE}
+    spec = None
     if args.spec:
         try:
-            sizing, spec_profile = sizing_from_spec(args.spec)
+            sizing, spec = sizing_from_spec(args.spec)
         except (OSError, ValueError) as e:
             parser.error(f"--spec: {e}")
+        spec_profile = spec.training.offload.profile
         if not args.measure and not args.profile:
             if spec_profile is None:
                 parser.error("--spec: the spec names no training.offload.profile; give --profile NAME or --measure")
@@ -118,14 +123,29 @@ def main(argv: list[str] | None = None) -> int:
             profile = load_profile(args.profile)
         except ValueError as e:
             parser.error(f"--profile: {e}")
-    if args.activation_gib < 0:
+    if args.activation_gib is not None and args.activation_gib < 0:
         parser.error("--activation-gib must be >= 0")
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:
         parser.error("--device-memory-gib must be positive")
+    activation_bytes = 0 if args.activation_gib is None else int(args.activation_gib * GiB)
+    device_memory_bytes = None if args.device_memory_gib is None else int(args.device_memory_gib * GiB)
+    if spec is not None:
+        # The control plane's planner sizes a job the same way (contract.sizing): activations estimated from
+        # the spec, the device memory the spec declares.
+        from contract.layout import Layout
+        from contract.sizing import approximate_activation_bytes, parse_quantity
+        layout = Layout(sizing["tp"], sizing["pp"], sizing["dp"])
+        if args.activation_gib is None:
+            activation_bytes = approximate_activation_bytes(spec.model, spec.training, layout)
+            print(f"activations estimated from the spec at {layout}: {activation_bytes / GiB:.1f} GiB per rank "
+                  "(--activation-gib to give your own)")
+        if args.device_memory_gib is None and spec.resources.accelerator_memory is not None:
+            device_memory_bytes = int(parse_quantity(spec.resources.accelerator_memory))
+            print(f"device memory from the spec's resources.accelerator_memory: "
+                  f"{spec.resources.accelerator_memory} per rank")
     report = plan(sizing["params"], profile, dp=sizing["dp"], tp=sizing["tp"], pp=sizing["pp"],
-                  weight_bytes=sizing["weight_bytes"], activation_bytes=int(args.activation_gib * GiB),
-                  subgroup_size=sizing["subgroup_size"],
-                  device_memory_bytes=None if args.device_memory_gib is None else int(args.device_memory_gib * GiB))
+                  weight_bytes=sizing["weight_bytes"], activation_bytes=activation_bytes,
+                  subgroup_size=sizing["subgroup_size"], device_memory_bytes=device_memory_bytes)
     print(report.explain())
     return 0
 

@@ -1,24 +1,26 @@
 """The offload planner: for a model's parameter count at a layout, whether it fits on a device with and without
 offloading the optimizer state, which mode to use, and the predicted update times that explain the choice.
 
-Memory per rank (ZeRO-1; n = parameters / (tp * pp), the rank's model-parallel share):
+The memory arithmetic is the contract's (contract.sizing), shared with the control plane's planner, which asks
+it when it places or reshapes a job that declares resources.accelerator_memory. Per rank (ZeRO-1; n = parameters
+/ (tp * pp), the rank's model-parallel share):
   on the device, always:   weights and gradients in the training precision, 2 * n * weight_bytes
   without offload, also:    fp32 master, exp_avg, exp_avg_sq and the fp32 gradient partition, 16 * n / dp
   with offload, also:       the ring of K slots (interleaved), nothing (cpu)
   pinned on the host:       (16 + weight_bytes) * n / dp with offload (the ~18 bytes per parameter / dp for bf16)
-Activations depend on the batch and sequence: pass them (activation_bytes) or read the answer as "before
-activations". A share of the device (USABLE_FRACTION) is kept for the CUDA context, allocator fragmentation and
-communication buffers."""
+Activations depend on the batch and sequence: pass them (activation_bytes; `python -m offload plan --spec`
+estimates them from the spec) or read the answer as "before activations". A share of the device
+(USABLE_FRACTION) is kept for the CUDA context, allocator fragmentation and communication buffers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contract.layout import Layout
+from contract.sizing import GiB, USABLE_FRACTION, pinned_host_bytes, rank_memory, state_share, usable_bytes
 from offload.perf_model import Decision, MachineProfile, choose_placement
 from offload.subgroups import DEFAULT_SUBGROUP_SIZE, build_table
 
-USABLE_FRACTION = 0.9
-GiB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,12 @@ def plan(params: int, profile: MachineProfile, dp: int = 1, tp: int = 1, pp: int
     if activation_bytes < 0:
         raise ValueError(f"activation_bytes must be >= 0, got {activation_bytes!r}")
     memory = profile.device_memory_bytes if device_memory_bytes is None else device_memory_bytes
-    usable = int(memory * USABLE_FRACTION)
-    n = -(-params // (tp * pp))
-    shard = -(-n // dp)
-    always = 2 * n * weight_bytes + activation_bytes
-    no_offload = always + 16 * shard
-    with_offload = always
+    usable = usable_bytes(memory)
+    layout = Layout(tp, pp, dp)
+    need = rank_memory(params, layout, weight_bytes, activation_bytes)
+    no_offload, with_offload = need.without_offload, need.with_offload
     # The rank's flat partition as one group (ZeRO-1 has one per parameter group; the no-decay group is small).
-    table = build_table([[shard]], subgroup_size)
+    table = build_table([[state_share(params, layout)]], subgroup_size)
     decision = None
     if with_offload <= usable:
         decision = choose_placement(table, profile, free_bytes=usable - with_offload, weight_bytes=weight_bytes)
@@ -115,7 +115,8 @@ def plan(params: int, profile: MachineProfile, dp: int = 1, tp: int = 1, pp: int
     return PlanReport(params=params, tp=tp, pp=pp, dp=dp, weight_bytes=weight_bytes, profile=profile,
                       device_memory_bytes=memory, usable_bytes=usable, activation_bytes=activation_bytes,
                       device_bytes_no_offload=no_offload, device_bytes_offload=with_offload,
-                      host_pinned_bytes_offload=(16 + weight_bytes) * shard, fits_without_offload=fits_without,
+                      host_pinned_bytes_offload=pinned_host_bytes(params, layout, weight_bytes),
+                      fits_without_offload=fits_without,
                       fits_with_offload=fits_with, mode=mode, decision=decision)
 
 

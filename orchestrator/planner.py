@@ -2,7 +2,10 @@
 
 A job asks for `resources.ranks` (= tp*pp*dp of its spec) and accepts as few as `resources.min_ranks`.
 When fewer ranks than it asks for are available, the planner picks another valid layout and the job
-resumes from its newest checkpoint reshaped to it. Pure functions: no database, no launcher."""
+resumes from its newest checkpoint reshaped to it. A job that declares `resources.accelerator_memory` is also
+sized at each layout (contract.sizing): a layout where its model fits neither with nor without the optimizer
+state offloaded is never chosen, and at one where it fits only offloaded the ranks run with
+training.offload.mode interleaved (instead of none). Pure functions: no database, no launcher."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from dataclasses import dataclass
 
 from contract.layout import Layout, describe_rules, layout_violations
 from contract.layout import valid_layouts as _valid_layouts
-from contract.spec import JobSpec, ParallelismSpec
+from contract.sizing import fit_at
+from contract.spec import JobSpec, ParallelismSpec, offload_mode_at
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class LayoutPlan:
     pp: int
     dp: int
     reason: str  # why this layout, for the attempt's event
+    offload: str | None = None  # why the planner switched the optimizer-state offload on here (None: it did not)
 
     @property
     def world_size(self) -> int:
@@ -38,12 +43,13 @@ def plan_layout(spec: JobSpec, available: int | None) -> LayoutPlan:
     """The layout for the next attempt when `available` ranks can be started (None: no limit).
 
     With enough ranks, the spec's own layout. Otherwise the best valid layout with between
-    resources.min_ranks and `available` ranks: the most ranks; then the one that keeps the spec's tp, then
-    its pp (the least change to how the model is split); then the fewest pipeline stages (less bubble)."""
+    resources.min_ranks and `available` ranks where the model fits the declared accelerator memory (if any):
+    the most ranks; then the one that keeps the spec's tp, then its pp (the least change to how the model is
+    split); then the fewest pipeline stages (less bubble)."""
     p = spec.parallelism
     if available is None or available >= p.world_size:
         enough = "no limit on ranks" if available is None else f"{available} ranks available"
-        return LayoutPlan(p.tp, p.pp, p.dp, f"the job's own layout ({enough})")
+        return _plan(spec, (p.tp, p.pp, p.dp), f"the job's own layout ({enough})")
     min_ranks = _min_ranks(spec)
     if available < min_ranks:
         raise NoLayout(f"{available} of {p.world_size} ranks available; the job needs at least {min_ranks} "
@@ -52,8 +58,36 @@ def plan_layout(spec: JobSpec, available: int | None) -> LayoutPlan:
     if not candidates:
         raise NoLayout(f"{available} of {p.world_size} ranks available, and no valid layout has between "
                        f"{min_ranks} and {available} ranks ({_rules(spec)})")
-    tp, pp, dp = min(candidates, key=lambda layout: _preference(spec, layout))
-    return LayoutPlan(tp, pp, dp, _why(spec, (tp, pp, dp), available))
+    fitting = [layout for layout in candidates if offload_mode_at(spec, Layout(*layout)) is not None]
+    if not fitting:
+        preferred = min(candidates, key=lambda layout: _preference(spec, layout))
+        fit = fit_at(spec.model, spec.training, Layout(*preferred), spec.resources.accelerator_memory)
+        raise NoLayout(f"{available} of {p.world_size} ranks available, and at no valid layout of between "
+                       f"{min_ranks} and {available} ranks does the model fit resources.accelerator_memory="
+                       f"{spec.resources.accelerator_memory}, even with its optimizer state offloaded: "
+                       f"{fit.describe()}")
+    chosen = min(fitting, key=lambda layout: _preference(spec, layout))
+    why = _why(spec, chosen, available)
+    passed_over = sorted((layout for layout in candidates if layout not in fitting
+                          and _preference(spec, layout) < _preference(spec, chosen)),
+                         key=lambda layout: _preference(spec, layout))
+    if passed_over:
+        others = f" (and {len(passed_over) - 1} more)" if len(passed_over) > 1 else ""
+        why += (f"; passed over {Layout(*passed_over[0])}{others}: the model does not fit "
+                f"resources.accelerator_memory={spec.resources.accelerator_memory} there even with its optimizer "
+                "state offloaded")
+    return _plan(spec, chosen, why)
+
+
+def _plan(spec: JobSpec, layout: tuple[int, int, int], reason: str) -> LayoutPlan:
+    """The plan at `layout`, saying why when the planner offloads the optimizer state there."""
+    tp, pp, dp = layout
+    offload = None
+    if offload_mode_at(spec, Layout(tp, pp, dp)) != spec.training.offload.mode:
+        fit = fit_at(spec.model, spec.training, Layout(tp, pp, dp), spec.resources.accelerator_memory)
+        offload = (f"training.offload.mode interleaved: the model fits resources.accelerator_memory="
+                   f"{spec.resources.accelerator_memory} only with its optimizer state offloaded; {fit.describe()}")
+    return LayoutPlan(tp, pp, dp, reason, offload)
 
 
 def valid_layouts(spec: JobSpec) -> list[tuple[int, int, int]]:
@@ -66,15 +100,26 @@ def valid_layouts(spec: JobSpec) -> list[tuple[int, int, int]]:
 def spec_at_layout(spec: JobSpec, tp: int, pp: int, dp: int) -> JobSpec:
     """The spec an attempt's ranks run: the job's (already validated) spec at the attempt's layout, with
     resources.ranks its world size (the trainer checks that WORLD_SIZE equals tp*pp*dp of the spec it is
-    given). Only the layout changes, so only the layout rules are checked again: no dump and re-parse."""
+    given). Only the layout changes, and the offload mode where the declared accelerator memory holds the model
+    only offloaded (as `plan_layout` said), so only the layout and sizing rules are checked again: no dump and
+    re-parse."""
     layout = Layout(tp, pp, dp)
-    problems = layout_violations(layout, spec.model, spec.training)
+    problems = [str(p) for p in layout_violations(layout, spec.model, spec.training)]
+    offload_mode = offload_mode_at(spec, layout) if not problems else None
+    if not problems and offload_mode is None:
+        fit = fit_at(spec.model, spec.training, layout, spec.resources.accelerator_memory)
+        problems.append(f"resources.accelerator_memory: {spec.resources.accelerator_memory} per rank cannot hold "
+                        f"the model even with its optimizer state offloaded: {fit.describe()}")
     if problems:
-        raise ValueError(f"{spec.name} cannot run at {layout}: " + "; ".join(str(p) for p in problems))
+        raise ValueError(f"{spec.name} cannot run at {layout}: " + "; ".join(problems))
     world_size = layout.world_size
     resources = spec.resources.model_copy(update={"ranks": world_size,
                                                   "min_ranks": min(_min_ranks(spec), world_size)})
-    return spec.model_copy(update={"parallelism": ParallelismSpec(tp=tp, pp=pp, dp=dp), "resources": resources})
+    update = {"parallelism": ParallelismSpec(tp=tp, pp=pp, dp=dp), "resources": resources}
+    if offload_mode != spec.training.offload.mode:
+        offload = spec.training.offload.model_copy(update={"mode": offload_mode})
+        update["training"] = spec.training.model_copy(update={"offload": offload})
+    return spec.model_copy(update=update)
 
 
 def _min_ranks(spec: JobSpec) -> int:

@@ -249,6 +249,8 @@ class JobController:
             transition(session, current, JobState.LAUNCHING, "AttemptCreated", message, attempt=number)
             if reshaped:
                 record_event(session, current, "Planned", "Reshaped", plan.reason, attempt=number)
+            if plan.offload:
+                record_event(session, current, "Planned", "OptimizerStateOffloaded", plan.offload, attempt=number)
         if self._held is not None:
             self._held += plan.world_size
         return 0  # launch it now

@@ -236,11 +236,28 @@ def test_offload_plan_reads_a_spec(tmp_path):
     assert "machine: h200-pcie5" in result.stdout
     assert "layout tp=1 pp=1 dp=1; weights and gradients at 2 bytes" in result.stdout
     assert "decision: mode interleaved" in result.stdout
+    # As the control plane sizes it (contract.sizing): activations estimated from the spec.
+    assert "activations estimated from the spec at tp=1 pp=1 dp=1" in result.stdout
     # The spec names no profile: one must be given.
     plain = write_yaml_spec(tmp_path)
     result = subprocess.run([sys.executable, "-m", "offload", "plan", "--spec", str(plain)], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and "--profile NAME or --measure" in result.stderr
+
+
+def test_offload_plan_sizes_a_spec_in_its_declared_accelerator_memory(tmp_path):
+    path = tmp_path / "job.yaml"
+    big = {"layers": 32, "hidden_size": 4096, "heads": 32, "seq_length": 2048, "vocab_size": 50304}
+    path.write_text(json.dumps({"name": "big", "model": big, "parallelism": {"tp": 2, "pp": 2},
+                                "training": {"precision": "bf16", "micro_batch_size": 1},
+                                "resources": {"accelerator_memory": "32Gi"}}))
+    result = subprocess.run([sys.executable, "-m", "offload", "plan", "--spec", str(path), "--profile",
+                             "h200-pcie5"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "device memory from the spec's resources.accelerator_memory: 32Gi per rank" in result.stdout
+    assert "device memory 32.0 GiB, usable 28.8 GiB" in result.stdout
+    assert "no offload 37.8 GiB -> does NOT fit" in result.stdout  # what the planner says at (2,2,1) too
+    assert "decision: mode interleaved" in result.stdout
 
 
 def test_roundhouse_offload_plan_runs_the_planner_in_its_own_process(tmp_path, capfd):

@@ -248,6 +248,25 @@ def test_a_restart_with_fewer_ranks_reshapes_and_resumes_from_the_newest_checkpo
     assert (third.tp, third.pp, third.dp) == (2, 2, 2) and len(events(db, "Reshaped")) == 1
 
 
+def test_a_reshape_where_the_model_fits_only_offloaded_switches_offload_on_and_says_why(db, launcher, reconciler):
+    # About 6.9 B parameters in bf16: 32Gi per rank holds them at (2,2,2), at (2,2,1) only offloaded.
+    big = {"layers": 32, "hidden_size": 4096, "heads": 32, "seq_length": 2048, "vocab_size": 50304}
+    add_job(db, model=big, training={"precision": "bf16", "global_batch_size": 8, "micro_batch_size": 1},
+            resources={"min_ranks": 4, "accelerator_memory": "32Gi"}, restart_policy={"max_preemptions": 3})
+    run_attempt(reconciler, db)
+    assert launcher.launched[-1].spec.training.offload.mode == "none" and events(db, "OptimizerStateOffloaded") == []
+
+    launcher.max_ranks = 4
+    fail_current(reconciler, launcher, db, "Preempted", "rank 0 was preempted (exit code 4)")
+    run_attempt(reconciler, db)
+    second = launcher.launched[-1]
+    assert (second.tp, second.pp, second.dp) == (2, 2, 1)
+    assert second.spec.training.offload.mode == "interleaved"
+    [offloaded] = events(db, "OptimizerStateOffloaded")
+    assert offloaded.attempt == 2 and offloaded.type == "Planned"
+    assert "fits resources.accelerator_memory=32Gi only with its optimizer state offloaded" in offloaded.message
+
+
 def test_the_capacity_is_shared_by_jobs_a_second_job_gets_what_the_first_leaves(db, launcher, reconciler):
     launcher.max_ranks = 12
     add_job(db, "a")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
 from contract.layout import Layout, layout_violations
+from contract.sizing import USABLE_FRACTION, fit_at
 from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout, valid_layouts
-from contract.spec import parse_spec
+from contract.spec import offload_mode_at, parse_spec
 
 
 def spec_3d(**sections):
@@ -125,3 +127,72 @@ def test_every_layout_the_rules_refuse_is_missing_from_the_valid_ones():
         if tp * pp * dp <= spec.world_size:
             accepted = not layout_violations(Layout(tp, pp, dp), spec.model, spec.training)
             assert ((tp, pp, dp) in valid) == accepted, (tp, pp, dp)
+
+
+# -- sizing: a job that declares its accelerator memory (contract.sizing) -------------------------------------
+
+# About 6.9 B parameters in bf16, one sequence per micro-batch: 32Gi per rank holds it without offload at
+# (2,2,2), only with its optimizer state offloaded at (2,2,1) and (2,1,1), and neither way at (1,1,1).
+BIG = {"layers": 32, "hidden_size": 4096, "heads": 32, "seq_length": 2048, "vocab_size": 50304}
+
+
+def big_spec(accelerator_memory="32Gi", global_batch_size=8):
+    return parse_spec({"name": "big", "model": BIG, "parallelism": {"tp": 2, "pp": 2, "dp": 2},
+                       "training": {"precision": "bf16", "global_batch_size": global_batch_size,
+                                    "micro_batch_size": 1},
+                       "resources": {"min_ranks": 1, "accelerator_memory": accelerator_memory}})
+
+
+def offload_mode(spec) -> str:
+    return spec.training.offload.mode
+
+
+def test_where_the_model_fits_without_offload_nothing_changes():
+    spec = big_spec()
+    plan = plan_layout(spec, 8)
+    assert layout(plan) == (2, 2, 2) and plan.offload is None
+    assert offload_mode(spec_at_layout(spec, 2, 2, 2)) == "none"
+
+
+@pytest.mark.parametrize("available, expected", [(4, (2, 2, 1)), (2, (2, 1, 1))])
+def test_a_reshaped_layout_where_the_model_fits_only_offloaded_runs_interleaved(available, expected):
+    spec = big_spec()
+    plan = plan_layout(spec, available)
+    assert layout(plan) == expected
+    assert plan.offload.startswith("training.offload.mode interleaved: the model fits "
+                                   "resources.accelerator_memory=32Gi only with its optimizer state offloaded")
+    assert f"at tp={expected[0]} pp={expected[1]} dp={expected[2]} a rank needs about" in plan.offload
+    reshaped = spec_at_layout(spec, *expected)
+    assert offload_mode(reshaped) == "interleaved" and offload_mode(spec) == "none"
+    assert reshaped.training.offload.placement == "auto"  # the rest of training.offload as the job had it
+    # What the ranks get passes the spec's own validation (a rank checks it again).
+    assert parse_spec(reshaped.model_dump(mode="json")) == reshaped
+
+
+def test_a_layout_where_the_model_fits_neither_way_is_never_chosen():
+    spec = big_spec()
+    with pytest.raises(NoLayout) as info:
+        plan_layout(spec, 1)
+    assert "at no valid layout of between 1 and 1 ranks does the model fit resources.accelerator_memory=32Gi, " \
+           "even with its optimizer state offloaded" in info.value.reason
+    with pytest.raises(ValueError, match="resources.accelerator_memory: 32Gi per rank cannot hold the model"):
+        spec_at_layout(spec, 1, 1, 1)
+
+
+def test_a_preferred_layout_where_the_model_does_not_fit_is_passed_over_for_one_where_it_does():
+    # With one micro-batch per step at (2,2,2), (2,2,1) keeps two in flight on its first stage; (4,1,1) splits
+    # the activations four ways. Give each rank just enough for (4,1,1) with offload.
+    probe = big_spec(global_batch_size=2)
+    need = fit_at(probe.model, probe.training, Layout(4, 1, 1), "1").memory.with_offload
+    spec = big_spec(accelerator_memory=str(math.ceil(need / USABLE_FRACTION) + 1), global_batch_size=2)
+    assert offload_mode_at(spec, Layout(2, 2, 1)) is None and offload_mode_at(spec, Layout(2, 1, 2)) is None
+    plan = plan_layout(spec, 4)
+    assert layout(plan) == (4, 1, 1) and offload_mode(spec_at_layout(spec, 4, 1, 1)) == "interleaved"
+    assert "passed over tp=2 pp=2 dp=1 (and " in plan.reason and "does not fit" in plan.reason
+
+
+def test_a_job_without_accelerator_memory_is_not_sized():
+    spec = parse_spec({**big_spec().model_dump(mode="json", exclude_none=True),
+                       "resources": {"min_ranks": 1}})
+    assert layout(plan_layout(spec, 1)) == (1, 1, 1) and plan_layout(spec, 1).offload is None
+    assert offload_mode(spec_at_layout(spec, 1, 1, 1)) == "none"

@@ -181,18 +181,20 @@ class DataSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class ResourcesSpec(_message.Message):
-    __slots__ = ("ranks", "min_ranks", "cpu", "memory", "gpus")
+    __slots__ = ("ranks", "min_ranks", "cpu", "memory", "gpus", "accelerator_memory")
     RANKS_FIELD_NUMBER: _ClassVar[int]
     MIN_RANKS_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ranks: int
     min_ranks: int
     cpu: str
     memory: str
     gpus: int
-    def __init__(self, ranks: _Optional[int] = ..., min_ranks: _Optional[int] = ..., cpu: _Optional[str] = ..., memory: _Optional[str] = ..., gpus: _Optional[int] = ...) -> None: ...
+    accelerator_memory: str
+    def __init__(self, ranks: _Optional[int] = ..., min_ranks: _Optional[int] = ..., cpu: _Optional[str] = ..., memory: _Optional[str] = ..., gpus: _Optional[int] = ..., accelerator_memory: _Optional[str] = ...) -> None: ...
 
 class Toleration(_message.Message):
     __slots__ = ("key", "operator", "value", "effect")
