@@ -20,6 +20,7 @@ from contract.errors import FieldViolation
 from contract.reach import reach_violations
 from contract.spec import JobSpec
 from orchestrator import config
+from orchestrator.api.errors import InternalErrors
 from orchestrator.api.job_service import JobService
 from orchestrator.api.sweep_service import SweepService
 from orchestrator.api.trainer_service import TrainerService
@@ -28,6 +29,7 @@ from orchestrator.controller import JobController, ReconcilerSettings, SweepCont
 from orchestrator.dashboard import ServiceMetrics, create_app
 from orchestrator.launcher import Launcher
 from orchestrator.launcher.registry import create_launcher
+from orchestrator.service.limits import Limits, Quotas
 from orchestrator.store import Database, migrate
 from roundhouse.v1 import (job_service_pb2, job_service_pb2_grpc, sweep_service_pb2, sweep_service_pb2_grpc,
                            trainer_service_pb2, trainer_service_pb2_grpc)
@@ -47,8 +49,11 @@ class ServerSettings:
     # The launcher's own options by name, as `roundhouse serve` passes them (kubernetes: namespace, image,
     # volume_claim, unschedulable_timeout_seconds).
     launcher_options: dict[str, Any] = field(default_factory=dict)
-    # The most ranks the launcher runs at once (None: no limit); jobs that ask for more are reshaped.
+    # The most ranks the launcher runs at once (None: the launcher's default: the local launcher's is the
+    # machine's cores, Kubernetes' none); jobs that ask for more are reshaped.
     max_ranks: int | None = None
+    # What a spec may ask for and per-user quotas (`roundhouse serve --limits FILE`; default: no limits).
+    limits: Limits = field(default_factory=Limits)
     # --launcher kubernetes: a k8s.launcher.KubernetesSettings (namespace, image, ...; None: the defaults), and
     # the kubeconfig to reach the cluster (None: the in-cluster config inside a pod, else ~/.kube/config).
     kubernetes: Any = None
@@ -99,7 +104,7 @@ class ControlPlane:
 
         # so_reuseport off: a second control plane on the same port must fail, not silently share it.
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
-                             interceptors=[self.metrics.interceptor, AuthInterceptor(users)],
+                             interceptors=[self.metrics.interceptor, AuthInterceptor(users), InternalErrors()],
                              options=[("grpc.so_reuseport", 0)])
         self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
         if self.grpc_port == 0:
@@ -109,10 +114,11 @@ class ControlPlane:
                                         self.settings.reconciler, workers=self.settings.controller_workers)
         # Sweeps own ordinary jobs (trials, a target): the job controller runs them like any other.
         self.sweep_controller = SweepController(self.db, self.job_controller.wake)
+        quotas = Quotas(self.settings.limits)  # one per server: its per-user locks serve both services
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, users, launcher, self.job_controller.wake, self.reach_violations), server)
+            JobService(self.db, users, launcher, self.job_controller.wake, self.reach_violations, quotas), server)
         sweep_service_pb2_grpc.add_SweepServiceServicer_to_server(
-            SweepService(self.db, users, self.sweep_controller.wake, self.reach_violations), server)
+            SweepService(self.db, users, self.sweep_controller.wake, self.reach_violations, quotas), server)
         trainer_service = TrainerService(self.db, credential_key,
                                          on_checkpoint_commit=self.metrics.checkpoint_committed)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)

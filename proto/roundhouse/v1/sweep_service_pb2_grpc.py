@@ -80,7 +80,7 @@ class SweepServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSweeps(self, request, context):
-        """Newest first.
+        """Newest first; each sweep in the request's view (BASIC unless FULL is asked for).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
