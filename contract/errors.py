@@ -7,7 +7,7 @@ from dataclasses import dataclass
 # A refusal quotes at most this much of what it refuses: an overlong input (a 1 MB env name, say) is not
 # echoed back whole, and an error stays far below gRPC's metadata limit.
 MAX_FIELD_TEXT = 200
-MAX_DESCRIPTION_TEXT = 1000
+MAX_DESCRIPTION_TEXT = 500
 
 
 def clip(text: str, limit: int) -> str:

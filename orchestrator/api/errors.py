@@ -6,6 +6,7 @@ a SQL statement or a path)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
@@ -21,17 +22,16 @@ from orchestrator import service
 
 log = logging.getLogger(__name__)
 
-# An error names at most this many fields (each clipped by FieldViolation): a spec with a thousand bad entries
-# gets a short answer that says how many more there were.
+# An error names at most this many fields, in at most this many characters (each field and description is
+# clipped by FieldViolation): a spec with a thousand bad entries gets a short answer that says how many more
+# there were, and the status (its message and the BadRequest beside it) stays far below gRPC's 8 KiB limit on
+# metadata.
 MAX_VIOLATIONS = 20
+MAX_MESSAGE = 2000
 
 
 def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViolation]):
-    violations = list(violations)
-    if len(violations) > MAX_VIOLATIONS:
-        more = len(violations) - MAX_VIOLATIONS
-        violations = violations[:MAX_VIOLATIONS] + [FieldViolation(violations[MAX_VIOLATIONS].field,
-                                                                   f"and {more} more violation(s) not shown")]
+    violations = _shown(list(violations))
     bad_request = error_details_pb2.BadRequest(field_violations=[
         error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations])
     detail = any_pb2.Any()
@@ -39,6 +39,21 @@ def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViola
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="; ".join(str(v) for v in violations),
                                details=[detail])
     context.abort_with_status(rpc_status.to_status(status))
+
+
+def _shown(violations: list[FieldViolation]) -> list[FieldViolation]:
+    """The first violations that fit MAX_VIOLATIONS and MAX_MESSAGE, and a last one saying how many more."""
+    shown: list[FieldViolation] = []
+    size = 0
+    for violation in violations:
+        size += len(str(violation)) + 2
+        if shown and (len(shown) == MAX_VIOLATIONS or size > MAX_MESSAGE):
+            break
+        shown.append(violation)
+    more = len(violations) - len(shown)
+    if more:
+        shown.append(FieldViolation(violations[len(shown)].field, f"and {more} more violation(s) not shown"))
+    return shown
 
 
 def abort_field(context: grpc.ServicerContext, field: str, description: str):
@@ -93,38 +108,83 @@ class InternalErrors(grpc.ServerInterceptor):
     is logged under that id. Without it gRPC answers UNKNOWN with the exception's text."""
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
-        return handler  # no client- or bidirectional-streaming calls in this API
+        return _guarded(continuation(handler_call_details), handler_call_details.method)
 
 
-def _guard_unary(behavior, method: str):
+class AsyncInternalErrors(grpc.aio.ServerInterceptor):
+    """InternalErrors for a grpc.aio server: handlers that are blocking functions (on its thread pool),
+    coroutines or async generators alike."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        return _guarded(await continuation(handler_call_details), handler_call_details.method)
+
+
+def _guarded(handler, method: str):
+    """`handler` with its behaviour wrapped, keeping its kind (function, generator, coroutine, async generator),
+    which is how a grpc.aio server decides where to run it."""
+    if handler is None:
+        return None
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=_guard(handler.unary_unary, method))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=_guard(handler.unary_stream, method))
+    return handler  # no client- or bidirectional-streaming calls in this API
+
+
+def _guard(behavior, method: str):
+    if inspect.isasyncgenfunction(behavior):
+        async def guarded_async_stream(request, context):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except Exception as exc:  # noqa: BLE001 (the point: nothing unexpected reaches the client)
+                await _abort_internal_async(context, exc, method)
+        return guarded_async_stream
+    if inspect.iscoroutinefunction(behavior):
+        async def guarded_coroutine(request, context):
+            try:
+                return await behavior(request, context)
+            except Exception as exc:  # noqa: BLE001
+                await _abort_internal_async(context, exc, method)
+        return guarded_coroutine
+    if inspect.isgeneratorfunction(behavior):
+        def guarded_stream(request, context):
+            try:
+                yield from behavior(request, context)
+            except Exception as exc:  # noqa: BLE001
+                _abort_internal(context, exc, method)
+        return guarded_stream
+
     def guarded(request, context):
         try:
             return behavior(request, context)
-        except Exception as exc:  # noqa: BLE001 (the point: nothing unexpected reaches the client)
-            _abort_internal(context, exc, method)
-    return guarded
-
-
-def _guard_stream(behavior, method: str):
-    def guarded(request, context):
-        try:
-            yield from behavior(request, context)
         except Exception as exc:  # noqa: BLE001
             _abort_internal(context, exc, method)
     return guarded
 
 
-def _abort_internal(context: grpc.ServicerContext, exc: Exception, method: str):
-    if context.code() is not None:  # the handler aborted on purpose (grpc raises a bare Exception for it)
-        raise exc
+def _aborted(context, exc: Exception) -> bool:
+    """Whether `exc` is the handler's own abort: grpc.aio raises AbortError; the thread-based server a bare
+    Exception, with the call's code set."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return True
+    code = getattr(context, "code", None)
+    return code is not None and code() is not None
+
+
+def _internal_message(exc: Exception, method: str) -> str:
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s in %s", error_id, method, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server's log has the details")
+    return f"internal error (id {error_id}); the server's log has the details"
+
+
+def _abort_internal(context, exc: Exception, method: str):
+    if _aborted(context, exc):
+        raise exc
+    context.abort(grpc.StatusCode.INTERNAL, _internal_message(exc, method))
+
+
+async def _abort_internal_async(context, exc: Exception, method: str):
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    await context.abort(grpc.StatusCode.INTERNAL, _internal_message(exc, method))
