@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         plane = ControlPlane(ServerSettings(home=home, db_url=args.postgres, grpc_port=0, http_port=0,
-                                            reconcile=False, limits=FUZZ_LIMITS))
+                                            reconcile=False, max_ranks=16, limits=FUZZ_LIMITS))
         plane.start()
         fuzzer = ApiFuzzer(plane, token_file(home).read_text().strip())
         try:

@@ -372,7 +372,10 @@ def _count(value: Any, where: str, default: int, most: int, out: list[FieldViola
 
 # What a refusal shows of a value it quotes: a short repr, whatever the value (a YAML alias can make a small
 # file into a huge structure).
-_SHOWN = reprlib.Repr(maxstring=60, maxother=60, maxlist=4, maxdict=4, maxlevel=2)
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxdict = 4
+_SHOWN.maxlevel = 2
 
 
 def _shown(value: Any) -> str:

@@ -140,9 +140,15 @@ class ControlPlane:
 
     def reach_violations(self, spec: JobSpec) -> list[FieldViolation]:
         """What CreateJob refuses in a valid spec: what it may not reach under this server's policy
-        (contract.reach, with the ranks' view of the data roots), and a job directory that a symlink already
-        leads elsewhere (the launcher's to say)."""
+        (contract.reach, with the ranks' view of the data roots), a job directory that a symlink already
+        leads elsewhere (the launcher's to say), and more ranks at the fewest than the launcher ever runs at
+        once (the job would wait for them forever)."""
         policy = reach_violations(spec, self.launcher.data_roots, self.settings.allow_test_hooks)
+        capacity = self.launcher.capacity()
+        if capacity is not None and spec.resources.min_ranks > capacity:
+            policy.append(FieldViolation("resources.min_ranks", (
+                f"the job needs at least {spec.resources.min_ranks} ranks, and this server runs at most {capacity} "
+                "at once (roundhouse serve --max-ranks; set resources.min_ranks to let it run reshaped)")))
         return policy + self.launcher.directory_violations(spec)
 
     def _start_http(self) -> None:

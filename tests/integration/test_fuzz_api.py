@@ -27,7 +27,7 @@ def fuzzer(request, tmp_path_factory) -> Iterator[ApiFuzzer]:
     with postgres_schema() if request.param == "postgresql" else nullcontext() as schema_url:
         db_url = schema_url or f"sqlite:///{home.parent / 'roundhouse.db'}"
         plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=0, http_port=0, reconcile=False,
-                                            limits=FUZZ_LIMITS, reconciler=ReconcilerSettings()))
+                                            max_ranks=16, limits=FUZZ_LIMITS, reconciler=ReconcilerSettings()))
         plane.start()
         fuzzer = ApiFuzzer(plane, token_file(home).read_text().strip())
         yield fuzzer

@@ -107,13 +107,29 @@ def test_the_local_launcher_caps_at_the_machines_cores_by_default(tmp_path):
     assert create_launcher(ServerSettings(home=tmp_path, max_ranks=64)).capacity() == 64
 
 
+def test_a_job_that_needs_more_ranks_than_the_server_ever_runs_is_refused(tmp_path):
+    plane = ControlPlane(ServerSettings(home=tmp_path / "home", grpc_port=0, http_port=0, reconcile=False,
+                                        max_ranks=4))
+    plane.start()
+    client = Client(plane.grpc_address, token_file(plane.settings.home).read_text().strip())
+    try:
+        error = refused(lambda: submit(client, job("big", dp=8)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(error) == ["spec.resources.min_ranks"] and "at most 4 at once" in error.details()
+        submit(client, job("reshapes", dp=8, resources={"min_ranks": 4}))  # runs reshaped to 4 ranks
+        assert rows(plane, Job) == 1
+    finally:
+        client.close()
+        plane.stop()
+
+
 # -- through the server ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def limited(db_url, tmp_path) -> Iterator[tuple[ControlPlane, Client]]:
     plane = ControlPlane(ServerSettings(
-        home=tmp_path / "home", db_url=db_url, grpc_port=0, http_port=0, reconcile=False,
+        home=tmp_path / "home", db_url=db_url, grpc_port=0, http_port=0, reconcile=False, max_ranks=16,
         reconciler=ReconcilerSettings(),
         limits=Limits(ranks_per_job=4, active_jobs_per_user=2, active_ranks_per_user=3,
                       default_resources=DefaultResources(cpu="2"))))
