@@ -80,7 +80,8 @@ class Limits(_Strict):
         """Why `spec` can never run on this server (paths relative to the spec; empty: it can)."""
         out: list[FieldViolation] = []
         ranks = spec.world_size
-        for limit, name in ((self.ranks_per_job, "ranks_per_job"), (self.active_ranks_per_user, "active_ranks_per_user")):
+        per_job = ((self.ranks_per_job, "ranks_per_job"), (self.active_ranks_per_user, "active_ranks_per_user"))
+        for limit, name in per_job:  # a job over the quota alone could never start either
             if limit is not None and ranks > limit:
                 out.append(FieldViolation("parallelism", f"tp*pp*dp = {ranks} ranks; this server allows at most "
                                                          f"{limit} (limit {name})"))

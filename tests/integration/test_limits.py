@@ -219,11 +219,13 @@ def test_create_sweep_is_held_to_the_limits_and_the_quota(limited):
     wide = sweep_data(target={**sweep_data()["target"], "parallelism": {"dp": 8},
                               "training": {"steps": 40, "global_batch_size": 8, "micro_batch_size": 1}})
     spec, _ = parse_sweep(wide)
-    error = refused(lambda: stub.CreateSweep(ss.CreateSweepRequest(spec=sweep_to_proto(spec)), metadata=client.metadata))
+    error = refused(lambda: stub.CreateSweep(ss.CreateSweepRequest(spec=sweep_to_proto(spec)),
+                                             metadata=client.metadata))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field_violations(error) == ["spec.target.parallelism"]
     spec, _ = parse_sweep(sweep_data(max_parallel=2))
     submit(client, job("busy"))  # 1 active job + 2 trials at once > 2
-    error = refused(lambda: stub.CreateSweep(ss.CreateSweepRequest(spec=sweep_to_proto(spec)), metadata=client.metadata))
+    error = refused(lambda: stub.CreateSweep(ss.CreateSweepRequest(spec=sweep_to_proto(spec)),
+                                             metadata=client.metadata))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and quota_subjects(error) == ["spec.proxy"]
     assert rows(plane, Sweep) == 0
     end(plane, "busy")
