@@ -52,13 +52,13 @@ class KubernetesLimits(_Strict):
     """Allow-lists of what a spec's `kubernetes` section may name (unset: anything)."""
 
     # An entry ending in "*" allows every image that starts with what precedes it ("registry.example.com/ml/*").
-    images: tuple[Annotated[str, Field(min_length=1, max_length=512)], ...] | None = None
-    volume_claims: tuple[DnsSubdomain, ...] | None = None
+    images: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = None
+    volume_claims: list[DnsSubdomain] | None = None
     # Toleration keys a spec may tolerate (a toleration without a key tolerates every taint: refused if set).
-    tolerations: tuple[Annotated[str, Field(min_length=1, max_length=317)], ...] | None = None
+    tolerations: list[Annotated[str, Field(min_length=1, max_length=317)]] | None = None
     # Node selector keys ("pool": any value) or key=value pairs ("pool=gpu": that value only).
-    node_selectors: tuple[Annotated[str, Field(min_length=1, max_length=381)], ...] | None = None
-    priority_classes: tuple[DnsSubdomain, ...] | None = None
+    node_selectors: list[Annotated[str, Field(min_length=1, max_length=381)]] | None = None
+    priority_classes: list[DnsSubdomain] | None = None
 
 
 class Limits(_Strict):
@@ -131,7 +131,7 @@ class Limits(_Strict):
         return out
 
 
-def _not_allowed(what: str, allowed: tuple[str, ...]) -> str:
+def _not_allowed(what: str, allowed: list[str]) -> str:
     shown = ", ".join(allowed[:10]) + (f" and {len(allowed) - 10} more" if len(allowed) > 10 else "")
     return f"this server does not allow this {what} (allowed: {shown or 'none: only the server default'})"
 

@@ -372,7 +372,7 @@ def test_serve_reads_the_limits_file_and_its_flags_win(monkeypatch, tmp_path):
     configured = started[0].limits
     assert (configured.ranks_per_job, configured.active_jobs_per_user, configured.active_ranks_per_user,
             configured.parameters, configured.gpus_per_rank) == (8, 3, 32, 1000000, 1)
-    assert configured.kubernetes.images == ("reg.example/*",)
+    assert configured.kubernetes.images == ["reg.example/*"]
     assert run("serve", "--home", str(tmp_path)).exit_code == 0
     assert started[1].limits.ranks_per_job is None
     limits.write_text("ranks_per_jobs: 16\n")

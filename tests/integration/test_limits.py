@@ -46,17 +46,17 @@ def job(name: str, dp: int = 1, **sections) -> dict:
     (Limits(active_ranks_per_user=4), job("a", dp=8), "parallelism"),
     (Limits(parameters=1000), job("a"), "model"),
     (Limits(gpus_per_rank=1), job("a", resources={"gpus": 2}), "resources.gpus"),
-    (Limits(kubernetes=KubernetesLimits(images=("reg.example/ml/*",))), job("a", kubernetes={"image": "evil/x:1"}),
+    (Limits(kubernetes=KubernetesLimits(images=["reg.example/ml/*"])), job("a", kubernetes={"image": "evil/x:1"}),
      "kubernetes.image"),
-    (Limits(kubernetes=KubernetesLimits(images=())), job("a", kubernetes={"image": "reg.example/ml/t:1"}),
+    (Limits(kubernetes=KubernetesLimits(images=[])), job("a", kubernetes={"image": "reg.example/ml/t:1"}),
      "kubernetes.image"),
-    (Limits(kubernetes=KubernetesLimits(volume_claims=("data",))), job("a", kubernetes={"volume_claim": "home"}),
+    (Limits(kubernetes=KubernetesLimits(volume_claims=["data"])), job("a", kubernetes={"volume_claim": "home"}),
      "kubernetes.volume_claim"),
-    (Limits(kubernetes=KubernetesLimits(priority_classes=("low",))), job("a", kubernetes={"priority_class": "high"}),
+    (Limits(kubernetes=KubernetesLimits(priority_classes=["low"])), job("a", kubernetes={"priority_class": "high"}),
      "kubernetes.priority_class"),
-    (Limits(kubernetes=KubernetesLimits(tolerations=("gpu",))),
+    (Limits(kubernetes=KubernetesLimits(tolerations=["gpu"])),
      job("a", kubernetes={"tolerations": [{"operator": "Exists"}]}), "kubernetes.tolerations.0.key"),
-    (Limits(kubernetes=KubernetesLimits(node_selectors=("pool=cpu", "zone"))),
+    (Limits(kubernetes=KubernetesLimits(node_selectors=["pool=cpu", "zone"])),
      job("a", kubernetes={"node_selector": {"pool": "gpu"}}), "kubernetes.node_selector.pool"),
 ])
 def test_a_spec_over_a_limit_is_refused_at_its_field_naming_the_limit(limits, spec, field):
@@ -67,8 +67,8 @@ def test_a_spec_over_a_limit_is_refused_at_its_field_naming_the_limit(limits, sp
 
 def test_a_spec_within_the_limits_passes():
     limits = Limits(ranks_per_job=8, parameters=10**9, gpus_per_rank=1, kubernetes=KubernetesLimits(
-        images=("reg.example/ml/*", "exact:1"), volume_claims=("data",), tolerations=("gpu",),
-        node_selectors=("pool=gpu", "zone"), priority_classes=("low",)))
+        images=["reg.example/ml/*", "exact:1"], volume_claims=["data"], tolerations=["gpu"],
+        node_selectors=["pool=gpu", "zone"], priority_classes=["low"]))
     spec = parse_spec(job("a", dp=8, resources={"gpus": 1}, kubernetes={
         "image": "reg.example/ml/trainer:2", "volume_claim": "data", "priority_class": "low",
         "tolerations": [{"key": "gpu", "operator": "Exists"}], "node_selector": {"pool": "gpu", "zone": "b"}}))
@@ -91,7 +91,7 @@ def test_the_limits_file_is_read_strictly(tmp_path):
                     "default_resources: {cpu: '8', memory: 64Gi}\n")
     limits = load_limits(str(path))
     assert (limits.ranks_per_job, limits.active_jobs_per_user, limits.parameters) == (16, 4, 2_000_000_000)
-    assert limits.kubernetes.images == ("reg.example/ml/*",) and limits.default_resources.memory == "64Gi"
+    assert limits.kubernetes.images == ["reg.example/ml/*"] and limits.default_resources.memory == "64Gi"
     for text, field in (("ranks_per_jobs: 1\n", "ranks_per_jobs"), ("ranks_per_job: 0\n", "ranks_per_job"),
                         ("ranks_per_job: '4'\n", "ranks_per_job"), ("ranks_per_job: 1\nranks_per_job: 2\n", ""),
                         ("kubernetes: {node_selectors: ['bad key']}\n", "kubernetes.node_selectors.0"),

@@ -34,7 +34,7 @@ from roundhouse.v1 import sweep_service_pb2 as ss, sweep_service_pb2_grpc
 
 # Limits the fuzzed server runs with: refusals by them are INVALID_ARGUMENT like any other bad field.
 FUZZ_LIMITS = Limits(ranks_per_job=64, parameters=10**9, gpus_per_rank=8,
-                     kubernetes=KubernetesLimits(images=("registry.example.com/ml/*",), volume_claims=("data",)))
+                     kubernetes=KubernetesLimits(images=["registry.example.com/ml/*"], volume_claims=["data"]))
 # A refusal's message stays short whatever the input (gRPC's metadata limit is 8 KiB by default).
 MAX_MESSAGE = 8 * 1024
 # Codes that say what went wrong: anything else (UNKNOWN, INTERNAL, ...) is a bug.
