@@ -31,9 +31,9 @@ from contract.errors import FieldViolation, SpecError
 from contract.spec import DnsSubdomain, JobSpec, Quantity, approximate_parameters, label_problem
 from contract.yaml_file import load_yaml_file
 from orchestrator.service.errors import ResourceExhausted
-from orchestrator.store import TERMINAL_JOB_STATES, Database, Job, JobState
+from orchestrator.store import Database, Job, JobState
 
-_ACTIVE_STATES = sorted(s.value for s in JobState if s not in TERMINAL_JOB_STATES)
+_ACTIVE_STATES = sorted(s.value for s in JobState if not s.terminal)
 Positive = Annotated[int, Field(ge=1)]
 
 
