@@ -38,7 +38,7 @@ def abort_invalid(context: grpc.ServicerContext, violations: Iterable[FieldViola
     detail.Pack(bad_request)
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="; ".join(str(v) for v in violations),
                                details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
+    _abort_with_status(context, rpc_status.to_status(status))
 
 
 def _shown(violations: list[FieldViolation]) -> list[FieldViolation]:
@@ -88,7 +88,15 @@ def abort_exhausted(context: grpc.ServicerContext, field: str, description: str)
     detail = any_pb2.Any()
     detail.Pack(quota)
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(violation), details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
+    _abort_with_status(context, rpc_status.to_status(status))
+
+
+def _abort_with_status(context: grpc.ServicerContext, status: grpc.Status):
+    """Ends the call with `status` and its details. A blocking handler on a grpc.aio server has a context
+    without abort_with_status, whose abort takes the trailing metadata instead."""
+    if hasattr(context, "abort_with_status"):
+        context.abort_with_status(status)
+    context.abort(status.code, status.details, status.trailing_metadata)
 
 
 @contextmanager
