@@ -89,7 +89,7 @@ class Plane:
         self.home = home
         self.settings = settings
         self.control = ControlPlane(ServerSettings(home=home, db_url=None, grpc_port=0, http_port=0,
-                                                   reconcile=True, reconciler=settings,
+                                                   reconcile=True, reconciler=settings, max_ranks=16,
                                                    allow_test_hooks=True))  # RH_TEST_STEP_SLEEP
         self.control.start()
         self.channel = grpc.insecure_channel(self.control.grpc_address)

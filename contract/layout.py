@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from contract.spec import ModelSpec, TrainingSpec
 
 # Past this many ranks a layout is a typo, not a plan.
-MAX_RANKS = 1 << 16
+MAX_RANKS = 1 << 13
 
 
 @dataclass(frozen=True)

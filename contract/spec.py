@@ -9,28 +9,33 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from contract.errors import FieldViolation, SpecError
 from contract.layout import MAX_RANKS, Layout, layout_violations
 from contract.sizing import (OFFLOAD_STATE_BYTES, approximate_parameters, fit_at, offload_mode_for,
                              parse_quantity, pinned_host_bytes, weight_bytes_of)
+from contract.yaml_file import load_yaml_file
 from roundhouse.v1 import job_pb2
 
+# Every pattern below is used with `fullmatch`: a pattern ending in "$" would accept a trailing newline, and a
+# name that differs from another only by one ("nl-test\n") must not exist.
 # RFC 1123 label: the name must also be usable for Kubernetes objects (Jobs, Services, pods).
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
-# Kubernetes label keys ("prefix/name") and values. Python patterns end in "\Z": "$" would accept a trailing
-# newline.
-_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)\Z")
-_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-# What a spec's `env` may name: a conventional variable name (a full match: "\Z", unlike "$", allows no
-# trailing newline), at most 128 characters, and none of the refused names below.
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# Kubernetes label keys ("prefix/name") and values.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+# A container image reference: registry/path:tag or @digest, in the characters such references use.
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
+# What a spec's `env` may name: a conventional variable name, at most 128 characters, and none of the refused
+# names below.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Control characters (a newline among them) have no place in a path or a name a user types.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Names a spec may not set, compared upper-cased (a lower-case `ld_preload` is refused like `LD_PRELOAD`):
 # what the launcher sets for every rank (contract.rank_env); what steers the dynamic loader, the
 # interpreter or the shell before the trainer's first line runs; proxies, which would route the rank's
@@ -48,14 +53,23 @@ REFUSED_ENV_SUFFIXES = ("_PROXY",)
 # The trainer's test hooks (trainers.env.TestHooks): refused at CreateJob unless the server was started for
 # tests, and honoured by a rank only when its launcher says test hooks are on.
 TEST_HOOK_PREFIXES = ("RH_FAULT_", "RH_TEST_")
-MAX_ENV_VALUE = 32 * 1024
+# A spec is stored, listed, copied into every rank's environment and (on Kubernetes) into a Secret: its `env`
+# is bounded in entries, per value and in all.
+MAX_ENV_ENTRIES = 64
+MAX_ENV_VALUE = 4 * 1024
+MAX_ENV_TOTAL = 32 * 1024  # names and values together
+MAX_LABELS = 64
+MAX_PATH = 4096
+MAX_NAME = 63
 
 # Upper bounds that no real job reaches; past them a number is a typo, not a plan.
-MAX_LAYERS = 1024
-MAX_HIDDEN = 1 << 17
+MAX_LAYERS = 512
+MAX_HIDDEN = 1 << 16
 MAX_HEADS = 1024
 MAX_SEQ = 1 << 20
-MAX_VOCAB = 1 << 21
+MAX_VOCAB = 1 << 20
+MAX_PARAMETERS = 10**13  # approximate_parameters: ten trillion
+MAX_GPUS_PER_RANK = 16
 MAX_PARALLEL = MAX_RANKS
 MAX_STEPS = 10**8
 MAX_BATCH = 1 << 24
@@ -63,8 +77,33 @@ MAX_RESTARTS = 1000
 BYTE_VOCAB = 256
 
 
+def _full_match(pattern: re.Pattern, what: str) -> AfterValidator:
+    """A string check: the whole value matches `pattern` (its length is bounded before this runs)."""
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+    return AfterValidator(check)
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("may not contain control characters (a newline, a tab, NUL)")
+    return value
+
+
+DnsSubdomain = Annotated[str, Field(max_length=253), _full_match(
+    _DNS_SUBDOMAIN, "a DNS subdomain: lower-case letters, digits, '-' and '.', starting and ending with a letter "
+                    "or digit, at most 253 characters")]
+Quantity = Annotated[str, Field(max_length=32), _full_match(
+    _QUANTITY, "a Kubernetes quantity such as 4, 500m, 16Gi or 1.5G")]
+PathText = Annotated[str, Field(max_length=MAX_PATH), AfterValidator(_no_control_characters)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a value of the wrong type is refused, never converted (`steps: true` is not 1, `"8"` not 8);
+    # a float field still takes an integer.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class MupSpec(_Section):
@@ -109,7 +148,7 @@ OFFLOAD_MODES = ("none", "cpu", "interleaved")
 DEFAULT_SUBGROUP_SIZE = 10_000_000  # offload.subgroups.DEFAULT_SUBGROUP_SIZE (the contract imports no offload)
 MAX_SUBGROUP_SIZE = 1 << 34
 MAX_CPU_THREADS = 4096
-_PROFILE_NAME = r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$"  # a name, never a path
+_PROFILE_NAME = re.compile(r"[a-z0-9]([-a-z0-9_]*[a-z0-9])?")  # a name, never a path
 
 
 class OffloadSpec(_Section):
@@ -124,7 +163,8 @@ class OffloadSpec(_Section):
     cpu_threads: int | None = Field(None, ge=1, le=MAX_CPU_THREADS)  # None: the cores the rank may run on
     # placement auto: plan from this known machine profile (`python -m offload profiles`) instead of measuring
     # the machine at start-up.
-    profile: str | None = Field(None, max_length=63, pattern=_PROFILE_NAME)
+    profile: Annotated[str, Field(max_length=63), _full_match(
+        _PROFILE_NAME, "a profile's name: lower-case letters, digits, '-' and '_'")] | None = None
 
 
 class TrainingSpec(_Section):
@@ -145,39 +185,40 @@ class TrainingSpec(_Section):
 class DataSpec(_Section):
     # A text file or directory, or a prepared dataset, inside one of the server's data roots (checked at
     # CreateJob by contract.reach, and again by the rank); None: the built-in corpus.
-    path: str | None = Field(None, max_length=4096)
+    path: PathText | None = None
 
 
 class ResourcesSpec(_Section):
     ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)  # the most; must equal tp*pp*dp
     min_ranks: int | None = Field(None, ge=1, le=MAX_PARALLEL)  # the fewest a restart may reshape down to
     # Per rank (one rank per pod) on Kubernetes, as quantities; requests equal limits.
-    cpu: str | None = Field(None, pattern=_QUANTITY)
-    memory: str | None = Field(None, pattern=_QUANTITY)
-    gpus: int = Field(0, ge=0, le=64)  # nvidia.com/gpu
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    gpus: int = Field(0, ge=0, le=MAX_GPUS_PER_RANK)  # nvidia.com/gpu
     # Per rank, the accelerator memory its share of the model may use. With it the planner sizes each layout
     # (contract.sizing): a layout where the model does not fit even with its optimizer state offloaded is never
     # chosen, and one where it fits only offloaded runs with training.offload.mode interleaved.
-    accelerator_memory: str | None = Field(None, pattern=_QUANTITY)
+    accelerator_memory: Quantity | None = None
 
 
 class Toleration(_Section):
-    key: str | None = Field(None, max_length=316)
+    key: str | None = Field(None, max_length=317)  # a label key (checked with the labels)
     operator: Literal["Equal", "Exists"] = "Equal"
-    value: str | None = Field(None, max_length=63)
+    value: str | None = Field(None, max_length=63)  # a label value
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
 class KubernetesSpec(_Section):
     """Where and how the ranks run as pods; only the Kubernetes launcher reads it."""
 
-    image: str | None = Field(None, max_length=1024)  # None: the control plane's default
+    image: Annotated[str, Field(max_length=512), _full_match(
+        _IMAGE, "an image reference (registry/repository:tag or @digest)")] | None = None  # None: the default
     # A PersistentVolumeClaim for data and checkpoints; None: the control plane's default.
-    volume_claim: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=64)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
-    priority_class: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
-    queue: str | None = Field(None, max_length=63, pattern=_DNS_SUBDOMAIN)  # a Kueue LocalQueue
+    volume_claim: DnsSubdomain | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_LABELS)
+    priority_class: DnsSubdomain | None = None
+    queue: DnsSubdomain | None = None  # a Kueue LocalQueue
     # Ranks in one pod (one pod per node: the GPUs of a node, so NCCL stays inside it), started there by
     # torchrun; an attempt whose world size it does not divide uses their greatest common divisor.
     ranks_per_pod: int = Field(1, ge=1, le=64)
@@ -192,7 +233,7 @@ class RestartPolicy(_Section):
 
 class CheckpointSpec(_Section):
     # A subdirectory of the job's own directory (relative, never leaving it); None: "checkpoints".
-    directory: str | None = Field(None, max_length=4096)
+    directory: PathText | None = None
     interval: int = Field(0, ge=0, le=MAX_STEPS)
     keep_last: int = Field(2, ge=1, le=MAX_STEPS)
     keep_every: int = Field(0, ge=0, le=MAX_STEPS)
@@ -200,8 +241,8 @@ class CheckpointSpec(_Section):
 
 
 class JobSpec(_Section):
-    name: str = Field(max_length=63)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    name: str = Field(max_length=MAX_NAME)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     model: ModelSpec = Field(default_factory=ModelSpec)
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -209,13 +250,13 @@ class JobSpec(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    env: dict[str, str] = Field(default_factory=dict, max_length=MAX_ENV_ENTRIES)
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
 
     @field_validator("name")
     @classmethod
     def _name_is_dns_label(cls, value: str) -> str:
-        if not _DNS_LABEL.match(value):
+        if not _DNS_LABEL.fullmatch(value):
             raise ValueError("must be an RFC 1123 label: lower-case letters, digits and '-', "
                              "starting and ending with a letter or digit, at most 63 characters")
         return value
@@ -257,12 +298,9 @@ def spec_from_json(text: str | bytes) -> JobSpec:
 
 
 def load_spec_file(path: str) -> JobSpec:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise SpecError([FieldViolation("", f"not valid YAML: {exc}")]) from None
-    return parse_spec(data or {})
+    """The spec in a YAML file (contract.yaml_file: UTF-8, no duplicate keys), validated."""
+    data = load_yaml_file(path)
+    return parse_spec({} if data is None else data)
 
 
 def spec_from_proto(message: job_pb2.JobSpec) -> JobSpec:
@@ -345,13 +383,17 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
     if t.warmup_steps > t.steps:
         out.append(FieldViolation("training.warmup_steps", f"{t.warmup_steps} exceeds training.steps={t.steps}"))
     for key, value in spec.labels.items():
-        problem = _label_problem(key, value)
+        problem = label_problem(key, value)
         if problem:
             out.append(FieldViolation(f"labels.{key}", problem))
     for key, value in spec.kubernetes.node_selector.items():
-        problem = _label_problem(key, value)
+        problem = label_problem(key, value)
         if problem:
             out.append(FieldViolation(f"kubernetes.node_selector.{key}", problem))
+    for index, toleration in enumerate(spec.kubernetes.tolerations):
+        problem = label_problem(toleration.key or "x", toleration.value or "")
+        if problem:
+            out.append(FieldViolation(f"kubernetes.tolerations.{index}", problem))
     if spec.checkpoint.directory is not None:
         problem = checkpoint_directory_problem(spec.checkpoint.directory)
         if problem:
@@ -360,6 +402,12 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         problem = env_name_problem(key) or env_value_problem(value)
         if problem:
             out.append(FieldViolation(f"env.{key}", problem))
+    env_size = sum(len(k) + len(v) for k, v in spec.env.items())
+    if env_size > MAX_ENV_TOTAL:
+        out.append(FieldViolation("env", f"{env_size} characters of names and values; at most {MAX_ENV_TOTAL}"))
+    if approximate_parameters(m) > MAX_PARAMETERS:
+        out.append(FieldViolation("model", f"about {approximate_parameters(m):.3g} parameters; at most "
+                                           f"{MAX_PARAMETERS:.0g}"))
     return out
 
 
@@ -378,7 +426,7 @@ def _accelerator_memory_violations(spec: JobSpec) -> list[FieldViolation]:
 def env_name_problem(name: str) -> str | None:
     """Why a spec's `env` may not set `name` (None: it may). Test hooks pass here; contract.reach refuses
     them unless the server allows test hooks."""
-    if not _ENV_NAME.match(name):
+    if not _ENV_NAME.fullmatch(name):
         return ("not an allowed environment variable name: letters, digits and '_', not starting with a digit, "
                 "at most 128 characters")
     upper = name.upper()
@@ -479,13 +527,14 @@ def spec_warnings(spec: JobSpec) -> list[FieldViolation]:
     return out
 
 
-def _label_problem(key: str, value: str) -> str | None:
+def label_problem(key: str, value: str) -> str | None:
+    """Why `key: value` cannot be a Kubernetes label (None: it can); also for filters on labels."""
     prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
+    if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.fullmatch(prefix)):
         return "label key prefix must be a DNS subdomain"
-    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+    if not name or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
         return "label key must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
-    if value and (len(value) > 63 or not _LABEL_NAME.match(value)):
+    if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
         return "label value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
     return None
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 
 from contract.errors import FieldViolation, SpecError
 from contract.spec import JobSpec, _message_to_dict, _unknown_field_paths, dict_to_message, parse_spec
+from contract.yaml_file import load_yaml_file
 from roundhouse.v1 import sweep_pb2
 
 # A sweep's trials are jobs "{name}-t{index}" and its target "{name}-target": with a job name's 63 characters
@@ -27,7 +28,7 @@ MAX_TRIALS = 999
 MAX_EVAL_WINDOWS = 1000
 DEFAULT_EVAL_WINDOWS = 3
 DEFAULT_MAX_PARALLEL = 1
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # used with fullmatch
 # Scalar hyperparameters a grid may vary besides learning rate, weight decay and seed: those µP transfers
 # across widths (the multipliers are width-independent by construction; warmup is counted in steps).
 EXTRA_HYPERPARAMETERS = ("model.mup.output_multiplier", "model.mup.attention_multiplier", "training.warmup_steps")
@@ -131,7 +132,7 @@ def parse_sweep(data: Any, check_points: bool = True) -> tuple[SweepSpec, list[s
     out += [FieldViolation(k, "unknown field") for k in unknown]
 
     name = data.get("name")
-    if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > MAX_NAME:
+    if not isinstance(name, str) or len(name) > MAX_NAME or not _DNS_LABEL.fullmatch(name):
         out.append(FieldViolation("name", f"must be an RFC 1123 label of at most {MAX_NAME} characters "
                                           "(lower-case letters, digits and '-')"))
         name = "sweep"
@@ -222,12 +223,9 @@ def sweep_dict_to_proto(data: dict[str, Any]) -> sweep_pb2.SweepSpec:
 
 
 def load_sweep_file(path: str) -> tuple[SweepSpec, list[str]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise SpecError([FieldViolation("", f"not valid YAML: {exc}")]) from None
-    return parse_sweep(data or {})
+    """The spec in a YAML file (contract.yaml_file: UTF-8, no duplicate keys), validated."""
+    data = load_yaml_file(path)
+    return parse_sweep({} if data is None else data)
 
 
 def transfer_warnings(spec: SweepSpec) -> list[str]:
@@ -318,12 +316,15 @@ def _numbers(value: Any, where: str, out: list[FieldViolation], required: bool =
     if not isinstance(value, list):
         out.append(FieldViolation(where, "must be a list"))
         return []
+    if len(value) > MAX_TRIALS:
+        out.append(FieldViolation(where, f"{len(value)} values; at most {MAX_TRIALS} (the most trials a sweep has)"))
+        return []
     kind = int if integers else (int, float)
     numbers = []
     for i, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v) or (positive and v <= 0):
             what = "an integer" if integers else ("a positive number" if positive else "a finite number")
-            out.append(FieldViolation(f"{where}[{i}]", f"{v!r} is not {what}"))
+            out.append(FieldViolation(f"{where}[{i}]", f"{_shown(v)} is not {what}"))
         else:
             numbers.append(v if integers else float(v))
     if len(set(numbers)) != len(numbers):
@@ -337,6 +338,10 @@ def _hyperparameters(value: Any, out: list[FieldViolation]) -> list[tuple[str, l
     if not isinstance(value, list):
         out.append(FieldViolation("grid.hyperparameters", "must be a list of {field, values}"))
         return []
+    if len(value) > len(EXTRA_HYPERPARAMETERS):
+        out.append(FieldViolation("grid.hyperparameters", f"{len(value)} entries; at most "
+                                                          f"{len(EXTRA_HYPERPARAMETERS)}, one per field"))
+        return []
     result, seen = [], set()
     for i, item in enumerate(value):
         where = f"grid.hyperparameters[{i}]"
@@ -345,7 +350,8 @@ def _hyperparameters(value: Any, out: list[FieldViolation]) -> list[tuple[str, l
             continue
         name = item.get("field")
         if name not in EXTRA_HYPERPARAMETERS:
-            out.append(FieldViolation(f"{where}.field", f"{name!r} is not one of {', '.join(EXTRA_HYPERPARAMETERS)}"))
+            out.append(FieldViolation(f"{where}.field", f"{_shown(name)} is not one of "
+                                                        f"{', '.join(EXTRA_HYPERPARAMETERS)}"))
             continue
         if name in seen:
             out.append(FieldViolation(f"{where}.field", f"{name} is swept twice"))
@@ -359,9 +365,21 @@ def _count(value: Any, where: str, default: int, most: int, out: list[FieldViola
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        out.append(FieldViolation(where, f"{value!r} must be an integer in [1, {most}]"))
+        out.append(FieldViolation(where, f"{_shown(value)} must be an integer in [1, {most}]"))
         return default
     return value
+
+
+# What a refusal shows of a value it quotes: a short repr, whatever the value (a YAML alias can make a small
+# file into a huge structure).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxdict = 4
+_SHOWN.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
 
 
 def _mup_violations(spec: SweepSpec) -> list[FieldViolation]:

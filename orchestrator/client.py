@@ -101,9 +101,10 @@ class JobClient:
         return self._call("GetJob", js.GetJobRequest(name=job_name(name)))
 
     def list_jobs(self, states: Iterable[int] = (), labels: Mapping[str, str] | None = None, page_size: int = 0,
-                  page_token: str = "") -> js.ListJobsResponse:
+                  page_token: str = "", view: int = js.JOB_VIEW_BASIC) -> js.ListJobsResponse:
+        """A page of jobs; in the basic view (the default) each job's spec holds only its parallelism."""
         return self._call("ListJobs", js.ListJobsRequest(states=list(states), labels=dict(labels or {}),
-                                                         page_size=page_size, page_token=page_token))
+                                                         page_size=page_size, page_token=page_token, view=view))
 
     def list_checkpoints(self, name: str, page_size: int = 0, page_token: str = "") -> js.ListCheckpointsResponse:
         return self._call("ListCheckpoints", js.ListCheckpointsRequest(parent=job_name(name), page_size=page_size,

@@ -21,6 +21,7 @@ from contract.errors import FieldViolation
 from contract.reach import reach_violations
 from contract.spec import JobSpec
 from orchestrator import config
+from orchestrator.api.errors import AsyncInternalErrors
 from orchestrator.api.job_service import JobService
 from orchestrator.api.streams import DEFAULT_MAX_STREAMS_PER_USER, Streams
 from orchestrator.api.sweep_service import SweepService
@@ -31,6 +32,7 @@ from orchestrator.dashboard import ServiceMetrics, create_app
 from orchestrator.heartbeats import Heartbeats
 from orchestrator.launcher import Launcher
 from orchestrator.launcher.registry import create_launcher
+from orchestrator.service.limits import Limits, Quotas
 from orchestrator.store import Database, migrate
 from orchestrator.tls import ServerTls
 from roundhouse.v1 import (job_service_pb2, job_service_pb2_grpc, sweep_service_pb2, sweep_service_pb2_grpc,
@@ -61,8 +63,11 @@ class ServerSettings:
     # The launcher's own options by name, as `roundhouse serve` passes them (kubernetes: namespace, image,
     # volume_claim, unschedulable_timeout_seconds).
     launcher_options: dict[str, Any] = field(default_factory=dict)
-    # The most ranks the launcher runs at once (None: no limit); jobs that ask for more are reshaped.
+    # The most ranks the launcher runs at once (None: the launcher's default: the local launcher's is the
+    # machine's cores, Kubernetes' none); jobs that ask for more are reshaped.
     max_ranks: int | None = None
+    # What a spec may ask for and per-user quotas (`roundhouse serve --limits FILE`; default: no limits).
+    limits: Limits = field(default_factory=Limits)
     # --launcher kubernetes: a k8s.launcher.KubernetesSettings (namespace, image, ...; None: the defaults), and
     # the kubeconfig to reach the cluster (None: the in-cluster config inside a pod, else ~/.kube/config).
     kubernetes: Any = None
@@ -157,7 +162,7 @@ class ControlPlane:
         # so_reuseport off: a second control plane on the same port must fail, not silently share it.
         server = grpc.aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS, thread_name_prefix="grpc"),
-            interceptors=[self.metrics.interceptor, AuthInterceptor(self.users)],
+            interceptors=[self.metrics.interceptor, AuthInterceptor(self.users), AsyncInternalErrors()],
             options=[("grpc.so_reuseport", 0)])
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         tls = self.settings.tls
@@ -177,11 +182,13 @@ class ControlPlane:
             self.users, futures.ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="streams"),
             futures.ThreadPoolExecutor(max_workers=LOG_THREADS, thread_name_prefix="logs"),
             per_user=self.settings.max_streams_per_user)
+        quotas = Quotas(self.settings.limits)  # one per server: its per-user locks serve both services
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.db, self.users, self.launcher, self.job_controller.wake, streams, self.reach_violations),
-            server)
+            JobService(self.db, self.users, self.launcher, self.job_controller.wake, streams, self.reach_violations,
+                       quotas), server)
         sweep_service_pb2_grpc.add_SweepServiceServicer_to_server(
-            SweepService(self.db, self.users, self.sweep_controller.wake, streams, self.reach_violations), server)
+            SweepService(self.db, self.users, self.sweep_controller.wake, streams, self.reach_violations, quotas),
+            server)
         trainer_service = TrainerService(self.db, credential_key, on_checkpoint_commit=self.metrics.checkpoint_committed,
                                          heartbeats=self.heartbeats)
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_service, server)
@@ -196,9 +203,15 @@ class ControlPlane:
 
     def reach_violations(self, spec: JobSpec) -> list[FieldViolation]:
         """What CreateJob refuses in a valid spec: what it may not reach under this server's policy
-        (contract.reach, with the ranks' view of the data roots), and a job directory that a symlink already
-        leads elsewhere (the launcher's to say)."""
+        (contract.reach, with the ranks' view of the data roots), a job directory that a symlink already
+        leads elsewhere (the launcher's to say), and more ranks at the fewest than the launcher ever runs at
+        once (the job would wait for them forever)."""
         policy = reach_violations(spec, self.launcher.data_roots, self.settings.allow_test_hooks)
+        capacity = self.launcher.capacity()
+        if capacity is not None and spec.resources.min_ranks > capacity:
+            policy.append(FieldViolation("resources.min_ranks", (
+                f"the job needs at least {spec.resources.min_ranks} ranks, and this server runs at most {capacity} "
+                "at once (roundhouse serve --max-ranks; set resources.min_ranks to let it run reshaped)")))
         return policy + self.launcher.directory_violations(spec)
 
     def _start_http(self) -> None:

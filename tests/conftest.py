@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -44,6 +45,13 @@ def db_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'roundhouse.db'}"
         return
+    with postgres_schema() as url:
+        yield url
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """The URL of a new, empty schema on the test PostgreSQL server, dropped at the end."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -85,11 +93,17 @@ def processes_of(job: str) -> list[int]:
     return pids
 
 
+# Tests run tiny ranks, more of them than the machine has cores (8 on 2): the local launcher's default cap
+# (the machine's cores) is lifted to this.
+TEST_MAX_RANKS = 16
+
+
 def start_plane(home: Path, db_url: str | None, reconcile: bool, allow_test_hooks: bool = True,
                 data_roots: tuple[Path, ...] = ()) -> ControlPlane:
     """A control plane on free ports; started for tests (test hooks allowed) unless told otherwise."""
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=0, http_port=0, reconcile=reconcile,
                                         allow_test_hooks=allow_test_hooks, data_roots=data_roots,
+                                        max_ranks=TEST_MAX_RANKS,
                                         reconciler=ReconcilerSettings(interval_seconds=0.2,
                                                                       restart_backoff_seconds=0.2,
                                                                       stop_grace_seconds=5)))

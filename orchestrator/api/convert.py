@@ -44,11 +44,13 @@ def attempt_to_proto(attempt: store.Attempt) -> job_pb2.Attempt:
     )
 
 
-def job_to_proto(job: store.Job) -> job_pb2.Job:
+def job_to_proto(job: store.Job, full: bool = True) -> job_pb2.Job:
+    """The job; with `full` False its basic view (JOB_VIEW_BASIC): of the spec, only its parallelism."""
+    spec = job.spec if full else {"parallelism": job.spec.get("parallelism", {})}
     return job_pb2.Job(
         name=job.resource_name,
         uid=job.uid,
-        spec=dict_to_message(job.spec, job_pb2.JobSpec()),
+        spec=dict_to_message(spec, job_pb2.JobSpec()),
         state=job_state_to_proto(job.state),
         state_reason=job.state_reason,
         state_message=job.state_message,

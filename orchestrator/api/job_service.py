@@ -21,6 +21,7 @@ from orchestrator.launcher import Launcher, LogsUnavailable
 from orchestrator.launcher.logs import LogRange
 from orchestrator.service import access, jobs
 from orchestrator.service.access import Action
+from orchestrator.service.limits import Limits, Quotas
 from contract.spec import FieldViolation, JobSpec, SpecError, spec_from_proto, spec_to_proto, spec_warnings
 from orchestrator.store import Database, Job, JobState, NameTaken
 from roundhouse.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
@@ -32,12 +33,15 @@ LOG_POLL_SECONDS = 0.2  # a followed log that has nothing new is read again afte
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, db: Database, users: UserTokens, launcher: Launcher, wake_reconciler: Callable[[str], None],
-                 streams: Streams, reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
+                 streams: Streams, reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: [],
+                 quotas: Quotas | None = None):
         self.db = db
         # The streaming calls are coroutines on the event loop (orchestrator/api/streams.py); the rest block,
         # on the server's pool. Watches read their job when the one poll for all of them says it changed.
         self.streams = streams
         self.job_changes = JobChanges(db, streams, WATCH_POLL_SECONDS)
+        # The operator's limits and per-user quotas (orchestrator/service/limits.py), shared with SweepService.
+        self.quotas = quotas or Quotas(Limits())
         # What a valid spec may not reach on this server (data roots, test hooks, directories): server.py.
         self.reach_violations = reach_violations
         self.users = users
@@ -54,19 +58,22 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in exc.violations])
         principal = self._authorized(context, Action.SUBMIT)
-        violations = self.reach_violations(spec)
-        if violations:  # what the spec may reach under this server's policy; nothing is written
+        # What the spec may reach under this server's policy, and the operator's limits; nothing is written.
+        violations = self.reach_violations(spec) + self.quotas.limits.violations(spec)
+        if violations:
             abort_invalid(context, [FieldViolation(_join("spec", v.field), v.description) for v in violations])
+        spec = self.quotas.limits.with_defaults(spec)
         owner = principal.user if principal else ""
         # What may fail at run time without being a reason to refuse (e.g. offload's pinned memory over
         # resources.memory): the API has no field for it, so the job's first event says it.
         warnings = "".join(f"; warning: {_join('spec', w.field)}: {w.description}" for w in spec_warnings(spec))
         new_job = jobs.new_job(spec, owner, message=f"submitted by {owner or 'unknown'}{warnings}")
         now = new_job.job["create_time"]
-        try:
-            self.db.create_job(new_job)
-        except NameTaken:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
+        with refusals(context), self.quotas.admit(self.db, owner, jobs=1, ranks=spec.world_size):
+            try:
+                self.db.create_job(new_job)
+            except NameTaken:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job jobs/{spec.name} already exists")
         self.wake_reconciler(spec.name)
         created = convert.timestamp(now)
         return job_pb2.Job(name=f"jobs/{spec.name}", uid=new_job.job["uid"], spec=spec_to_proto(spec),
@@ -81,10 +88,13 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
     def ListJobs(self, request, context):
         states = [convert.job_state_name(s) for s in request.states]
+        if request.view not in _JOB_VIEWS:
+            abort_field(context, "view", f"unknown view {request.view} (JOB_VIEW_BASIC or JOB_VIEW_FULL)")
+        full = request.view == job_service_pb2.JOB_VIEW_FULL
         with self.db.read() as session, refusals(context):
             page = jobs.list_jobs(session, self._principal(context), states, dict(request.labels), request.page_size,
                                   request.page_token)
-            return job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in page.items],
+            return job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j, full) for j in page.items],
                                                     next_page_token=page.next_page_token)
 
     def ListCheckpoints(self, request, context):
@@ -233,6 +243,9 @@ def _log_range(request) -> LogRange | FieldViolation:
     if sum(1 for _, value in asked if value) > 1:
         return FieldViolation("offset", "give at most one of offset, tail_bytes and tail_lines")
     return LogRange(offset=request.offset, tail_bytes=request.tail_bytes, tail_lines=request.tail_lines)
+
+
+_JOB_VIEWS = frozenset(job_service_pb2.JobView.values())
 
 
 def _join(prefix: str, field: str) -> str:

@@ -5,6 +5,8 @@ write durable intent and wake the sweep controller; queries and who may do what 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Callable
 
 from sqlalchemy.exc import IntegrityError
@@ -13,11 +15,12 @@ from contract.errors import FieldViolation, SpecError
 from contract.spec import JobSpec
 from contract.sweep import sweep_dict_to_proto, sweep_from_proto
 from orchestrator.api.convert import job_state_to_proto, timestamp
-from orchestrator.api.errors import abort_invalid, abort_refused_async, refusals
+from orchestrator.api.errors import abort_field, abort_invalid, abort_refused_async, refusals
 from orchestrator.api.streams import Streams
 from orchestrator.auth import Principal, UserTokens, bearer_token
 from orchestrator.service import AlreadyExists, ServiceError, access, sweeps
 from orchestrator.service.access import Action
+from orchestrator.service.limits import Limits, Quotas
 from orchestrator.service.sweeps import SweepView
 from orchestrator.store import Database, SweepState
 from roundhouse.v1 import sweep_pb2, sweep_service_pb2, sweep_service_pb2_grpc
@@ -27,9 +30,12 @@ WATCH_POLL_SECONDS = 0.5
 
 class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
     def __init__(self, db: Database, users: UserTokens, wake_controller: Callable[[str], None], streams: Streams,
-                 reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: []):
+                 reach_violations: Callable[[JobSpec], list[FieldViolation]] = lambda spec: [],
+                 quotas: Quotas | None = None):
         self.db = db
         self.streams = streams
+        # The operator's limits and per-user quotas (orchestrator/service/limits.py), shared with JobService.
+        self.quotas = quotas or Quotas(Limits())
         self.users = users
         self.wake_controller = wake_controller
         # What a valid job spec may not reach on this server (data roots, test hooks, directories): server.py.
@@ -45,14 +51,22 @@ class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
         principal = self._principal(context)
         with refusals(context):
             access.authorize(principal, Action.SUBMIT)
-        # The trials run the proxy's reach, the target its own; both are held to this server's policy.
+        # The trials run the proxy's reach, the target its own; both are held to this server's policy and limits.
+        limits = self.quotas.limits
+        trial = spec.trial_spec(spec.trials()[0])
         violations = [FieldViolation(f"spec.proxy.{v.field}", v.description)
-                      for v in self.reach_violations(spec.trial_spec(spec.trials()[0]))]
+                      for v in self.reach_violations(trial) + limits.violations(trial)]
         violations += [FieldViolation(f"spec.target.{v.field}", v.description)
-                       for v in self.reach_violations(spec.target)]
+                       for v in self.reach_violations(spec.target) + limits.violations(spec.target)]
         if violations:  # nothing is written
             abort_invalid(context, violations)
-        with refusals(context):
+        spec = dataclasses.replace(spec, proxy=limits.with_defaults(spec.proxy),
+                                   target=limits.with_defaults(spec.target))
+        owner = principal.user if principal else ""
+        # At most max_parallel trials run at once: what the sweep asks of its owner's quota.
+        parallel = min(spec.max_parallel, len(spec.trials()))
+        with refusals(context), self.quotas.admit(self.db, owner, jobs=parallel, ranks=parallel * trial.world_size,
+                                                  field="spec.proxy"):
             try:
                 with self.db.session() as session:
                     row = sweeps.create_sweep(session, principal, spec, warnings)
@@ -66,10 +80,13 @@ class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
         return self._get(self._principal(context), request.name, context)
 
     def ListSweeps(self, request, context):
+        if request.view not in _SWEEP_VIEWS:
+            abort_field(context, "view", f"unknown view {request.view} (SWEEP_VIEW_BASIC or SWEEP_VIEW_FULL)")
+        full = request.view == sweep_service_pb2.SWEEP_VIEW_FULL
         with self.db.read() as session, refusals(context):
             page = sweeps.list_sweeps(session, self._principal(context), request.page_size, request.page_token)
             return sweep_service_pb2.ListSweepsResponse(
-                sweeps=[sweep_to_proto(sweeps.sweep_view(session, s)) for s in page.items],
+                sweeps=[sweep_to_proto(sweeps.sweep_view(session, s), full) for s in page.items],
                 next_page_token=page.next_page_token)
 
     def CancelSweep(self, request, context):
@@ -117,10 +134,15 @@ def sweep_state_to_proto(state: str) -> int:
     return sweep_pb2.SweepState.Value(f"SWEEP_STATE_{SweepState(state).value}")
 
 
-def sweep_to_proto(view: SweepView) -> sweep_pb2.Sweep:
+_SWEEP_VIEWS = frozenset(sweep_service_pb2.SweepView.values())
+
+
+def sweep_to_proto(view: SweepView, full: bool = True) -> sweep_pb2.Sweep:
+    """The sweep; with `full` False its basic view (SWEEP_VIEW_BASIC): without its spec."""
     row = view.sweep
     message = sweep_pb2.Sweep(
-        name=row.resource_name, uid=row.uid, spec=sweep_dict_to_proto(row.spec), state=sweep_state_to_proto(row.state),
+        name=row.resource_name, uid=row.uid, spec=sweep_dict_to_proto(row.spec) if full else None,
+        state=sweep_state_to_proto(row.state),
         state_reason=row.state_reason, state_message=row.state_message, owner=row.owner,
         cancel_requested=row.cancel_requested, warnings=list(row.warnings or []),
         create_time=timestamp(row.create_time), update_time=timestamp(row.update_time),

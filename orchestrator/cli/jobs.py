@@ -26,6 +26,7 @@ from orchestrator.cli.render import (STATE_STYLE, TERMINAL, checkpoints_lines, e
                                      layout, loss_text, message_json, print_json, speed_text, state_name, state_text)
 from orchestrator.client import ClientError, JobClient, connect, short_name
 from roundhouse.v1 import job_pb2
+from roundhouse.v1 import job_service_pb2 as js
 
 app = typer.Typer()
 
@@ -221,6 +222,8 @@ def list_jobs(
     = None,
     page_size: Annotated[int, typer.Option(min=1, max=1000, help="jobs per page")] = 50,
     all_pages: Annotated[bool, typer.Option("--all", help="follow every page, not just the first")] = False,
+    full: Annotated[bool, typer.Option("--full", help="with -o json: each job's whole spec (by default only its "
+                                                      "parallelism, so that a page stays small)")] = False,
     output: Output = OutputFormat.table,
     server: Server = None,
     token: Token = None,
@@ -234,7 +237,8 @@ def list_jobs(
     with _connect(server, token, tls_ca) as client:
         try:
             while True:
-                response = client.list_jobs(states=states, labels=labels, page_size=page_size, page_token=page_token)
+                response = client.list_jobs(states=states, labels=labels, page_size=page_size, page_token=page_token,
+                                            view=js.JOB_VIEW_FULL if full else js.JOB_VIEW_BASIC)
                 jobs += response.jobs
                 page_token = response.next_page_token
                 if not (all_pages and page_token):

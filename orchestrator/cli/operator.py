@@ -52,7 +52,8 @@ def serve(
     max_ranks: Annotated[int | None, typer.Option(min=1, metavar="N", show_default=False,
                                                   help="the most ranks to run at once; a job asking for more "
                                                        "runs reshaped to a smaller valid layout "
-                                                       "[default: no limit]")] = None,
+                                                       "[default: local: this machine's cores; kubernetes: no "
+                                                       "limit]")] = None,
     data_root: Annotated[list[Path] | None, typer.Option(metavar="DIR", show_default=False, exists=True,
                                                          file_okay=False, resolve_path=True,
                                                          help="a directory a job's data.path may name "
@@ -85,6 +86,29 @@ def serve(
     tls_ranks_key: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
                                                        dir_okay=False, rich_help_panel="TLS",
                                                        help="the key of --tls-ranks-cert")] = None,
+    limits_file: Annotated[Path | None, typer.Option("--limits", metavar="FILE", show_default=False, exists=True,
+                                                     dir_okay=False, rich_help_panel="Limits",
+                                                     help="YAML: what a job may ask for, per-user quotas, "
+                                                          "Kubernetes allow-lists and default resources (README: "
+                                                          "Running Roundhouse for a team) [default: no limits]")]
+    = None,
+    max_ranks_per_job: Annotated[int | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                          rich_help_panel="Limits",
+                                                          help="refuse a job of more ranks (tp*pp*dp)")] = None,
+    max_active_jobs_per_user: Annotated[int | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                                 rich_help_panel="Limits",
+                                                                 help="refuse a user's job while they have this "
+                                                                      "many unfinished")] = None,
+    max_active_ranks_per_user: Annotated[int | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                                  rich_help_panel="Limits",
+                                                                  help="refuse a user's job that would take their "
+                                                                       "unfinished jobs' ranks past this")] = None,
+    max_parameters: Annotated[int | None, typer.Option(min=1, metavar="N", show_default=False,
+                                                       rich_help_panel="Limits",
+                                                       help="refuse a model of more parameters")] = None,
+    max_gpus_per_rank: Annotated[int | None, typer.Option(min=0, metavar="N", show_default=False,
+                                                          rich_help_panel="Limits",
+                                                          help="refuse a job asking more GPUs per rank")] = None,
     namespace: Annotated[str, typer.Option(envvar="ROUNDHOUSE_NAMESPACE", rich_help_panel="Kubernetes",
                                            help="namespace of the jobs' pods")] = "default",
     kubeconfig: Annotated[str | None, typer.Option(metavar="FILE", show_default=False, rich_help_panel="Kubernetes",
@@ -114,6 +138,7 @@ def serve(
     """Run the control plane: gRPC API, status page and reconciler, until Ctrl-C."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from contract.errors import SpecError
     from orchestrator.server import ServerSettings, run_server
     from orchestrator.tls import ServerTls
 
@@ -126,6 +151,19 @@ def serve(
              "present a certificate too)", 2)
     tls = ServerTls(tls_cert, tls_key, tls_client_ca, tls_ranks_ca, tls_ranks_cert, tls_ranks_key) if tls_cert else None
 
+    from orchestrator.service.limits import Limits, load_limits
+
+    try:
+        limits = load_limits(str(limits_file)) if limits_file else Limits()
+    except SpecError as exc:
+        fail(f"{limits_file}: invalid limits: {exc}", 2)
+    except OSError as exc:
+        fail(f"cannot read {limits_file}: {exc.strerror or exc}", 2)
+    flags = {"ranks_per_job": max_ranks_per_job, "active_jobs_per_user": max_active_jobs_per_user,
+             "active_ranks_per_user": max_active_ranks_per_user, "parameters": max_parameters,
+             "gpus_per_rank": max_gpus_per_rank}
+    limits = limits.model_copy(update={k: v for k, v in flags.items() if v is not None})  # flags win
+
     options = {}
     if launcher == "kubernetes":
         options = {"namespace": namespace, "image": image, "volume_claim": volume_claim,
@@ -135,7 +173,7 @@ def serve(
                               max_ranks=max_ranks, reconcile=reconcile, kubeconfig=kubeconfig,
                               advertise_address=advertise_address, data_roots=tuple(data_root or ()),
                               allow_test_hooks=allow_test_hooks, controller_workers=controller_workers,
-                              max_streams_per_user=max_streams_per_user, tls=tls)
+                              max_streams_per_user=max_streams_per_user, tls=tls, limits=limits)
     try:
         run_server(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:

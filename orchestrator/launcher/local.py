@@ -89,7 +89,8 @@ class LocalLauncher:
             if DATA_ROOTS_SEPARATOR in root:
                 raise ValueError(f"data root {root}: may not contain {DATA_ROOTS_SEPARATOR!r}")
         self.allow_test_hooks = allow_test_hooks
-        # How many ranks this machine may run (None: no limit). Mutable: tests lower it to play lost nodes.
+        # How many ranks this machine may run (None: no limit; `create_launcher` defaults to the machine's cores).
+        # Mutable: tests lower it to play lost nodes.
         self.max_ranks = max_ranks
         # What each rank runs (tests put a small script here instead of the trainer).
         self.rank_command = rank_command or [python, "-m", "trainers"]
@@ -301,5 +302,12 @@ def create_launcher(settings: ServerSettings) -> LocalLauncher:
     the server's home."""
     if settings.launcher_options:
         raise ValueError(f"the local launcher takes no options, not {', '.join(sorted(settings.launcher_options))}")
-    return LocalLauncher(settings.home / "runs", max_ranks=settings.max_ranks, data_roots=settings.data_roots,
+    max_ranks = settings.max_ranks if settings.max_ranks is not None else default_max_ranks()
+    return LocalLauncher(settings.home / "runs", max_ranks=max_ranks, data_roots=settings.data_roots,
                          allow_test_hooks=settings.allow_test_hooks)
+
+
+def default_max_ranks() -> int:
+    """The cores this process may run on: without `--max-ranks`, the most ranks the local launcher runs at once
+    (a dp=64 job on a shared host would otherwise start 64 processes beside the control plane)."""
+    return len(os.sched_getaffinity(0))

@@ -5,11 +5,12 @@ store for a user or decides who may do what on its own; each maps `ServiceError`
 - `access`: who may do what (the one rule)
 - `jobs`: get, list, checkpoints, events, metrics, ranks, logs, cancel; the row of a new job
 - `sweeps`: create, get, list, cancel; a sweep's trials with their objectives, its target, its tuning cost
+- `limits`: the operator's limits and quotas on what a spec may ask for
 - `pages`: page tokens
 - `errors`: the refusals"""
 
 from orchestrator.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
-                                         ServiceError, Unauthenticated)
+                                         ResourceExhausted, ServiceError, Unauthenticated)
 
-__all__ = ["AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "ServiceError",
-           "Unauthenticated"]
+__all__ = ["AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied",
+           "ResourceExhausted", "ServiceError", "Unauthenticated"]

@@ -35,3 +35,13 @@ class FailedPrecondition(ServiceError):
 
 class AlreadyExists(ServiceError):
     pass
+
+
+class ResourceExhausted(ServiceError):
+    """A quota of the operator's (orchestrator/service/limits.py) is used up; `field` names the request field
+    that would exceed it."""
+
+    def __init__(self, field: str, description: str):
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description

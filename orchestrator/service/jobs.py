@@ -20,14 +20,16 @@ from orchestrator.lifecycle import record_event
 from orchestrator.service import pages
 from orchestrator.service.access import Action, allowed, authorize
 from orchestrator.service.errors import FailedPrecondition, InvalidArgument, NotFound
-from contract.spec import JobSpec
+from contract.errors import clip
+from contract.spec import MAX_LABELS, JobSpec, label_problem
 from orchestrator.store import (JOB_KIND, AttemptState, Checkpoint, Event, Job, JobLabel, JobState, Metric, NewJob,
                                 RankStatus, utcnow)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 JOB_PREFIX = "jobs/"
-_JOB_NAME = re.compile(r"^(?:jobs/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
+# Used with fullmatch: "$" would let "nl-test\n" name the job nl-test.
+_JOB_NAME = re.compile(r"(?:jobs/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)")
 
 T = TypeVar("T")
 
@@ -40,7 +42,7 @@ class Page(Generic[T]):
 
 def job_id(name: str) -> str | None:
     """The id in "jobs/{id}" or a bare id; None if `name` cannot name a job."""
-    match = _JOB_NAME.match(name or "")
+    match = _JOB_NAME.fullmatch(name or "") if len(name or "") <= 68 else None
     return match.group(1) if match and len(match.group(1)) <= 63 else None
 
 
@@ -54,11 +56,17 @@ def list_jobs(session: Session, principal: Principal | None, states: Iterable[st
               labels: Mapping[str, str] | None = None, page_size: int = 0, page_token: str = "") -> Page[Job]:
     """Jobs newest first, in any of `states` and with all of `labels`, one page after `page_token`."""
     authorize(principal, Action.READ)
-    states = [str(s) for s in states]
+    states = sorted({str(s) for s in states})
     unknown = [s for s in states if s not in JobState.__members__]
     if unknown:
-        raise InvalidArgument("states", f"unknown {unknown} (one of: {', '.join(JobState)})")
+        raise InvalidArgument("states", f"unknown {', '.join(unknown[:5])} (one of: {', '.join(JobState)})")
     labels = dict(labels or {})
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("labels", f"{len(labels)} labels; at most {MAX_LABELS}")
+    for key, value in labels.items():
+        problem = label_problem(key, value)
+        if problem:
+            raise InvalidArgument(f"labels.{key}", problem)
     page_size = _page_size(page_size)
     filter_key = pages.job_filter_key(states, labels, page_size)
     after = None
@@ -214,7 +222,7 @@ def cancel_job(session: Session, principal: Principal | None, name: str) -> Job:
 def _find(session: Session, name: str, field: str) -> Job:
     found = job_id(name)
     if found is None:
-        raise InvalidArgument(field, f"{name!r} is not a job name (\"jobs/{{job_id}}\")")
+        raise InvalidArgument(field, f"{clip(name, 100)!r} is not a job name (\"jobs/{{job_id}}\")")
     job = session.get(Job, found)
     if job is None:
         raise NotFound(f"job jobs/{found} not found")

@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from contract.errors import clip
 from contract.sweep import GridPoint, SweepSpec, TrialPlan, model_flops, stored_sweep, trial_objective
 from orchestrator.auth import Principal
 from orchestrator.lifecycle import record_event
@@ -26,13 +27,14 @@ from orchestrator.service.jobs import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
 from orchestrator.store import Job, JobState, Metric, Sweep, SweepState, utcnow
 
 SWEEP_PREFIX = "sweeps/"
-_SWEEP_NAME = re.compile(r"^(?:sweeps/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
+# Used with fullmatch: "$" would let "x\n" name the sweep x.
+_SWEEP_NAME = re.compile(r"(?:sweeps/)?([a-z0-9]([-a-z0-9]*[a-z0-9])?)")
 _LIST_FILTER = "sweeps"  # what a sweep listing's page token is bound to (besides its page size)
 
 
 def sweep_id(name: str) -> str | None:
     """The id in "sweeps/{id}" or a bare id; None if `name` cannot name a sweep."""
-    match = _SWEEP_NAME.match(name or "")
+    match = _SWEEP_NAME.fullmatch(name or "") if len(name or "") <= 70 else None
     return match.group(1) if match and len(match.group(1)) <= 63 else None
 
 
@@ -59,7 +61,7 @@ def get_sweep(session: Session, principal: Principal | None, name: str, field: s
     authorize(principal, Action.READ)
     found = sweep_id(name)
     if found is None:
-        raise InvalidArgument(field, f"{name!r} is not a sweep name (\"sweeps/{{sweep_id}}\")")
+        raise InvalidArgument(field, f"{clip(name, 100)!r} is not a sweep name (\"sweeps/{{sweep_id}}\")")
     sweep = session.get(Sweep, found)
     if sweep is None:
         raise NotFound(f"sweep sweeps/{found} not found")

@@ -30,7 +30,7 @@ from orchestrator.store import Checkpoint
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers.checkpoint import committed_steps, step_dir
 
-from tests.conftest import Client, processes_of
+from tests.conftest import TEST_MAX_RANKS, Client, processes_of
 from tests.e2e.test_local_jobs import TERMINAL, TINY_MODEL, events, wait_for
 from tests.e2e.test_trainer import losses, run_ranks, write_spec
 from tests.support.waiting import DEADLINE
@@ -74,6 +74,7 @@ class Plane:
         self.home = home
         self.control = ControlPlane(ServerSettings(
             home=home, db_url=None, grpc_port=0, http_port=0, reconcile=True, allow_test_hooks=True,
+            max_ranks=TEST_MAX_RANKS,
             reconciler=ReconcilerSettings(interval_seconds=0.2, restart_backoff_seconds=restart_backoff_seconds,
                                           stop_grace_seconds=5)))
         self.control.start()
@@ -185,7 +186,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, re
 
 def test_kill_9_of_the_control_plane_during_a_run(tmp_path, reference_loss):
     home, port = tmp_path / "home", free_port()
-    server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True)
+    server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True,
+                          max_ranks=TEST_MAX_RANKS)
     try:
         client = Client(f"127.0.0.1:{port}", token_file(home).read_text().strip())
         spec = fault_spec("headless")
@@ -194,7 +196,8 @@ def test_kill_9_of_the_control_plane_during_a_run(tmp_path, reference_loss):
         server.send_signal(signal.SIGKILL)
         server.wait()
         time.sleep(2.0)  # checkpoints commit with nobody listening; their reports wait in the ranks
-        server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True)
+        server = spawn_server(home, None, port, log_path=tmp_path / "server.log", allow_test_hooks=True,
+                          max_ranks=TEST_MAX_RANKS)
         done = finished(client, "jobs/headless")
         assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.state_message
         assert len(done.attempts) == 1

@@ -20,7 +20,7 @@ from orchestrator.process import spawn_server
 from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_pb2, job_service_pb2 as js
 
-from tests.conftest import Client, processes_of, start_plane
+from tests.conftest import TEST_MAX_RANKS, Client, processes_of, start_plane
 from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
@@ -155,7 +155,8 @@ def _train_the_3d_example(client):
 # -- the control plane itself crashes ---------------------------------------------------------------------
 
 def _serve(home: Path, db_url: str, grpc_port: int) -> subprocess.Popen:
-    return spawn_server(home, db_url, grpc_port, log_path=home.parent / "server.log", allow_test_hooks=True)
+    return spawn_server(home, db_url, grpc_port, log_path=home.parent / "server.log", allow_test_hooks=True,
+                        max_ranks=TEST_MAX_RANKS)
 
 
 def test_control_plane_killed_mid_run_adopts_its_ranks_and_the_job_finishes_once(db_url, tmp_path):

@@ -84,8 +84,8 @@ def test_a_sweep_runs_its_trials_then_the_target_across_a_control_plane_kill(tmp
         assert done.target_job == "jobs/e2e-target" and done.target_state == job_pb2.JOB_STATE_SUCCEEDED
         assert 0 < done.tuning_flops_ratio
 
-        listed = client.jobs.ListJobs(js.ListJobsRequest(labels={"roundhouse.io/sweep": "e2e"}),
-                                      metadata=client.metadata).jobs
+        listed = client.jobs.ListJobs(js.ListJobsRequest(labels={"roundhouse.io/sweep": "e2e"},
+                                                         view=js.JOB_VIEW_FULL), metadata=client.metadata).jobs
         assert sorted(j.name for j in listed) == ["jobs/e2e-t0", "jobs/e2e-t1", "jobs/e2e-target"]
         assert [len(j.attempts) for j in listed] == [1, 1, 1]  # each launched once: nothing ran twice
         target = next(j for j in listed if j.name == "jobs/e2e-target")

@@ -98,6 +98,7 @@ class FakeClient:
         self.gets = list(gets or [])
         self.create_error = create_error
         self.calls: list[tuple] = []
+        self.views: list[int] = []
 
     def __enter__(self):
         return self
@@ -126,8 +127,9 @@ class FakeClient:
         self.calls.append(("list_checkpoints", job_name(name), page_size))
         return js.ListCheckpointsResponse(checkpoints=self.checkpoints)
 
-    def list_jobs(self, states=(), labels=None, page_size=0, page_token=""):
+    def list_jobs(self, states=(), labels=None, page_size=0, page_token="", view=js.JOB_VIEW_BASIC):
         self.calls.append(("list_jobs", list(states), dict(labels or {}), page_size, page_token))
+        self.views.append(view)
         index = int(page_token or 0)
         return self.pages[index]
 
@@ -228,6 +230,23 @@ def test_unreadable_or_malformed_spec_files_are_bad_input(tmp_path, no_server):
     broken.write_text("name: [unclosed\n")
     result = run("submit", str(broken), "--token", "x")
     assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text: byte 0xe9 at offset 9"),
+    (b"name: a\ntraining: {steps: 5}\ntraining: {steps: 6}\n", "found the key 'training' twice"),
+    (b"name: a\ntraining: {steps: true}\n", "training.steps: Input should be a valid integer"),
+    (b"name: a\nenv: {DEBUG: yes}\n", "env.DEBUG: Input should be a valid string"),
+])
+def test_a_file_that_is_not_strict_utf8_yaml_is_bad_input_without_a_traceback(tmp_path, no_server, content,
+                                                                                message):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    for command in (["submit"], ["sweep", "submit"]):
+        result = run(*command, str(path), "--token", "x")
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+    assert message in run("submit", str(path), "--token", "x").output
 
 
 def test_renaming_on_submit_is_validated_too(tmp_path, no_server):
@@ -387,6 +406,29 @@ def test_serve_passes_its_tls_files_and_stream_limit_and_refuses_half_a_pair(mon
     assert len(started) == 2
 
 
+def test_serve_reads_the_limits_file_and_its_flags_win(monkeypatch, tmp_path):
+    import orchestrator.server
+
+    started = []
+    monkeypatch.setattr(orchestrator.server, "run_server", started.append)
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("ranks_per_job: 16\nactive_jobs_per_user: 4\nkubernetes: {images: ['reg.example/*']}\n")
+    result = run("serve", "--home", str(tmp_path), "--limits", str(limits), "--max-ranks-per-job", "8",
+                 "--max-active-ranks-per-user", "32", "--max-parameters", "1000000", "--max-gpus-per-rank", "1",
+                 "--max-active-jobs-per-user", "3")
+    assert result.exit_code == 0, result.output
+    configured = started[0].limits
+    assert (configured.ranks_per_job, configured.active_jobs_per_user, configured.active_ranks_per_user,
+            configured.parameters, configured.gpus_per_rank) == (8, 3, 32, 1000000, 1)
+    assert configured.kubernetes.images == ["reg.example/*"]
+    assert run("serve", "--home", str(tmp_path)).exit_code == 0
+    assert started[1].limits.ranks_per_job is None
+    limits.write_text("ranks_per_jobs: 16\n")
+    result = run("serve", "--home", str(tmp_path), "--limits", str(limits))
+    assert result.exit_code == 2 and "ranks_per_jobs: Extra inputs are not permitted" in result.output
+    assert len(started) == 2
+
+
 def test_serve_passes_the_kubernetes_options_to_its_launcher(monkeypatch, tmp_path):
     import orchestrator.server
 
@@ -440,6 +482,9 @@ def test_list_json_holds_every_page_with_all(fake):
     client.calls.clear()
     one_page = json.loads(run("list", "-o", "json").stdout)
     assert [j["name"] for j in one_page["jobs"]] == ["jobs/b"] and one_page["next_page_token"] == "1"
+    assert set(client.views) == {js.JOB_VIEW_BASIC}
+    run("list", "-o", "json", "--full")
+    assert client.views[-1] == js.JOB_VIEW_FULL
 
 
 def test_list_table_has_a_row_per_job(fake):

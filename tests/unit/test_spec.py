@@ -81,6 +81,55 @@ BAD_INPUTS = [
                  id="checkpoint directory that is the job directory itself"),
     pytest.param(with_change("env.A\0B", "x"), "env.A\0B", id="env name with NUL"),
     pytest.param(with_change("env.OK", "a\0b"), "env.OK", id="env value with NUL"),
+    # Bounds: sizes no real job reaches, and inputs a shared server must not store, list and copy.
+    pytest.param(with_change("env.BIG", "x" * 4097), "env.BIG", id="env value over 4 KiB"),
+    pytest.param(VALID | {"env": {f"V{i}": "x" for i in range(65)}}, "env", id="more than 64 env entries"),
+    pytest.param(VALID | {"env": {f"V{i}": "x" * 4000 for i in range(9)}}, "env", id="env over 32 KiB in all"),
+    pytest.param(VALID | {"labels": {f"k{i}": "v" for i in range(65)}}, "labels", id="more than 64 labels"),
+    pytest.param(with_change("model.hidden_size", 131072) | {"parallelism": {}, "resources": {}},
+                 "model.hidden_size", id="hidden size 131072"),
+    pytest.param(with_change("resources.gpus", 64), "resources.gpus", id="64 GPUs per rank"),
+    pytest.param(VALID | {"model": {**VALID["model"], "heads": 64}, "parallelism": {"tp": 64, "pp": 4, "dp": 64},
+                          "training": {"steps": 10, "global_batch_size": 64, "micro_batch_size": 1},
+                          "resources": {}}, "parallelism", id="16384 ranks"),
+    pytest.param(VALID | {"model": {"layers": 512, "hidden_size": 65536, "heads": 512}, "parallelism": {},
+                          "resources": {}}, "model", id="tens of trillions of parameters"),
+    # Full matches: a trailing newline (or any control character) is refused wherever a name or path goes.
+    pytest.param(VALID | {"labels": {"team\n": "infra"}}, "labels.team\n", id="label key with a trailing newline"),
+    pytest.param(VALID | {"labels": {"team": "infra\n"}}, "labels.team", id="label value with a trailing newline"),
+    pytest.param(with_change("kubernetes.node_selector", {"pool": "gpu\n"}), "kubernetes.node_selector.pool",
+                 id="node selector value with a trailing newline"),
+    pytest.param(with_change("env.FOO\n", "x"), "env.FOO\n", id="env name with a trailing newline"),
+    pytest.param(with_change("resources.memory", "16Gi\n"), "resources.memory", id="quantity with a newline"),
+    pytest.param(with_change("kubernetes.volume_claim", "data\n"), "kubernetes.volume_claim",
+                 id="claim with a trailing newline"),
+    pytest.param(with_change("kubernetes.priority_class", "high\n"), "kubernetes.priority_class",
+                 id="priority class with a trailing newline"),
+    pytest.param(with_change("kubernetes.image", "reg.example/t:1\n"), "kubernetes.image",
+                 id="image with a trailing newline"),
+    pytest.param(with_change("kubernetes.image", "x" * 513), "kubernetes.image", id="image too long"),
+    pytest.param(with_change("kubernetes.tolerations", [{"key": "gpu\n", "operator": "Exists"}]),
+                 "kubernetes.tolerations.0", id="toleration key with a trailing newline"),
+    pytest.param(with_change("data.path", "corpus\n.txt"), "data.path", id="data path with a newline"),
+    pytest.param(with_change("checkpoint.directory", "ckpt\n"), "checkpoint.directory",
+                 id="checkpoint directory with a newline"),
+    pytest.param(with_change("training.offload", {"mode": "interleaved", "profile": "h200\n"}),
+                 "training.offload.profile", id="profile with a trailing newline"),
+]
+
+# Values of the wrong type: refused, never converted (YAML's `true`, a quoted number). Not on the wire: the
+# proto's own types hold them there.
+WRONG_TYPES = [
+    pytest.param(with_change("training.steps", True), "training.steps", id="steps: true"),
+    pytest.param(with_change("training.steps", "100"), "training.steps", id="steps as a string"),
+    pytest.param(with_change("training.steps", 100.0), "training.steps", id="steps as a float"),
+    pytest.param(with_change("training.learning_rate", "0.1"), "training.learning_rate", id="a rate as a string"),
+    pytest.param(with_change("training.learning_rate", True), "training.learning_rate", id="a rate as a bool"),
+    pytest.param(with_change("checkpoint.async_save", "yes"), "checkpoint.async_save", id="a bool as a string"),
+    pytest.param(with_change("checkpoint.async_save", 1), "checkpoint.async_save", id="a bool as a number"),
+    pytest.param(with_change("env.DEBUG", 1), "env.DEBUG", id="env value as a number"),
+    pytest.param(with_change("labels.size", 3), "labels.size", id="label value as a number"),
+    pytest.param(VALID | {"name": 7}, "name", id="name as a number"),
 ]
 
 # Names a spec's env may not set: the launcher's, the loader's, the interpreter's and shell's, proxies, ours,
@@ -116,6 +165,31 @@ def test_bad_input_names_the_field(data, field):
     with pytest.raises(SpecError) as info:
         parse_spec(data)
     assert field in [v.field for v in info.value.violations], info.value.violations
+
+
+@pytest.mark.parametrize(("data", "field"), WRONG_TYPES)
+def test_values_of_the_wrong_type_are_refused_not_converted(data, field):
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert field in [v.field for v in info.value.violations], info.value.violations
+
+
+def test_a_float_field_takes_an_integer():
+    assert parse_spec(with_change("training.learning_rate", 1)).training.learning_rate == 1.0
+
+
+def test_bounds_at_their_limit_are_accepted():
+    spec = parse_spec(VALID | {"env": {f"V{i}": "x" * 500 for i in range(64)},
+                               "labels": {f"k{i}": "v" for i in range(64)}})
+    assert len(spec.env) == 64 and len(spec.labels) == 64
+    assert parse_spec(with_change("env.BIG", "x" * 4096)).env["BIG"] == "x" * 4096
+
+
+def test_an_overlong_input_is_not_echoed_whole():
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_change(f"env.{'A' * 100_000}", "x"))
+    assert all(len(v.field) <= 200 and len(v.description) <= 500 for v in info.value.violations)
+    assert len(str(info.value)) < 2000
 
 
 def test_every_violation_is_reported_at_once():

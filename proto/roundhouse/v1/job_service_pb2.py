@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from roundhouse.v1 import job_pb2 as roundhouse_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1froundhouse/v1/job_service.proto\x12\rroundhouse.v1\x1a\x17roundhouse/v1/job.proto\"8\n\x10\x43reateJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.roundhouse.v1.JobSpec\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xcc\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.roundhouse.v1.JobState\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.roundhouse.v1.ListJobsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.roundhouse.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x16ListCheckpointsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x17ListCheckpointsResponse\x12.\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x19.roundhouse.v1.Checkpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\x03\x12\x12\n\nafter_step\x18\x03 \x01(\x03\"\x7f\n\tJobUpdate\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.roundhouse.v1.Job\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.roundhouse.v1.Event\x12+\n\x07metrics\x18\x03 \x03(\x0b\x32\x1a.roundhouse.v1.MetricPoint\"\x88\x01\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x12\n\ntail_bytes\x18\x06 \x01(\x03\x12\x12\n\ntail_lines\x18\x07 \x01(\x03\"L\n\x08LogChunk\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\x32\x8e\x04\n\nJobService\x12@\n\tCreateJob\x12\x1f.roundhouse.v1.CreateJobRequest\x1a\x12.roundhouse.v1.Job\x12:\n\x06GetJob\x12\x1c.roundhouse.v1.GetJobRequest\x1a\x12.roundhouse.v1.Job\x12K\n\x08ListJobs\x12\x1e.roundhouse.v1.ListJobsRequest\x1a\x1f.roundhouse.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.roundhouse.v1.CancelJobRequest\x1a\x12.roundhouse.v1.Job\x12\x46\n\x08WatchJob\x12\x1e.roundhouse.v1.WatchJobRequest\x1a\x18.roundhouse.v1.JobUpdate0\x01\x12I\n\nStreamLogs\x12 .roundhouse.v1.StreamLogsRequest\x1a\x17.roundhouse.v1.LogChunk0\x01\x12`\n\x0fListCheckpoints\x12%.roundhouse.v1.ListCheckpointsRequest\x1a&.roundhouse.v1.ListCheckpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1froundhouse/v1/job_service.proto\x12\rroundhouse.v1\x1a\x17roundhouse/v1/job.proto\"8\n\x10\x43reateJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.roundhouse.v1.JobSpec\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xf2\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.roundhouse.v1.JobState\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.roundhouse.v1.ListJobsRequest.LabelsEntry\x12$\n\x04view\x18\x05 \x01(\x0e\x32\x16.roundhouse.v1.JobView\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.roundhouse.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x16ListCheckpointsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x17ListCheckpointsResponse\x12.\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x19.roundhouse.v1.Checkpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\x03\x12\x12\n\nafter_step\x18\x03 \x01(\x03\"\x7f\n\tJobUpdate\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.roundhouse.v1.Job\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.roundhouse.v1.Event\x12+\n\x07metrics\x18\x03 \x03(\x0b\x32\x1a.roundhouse.v1.MetricPoint\"\x88\x01\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x12\n\ntail_bytes\x18\x06 \x01(\x03\x12\x12\n\ntail_lines\x18\x07 \x01(\x03\"L\n\x08LogChunk\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02\x32\x8e\x04\n\nJobService\x12@\n\tCreateJob\x12\x1f.roundhouse.v1.CreateJobRequest\x1a\x12.roundhouse.v1.Job\x12:\n\x06GetJob\x12\x1c.roundhouse.v1.GetJobRequest\x1a\x12.roundhouse.v1.Job\x12K\n\x08ListJobs\x12\x1e.roundhouse.v1.ListJobsRequest\x1a\x1f.roundhouse.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.roundhouse.v1.CancelJobRequest\x1a\x12.roundhouse.v1.Job\x12\x46\n\x08WatchJob\x12\x1e.roundhouse.v1.WatchJobRequest\x1a\x18.roundhouse.v1.JobUpdate0\x01\x12I\n\nStreamLogs\x12 .roundhouse.v1.StreamLogsRequest\x1a\x17.roundhouse.v1.LogChunk0\x01\x12`\n\x0fListCheckpoints\x12%.roundhouse.v1.ListCheckpointsRequest\x1a&.roundhouse.v1.ListCheckpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTJOBSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBVIEW']._serialized_start=1126
+  _globals['_JOBVIEW']._serialized_end=1200
   _globals['_CREATEJOBREQUEST']._serialized_start=75
   _globals['_CREATEJOBREQUEST']._serialized_end=131
   _globals['_GETJOBREQUEST']._serialized_start=133
   _globals['_GETJOBREQUEST']._serialized_end=162
   _globals['_LISTJOBSREQUEST']._serialized_start=165
-  _globals['_LISTJOBSREQUEST']._serialized_end=369
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=324
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=369
-  _globals['_LISTJOBSRESPONSE']._serialized_start=371
-  _globals['_LISTJOBSRESPONSE']._serialized_end=448
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=450
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=529
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=531
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=629
-  _globals['_CANCELJOBREQUEST']._serialized_start=631
-  _globals['_CANCELJOBREQUEST']._serialized_end=663
-  _globals['_WATCHJOBREQUEST']._serialized_start=665
-  _globals['_WATCHJOBREQUEST']._serialized_end=740
-  _globals['_JOBUPDATE']._serialized_start=742
-  _globals['_JOBUPDATE']._serialized_end=869
-  _globals['_STREAMLOGSREQUEST']._serialized_start=872
-  _globals['_STREAMLOGSREQUEST']._serialized_end=1008
-  _globals['_LOGCHUNK']._serialized_start=1010
-  _globals['_LOGCHUNK']._serialized_end=1086
-  _globals['_JOBSERVICE']._serialized_start=1089
-  _globals['_JOBSERVICE']._serialized_end=1615
+  _globals['_LISTJOBSREQUEST']._serialized_end=407
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=362
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=407
+  _globals['_LISTJOBSRESPONSE']._serialized_start=409
+  _globals['_LISTJOBSRESPONSE']._serialized_end=486
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=488
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=567
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=569
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=667
+  _globals['_CANCELJOBREQUEST']._serialized_start=669
+  _globals['_CANCELJOBREQUEST']._serialized_end=701
+  _globals['_WATCHJOBREQUEST']._serialized_start=703
+  _globals['_WATCHJOBREQUEST']._serialized_end=778
+  _globals['_JOBUPDATE']._serialized_start=780
+  _globals['_JOBUPDATE']._serialized_end=907
+  _globals['_STREAMLOGSREQUEST']._serialized_start=910
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1046
+  _globals['_LOGCHUNK']._serialized_start=1048
+  _globals['_LOGCHUNK']._serialized_end=1124
+  _globals['_JOBSERVICE']._serialized_start=1203
+  _globals['_JOBSERVICE']._serialized_end=1729
 # @@protoc_insertion_point(module_scope)

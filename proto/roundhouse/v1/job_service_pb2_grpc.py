@@ -76,7 +76,8 @@ class JobServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateJob(self, request, context):
-        """ALREADY_EXISTS if a job of that name exists; INVALID_ARGUMENT naming the field for a bad spec.
+        """ALREADY_EXISTS if a job of that name exists; INVALID_ARGUMENT naming the field for a bad spec or one over
+        the server's limits; RESOURCE_EXHAUSTED (a google.rpc.QuotaFailure naming the field) over the owner's quota.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,7 +90,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Newest first.
+        """Newest first; each job in the request's view (BASIC unless FULL is asked for).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

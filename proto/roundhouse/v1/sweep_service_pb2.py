@@ -25,25 +25,27 @@ _sym_db = _symbol_database.Default()
 from roundhouse.v1 import sweep_pb2 as roundhouse_dot_v1_dot_sweep__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!roundhouse/v1/sweep_service.proto\x12\rroundhouse.v1\x1a\x19roundhouse/v1/sweep.proto\"<\n\x12\x43reateSweepRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.roundhouse.v1.SweepSpec\"\x1f\n\x0fGetSweepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11ListSweepsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x12ListSweepsResponse\x12$\n\x06sweeps\x18\x01 \x03(\x0b\x32\x14.roundhouse.v1.Sweep\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x43\x61ncelSweepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WatchSweepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xfb\x02\n\x0cSweepService\x12\x46\n\x0b\x43reateSweep\x12!.roundhouse.v1.CreateSweepRequest\x1a\x14.roundhouse.v1.Sweep\x12@\n\x08GetSweep\x12\x1e.roundhouse.v1.GetSweepRequest\x1a\x14.roundhouse.v1.Sweep\x12Q\n\nListSweeps\x12 .roundhouse.v1.ListSweepsRequest\x1a!.roundhouse.v1.ListSweepsResponse\x12\x46\n\x0b\x43\x61ncelSweep\x12!.roundhouse.v1.CancelSweepRequest\x1a\x14.roundhouse.v1.Sweep\x12\x46\n\nWatchSweep\x12 .roundhouse.v1.WatchSweepRequest\x1a\x14.roundhouse.v1.Sweep0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!roundhouse/v1/sweep_service.proto\x12\rroundhouse.v1\x1a\x19roundhouse/v1/sweep.proto\"<\n\x12\x43reateSweepRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.roundhouse.v1.SweepSpec\"\x1f\n\x0fGetSweepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"b\n\x11ListSweepsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x04view\x18\x03 \x01(\x0e\x32\x18.roundhouse.v1.SweepView\"S\n\x12ListSweepsResponse\x12$\n\x06sweeps\x18\x01 \x03(\x0b\x32\x14.roundhouse.v1.Sweep\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x43\x61ncelSweepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WatchSweepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*R\n\tSweepView\x12\x1a\n\x16SWEEP_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10SWEEP_VIEW_BASIC\x10\x01\x12\x13\n\x0fSWEEP_VIEW_FULL\x10\x02\x32\xfb\x02\n\x0cSweepService\x12\x46\n\x0b\x43reateSweep\x12!.roundhouse.v1.CreateSweepRequest\x1a\x14.roundhouse.v1.Sweep\x12@\n\x08GetSweep\x12\x1e.roundhouse.v1.GetSweepRequest\x1a\x14.roundhouse.v1.Sweep\x12Q\n\nListSweeps\x12 .roundhouse.v1.ListSweepsRequest\x1a!.roundhouse.v1.ListSweepsResponse\x12\x46\n\x0b\x43\x61ncelSweep\x12!.roundhouse.v1.CancelSweepRequest\x1a\x14.roundhouse.v1.Sweep\x12\x46\n\nWatchSweep\x12 .roundhouse.v1.WatchSweepRequest\x1a\x14.roundhouse.v1.Sweep0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundhouse.v1.sweep_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SWEEPVIEW']._serialized_start=430
+  _globals['_SWEEPVIEW']._serialized_end=512
   _globals['_CREATESWEEPREQUEST']._serialized_start=79
   _globals['_CREATESWEEPREQUEST']._serialized_end=139
   _globals['_GETSWEEPREQUEST']._serialized_start=141
   _globals['_GETSWEEPREQUEST']._serialized_end=172
   _globals['_LISTSWEEPSREQUEST']._serialized_start=174
-  _globals['_LISTSWEEPSREQUEST']._serialized_end=232
-  _globals['_LISTSWEEPSRESPONSE']._serialized_start=234
-  _globals['_LISTSWEEPSRESPONSE']._serialized_end=317
-  _globals['_CANCELSWEEPREQUEST']._serialized_start=319
-  _globals['_CANCELSWEEPREQUEST']._serialized_end=353
-  _globals['_WATCHSWEEPREQUEST']._serialized_start=355
-  _globals['_WATCHSWEEPREQUEST']._serialized_end=388
-  _globals['_SWEEPSERVICE']._serialized_start=391
-  _globals['_SWEEPSERVICE']._serialized_end=770
+  _globals['_LISTSWEEPSREQUEST']._serialized_end=272
+  _globals['_LISTSWEEPSRESPONSE']._serialized_start=274
+  _globals['_LISTSWEEPSRESPONSE']._serialized_end=357
+  _globals['_CANCELSWEEPREQUEST']._serialized_start=359
+  _globals['_CANCELSWEEPREQUEST']._serialized_end=393
+  _globals['_WATCHSWEEPREQUEST']._serialized_start=395
+  _globals['_WATCHSWEEPREQUEST']._serialized_end=428
+  _globals['_SWEEPSERVICE']._serialized_start=515
+  _globals['_SWEEPSERVICE']._serialized_end=894
 # @@protoc_insertion_point(module_scope)

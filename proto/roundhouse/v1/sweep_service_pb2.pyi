@@ -1,11 +1,21 @@
 from roundhouse.v1 import sweep_pb2 as _sweep_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SweepView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWEEP_VIEW_UNSPECIFIED: _ClassVar[SweepView]
+    SWEEP_VIEW_BASIC: _ClassVar[SweepView]
+    SWEEP_VIEW_FULL: _ClassVar[SweepView]
+SWEEP_VIEW_UNSPECIFIED: SweepView
+SWEEP_VIEW_BASIC: SweepView
+SWEEP_VIEW_FULL: SweepView
 
 class CreateSweepRequest(_message.Message):
     __slots__ = ("spec",)
@@ -20,12 +30,14 @@ class GetSweepRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListSweepsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "view")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    view: SweepView
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[SweepView, str]] = ...) -> None: ...
 
 class ListSweepsResponse(_message.Message):
     __slots__ = ("sweeps", "next_page_token")

@@ -67,7 +67,8 @@ class SweepServiceServicer:
 
     def CreateSweep(self, request, context):
         """ALREADY_EXISTS if the sweep, or a job with one of its trials' or its target's names, exists;
-        INVALID_ARGUMENT naming the field for a bad spec (nothing is written).
+        INVALID_ARGUMENT naming the field for a bad spec or one over the server's limits; RESOURCE_EXHAUSTED over the
+        owner's quota (nothing is written).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,7 +81,7 @@ class SweepServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSweeps(self, request, context):
-        """Newest first.
+        """Newest first; each sweep in the request's view (BASIC unless FULL is asked for).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
