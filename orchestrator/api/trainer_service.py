@@ -8,6 +8,7 @@ rank may report late, after buffering while the control plane was down, from an 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import grpc
@@ -18,6 +19,7 @@ from orchestrator.auth import bearer_token
 from orchestrator.lifecycle import record_event
 from orchestrator.service.access import rank_may_report
 from orchestrator.service.jobs import job_id
+from contract.metrics import MAX_PARAMETER_NAME, MAX_SIGMA_PARAMETERS
 from contract.spec import FieldViolation
 from orchestrator.store import Checkpoint, Database, Event, Job, JobState, Metric, RankStatus, utcnow
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
@@ -49,6 +51,9 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
     def ReportMetrics(self, request, context):
         with self.db.session() as session:
             job = self._authorized_job(session, request.job, request.attempt, context)
+            violations = _metric_report_violations(request)
+            if violations:
+                abort_invalid(context, violations)
             stop, reason = _should_stop(job, request.attempt)
             if not stop:
                 for point in request.points:
@@ -58,7 +63,8 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
                         val_loss=point.val_loss if point.HasField("val_loss") else None,
                         tokens_per_second=point.tokens_per_second, memory_bytes=point.memory_bytes,
                         learning_rate=point.learning_rate,
-                        time=point.time.ToDatetime() if point.HasField("time") else utcnow()))
+                        time=point.time.ToDatetime() if point.HasField("time") else utcnow(),
+                        sigma_max=_stored_sigma_max(point.sigma_max)))
                 trained = [p for p in request.points if p.HasField("loss")]
                 if trained:
                     newest = max(trained, key=lambda p: p.step)
@@ -99,6 +105,27 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
         if not rank_may_report(self.credential_key, job, attempt, bearer_token(context.invocation_metadata())):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential does not match this job and attempt")
         return job
+
+
+def _metric_report_violations(request) -> list[FieldViolation]:
+    """A point's top singular values are bounded (contract.metrics), so that every point stays small."""
+    out = []
+    for index, point in enumerate(request.points):
+        where = f"points[{index}].sigma_max"
+        if len(point.sigma_max) > MAX_SIGMA_PARAMETERS:
+            out.append(FieldViolation(where, f"at most {MAX_SIGMA_PARAMETERS} parameters per point, got "
+                                             f"{len(point.sigma_max)}"))
+        if any(not name or len(name) > MAX_PARAMETER_NAME for name in point.sigma_max):
+            out.append(FieldViolation(where, f"a parameter name must have 1 to {MAX_PARAMETER_NAME} characters"))
+    return out
+
+
+def _stored_sigma_max(values) -> dict[str, float | None] | None:
+    """The point's σ_max map as stored: None when it carries none; a value that is not finite (diverged
+    weights) as None, which JSON can hold on every database."""
+    if not values:
+        return None
+    return {name: value if math.isfinite(value) else None for name, value in values.items()}
 
 
 def _checkpoint_report_violations(request) -> list[FieldViolation]:
