@@ -129,7 +129,8 @@ const Dashboard = (() => {
       title: {text: "σ_max per matrix"}, margin: {l: 50, r: 10, t: 40, b: 40}, showlegend: names.length <= 16,
       xaxis: {title: {text: "step"}}, yaxis: {title: {text: "σ_max"}, type: "log"}},
       {displaylogo: false, responsive: true});
-    fill(document.querySelector("#sigma tbody"), Object.entries(newest.values), (row, [n, value]) => {
+    const byName = Object.entries(newest.values).sort(([a], [b]) => a.localeCompare(b, undefined, {numeric: true}));
+    fill(document.querySelector("#sigma tbody"), byName, (row, [n, value]) => {
       const first = sigma[n].find(p => p[1] !== null);
       cell(row, n);
       cell(row, value === null ? "not finite" : value.toPrecision(4));
