@@ -122,14 +122,15 @@ const Dashboard = (() => {
   function drawSigma(sigma, newest) {
     document.getElementById("sigma-section").hidden = false;
     document.getElementById("sigma-step").textContent = newest.step;
-    const names = Object.keys(sigma);
+    const byNumber = (a, b) => a.localeCompare(b, undefined, {numeric: true});  // blocks.2 before blocks.10
+    const names = Object.keys(sigma).sort(byNumber);
     const traces = names.map(n => ({x: sigma[n].map(p => p[0]), y: sigma[n].map(p => p[1]), name: n,
                                     mode: sigma[n].length > 40 ? "lines" : "lines+markers", type: "scatter"}));
     Plotly.react("chart-sigma", traces, {
       title: {text: "σ_max per matrix"}, margin: {l: 50, r: 10, t: 40, b: 40}, showlegend: names.length <= 16,
       xaxis: {title: {text: "step"}}, yaxis: {title: {text: "σ_max"}, type: "log"}},
       {displaylogo: false, responsive: true});
-    const byName = Object.entries(newest.values).sort(([a], [b]) => a.localeCompare(b, undefined, {numeric: true}));
+    const byName = Object.entries(newest.values).sort(([a], [b]) => byNumber(a, b));
     fill(document.querySelector("#sigma tbody"), byName, (row, [n, value]) => {
       const first = sigma[n].find(p => p[1] !== null);
       cell(row, n);
