@@ -116,6 +116,9 @@ class MupSpec(_Section):
     zero_init_readout: bool = False
     # Weight decay of matrix-like weights ∝ width^e: 1 keeps η·λ constant (the default), 0.5 and 0 allowed.
     weight_decay_exponent: float = Field(1.0, ge=0, le=1)
+    # The diagnostic: rank 0 reports each matrix's top singular value every this many steps (and at the last
+    # step) as metrics; 0: never. It changes nothing in training, so a checkpoint does not record it.
+    sigma_every_steps: int = Field(50, ge=0, le=MAX_STEPS)
 
 
 class ModelSpec(_Section):

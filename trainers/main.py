@@ -4,7 +4,8 @@ Every job runs as tp × pp × dp ranks training one GPT together (trainers.paral
 split): megatron-core's tensor-parallel layers (trainers.model) in a DeepSpeed pipeline with ZeRO-1 over data
 parallelism (trainers.pipeline), on CPU with gloo or on GPUs with NCCL. Each step trains on one global batch
 (trainers.data), split across the data-parallel ranks and, within a rank, into micro-batches. Rank 0 prints
-one line per step and queues one metric point per step for the control plane (trainers.reporting).
+one line per step and queues one metric point per step for the control plane (trainers.reporting); under µP
+every `model.mup.sigma_every_steps` steps that point also carries each matrix's top singular value.
 
 The environment contract is contract.rank_env; what the rank makes of it (spec, test hooks, the paths it may
 open) is trainers.env. Exit codes:
@@ -35,12 +36,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from contract.metrics import MAX_SIGMA_PARAMETERS
 from contract.spec import JobSpec
 from roundhouse.v1 import job_pb2, trainer_service_pb2 as ts
 from trainers import parallel
 from trainers.checkpoint import Checkpointer, Manifest
-from trainers.model import GPTConfig, parameter_table
-from trainers.mup import record as parametrization_record
+from trainers.model import GPTConfig, global_named_parameters, parameter_table
+from trainers.mup import record as parametrization_record, reported_matrices, top_singular_values
 from trainers.optimizer_state import ZeroOneOptimizerState
 from trainers.data import TextData
 from trainers.indexed_dataset import TokenWindows, open_dataset
@@ -117,6 +119,7 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                   f"per step, {f'resuming after step {start}' if start else 'from the start'}", flush=True)
         describe_offload(engine, t.offload.mode, rank0)
         reporter.set_step(start)
+        sigma_every = spec.model.mup.sigma_every_steps if spec.model.mup is not None else 0
         training_started = time.perf_counter()
 
         for step in range(start + 1, t.steps + 1):
@@ -145,13 +148,21 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
             val_loss = None
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 val_loss = evaluate(engine, data, dims, t.global_batch_size, t.micro_batch_size)
+            sigma_max = None
+            if sigma_every and (step % sigma_every == 0 or step == t.steps):
+                sigma_max = top_singular_values_of_model(engine, spec, dims)  # reads the weights, changes nothing
             if rank0:
                 print(f"step {step}/{t.steps} loss {loss:.9g} lr {lr:.1e} tok/s {tokens_per_second:.0f}",
                       flush=True)
                 if val_loss is not None:
                     print(f"step {step}/{t.steps} val_loss {val_loss:.6f}", flush=True)
+                if sigma_max:
+                    largest = max(sigma_max, key=sigma_max.get)
+                    print(f"step {step}/{t.steps} sigma_max of {len(sigma_max)} matrices: largest {largest} "
+                          f"{sigma_max[largest]:.4g}", flush=True)
                 reporter.add_point(metric_point(step, env.attempt, env.rank, loss=loss, val_loss=val_loss,
-                                                tokens_per_second=tokens_per_second, learning_rate=lr))
+                                                tokens_per_second=tokens_per_second, learning_rate=lr,
+                                                sigma_max=sigma_max))
             if checkpointer is not None:
                 interval = spec.checkpoint.interval
                 last = step == t.steps
@@ -251,6 +262,30 @@ def count_parameters(engine, dims: ParallelDims) -> int:
         dist.all_reduce(local)
         local /= dims.dp
     return int(local.item())
+
+
+def top_singular_values_of_model(engine, spec: JobSpec, dims: ParallelDims) -> dict[str, float] | None:
+    """µP's diagnostic: σ_max of each reported matrix (trainers.mup.reported_matrices) at its global shape, in
+    the parameter table's order, on rank 0 (None elsewhere). Each stage's tensor-parallel group computes its own
+    matrices (data-parallel replicas hold the same weights, so only the first does), then rank 0 gathers them.
+    A collective: every rank calls it at the same step. It only reads the weights and draws from its own
+    generator, so training goes on exactly as without it."""
+    from megatron.core import parallel_state
+
+    table = parameter_table(GPTConfig.from_spec(spec.model))
+    reported = set(reported_matrices(table, MAX_SIGMA_PARAMETERS))
+    values: dict[str, float] = {}
+    if dims.dp_rank == 0:
+        held = [(name, param) for name, param in global_named_parameters(engine.module) if name in reported]
+        values = top_singular_values(held, table, parallel_state.get_tensor_model_parallel_group())
+    if dist.get_world_size() > 1:
+        rank0 = dist.get_rank() == 0
+        parts: list[dict[str, float]] | None = [{} for _ in range(dist.get_world_size())] if rank0 else None
+        dist.gather_object(values if dims.tp_rank == 0 else {}, parts, dst=0)
+        if not rank0:
+            return None
+        values = {name: value for part in parts for name, value in part.items()}
+    return {name: values[name] for name in table if name in values}
 
 
 @torch.no_grad()

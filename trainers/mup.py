@@ -18,7 +18,8 @@ by Proper Weight Decay Tuning"; eps shrinks with the gradients of matrix-like we
 keeps the same size relative to them.
 
 `top_singular_value` is that paper's diagnostic: σ_max of a weight at its global shape, by power iteration on
-tensor-parallel shards."""
+tensor-parallel shards; `reported_matrices` says which matrices a metric point carries it for (trainers.main
+reports them every `model.mup.sigma_every_steps` steps)."""
 
 from __future__ import annotations
 
@@ -136,7 +137,9 @@ def top_singular_value(local: torch.Tensor, shard_dim: int | None, group=None, i
             dist.all_reduce(x, group=group)
         return x
 
-    vector = torch.randn(block.shape[1], generator=torch.Generator().manual_seed(seed))
+    # Drawn on the CPU from its own generator (the same on every rank, and torch's global RNG is left alone),
+    # then moved beside the weight.
+    vector = torch.randn(block.shape[1], generator=torch.Generator().manual_seed(seed)).to(block.device)
     vector /= vector.norm()
     for _ in range(iterations):
         vector = summed(block.t() @ (block @ vector))
@@ -155,3 +158,23 @@ def top_singular_values(parameters, table, group=None, iterations: int = 20) -> 
     names (the same pipeline stage) and calls this at the same step."""
     return {name: top_singular_value(param, table[name].shard_dim, group, iterations)
             for name, param in parameters if len(table[name].shape) == 2}
+
+
+def reported_matrices(table, cap: int) -> list[str]:
+    """The global names of the matrices whose σ_max is reported, in table order: every 2-D parameter when
+    there are at most `cap`; otherwise those outside the blocks (embeddings, readout) and the matrices of as
+    many whole blocks as fit, evenly spaced from the first block to the last. A function of the parameter
+    table alone, so every rank picks the same names."""
+    matrices = [name for name, row in table.items() if len(row.shape) == 2]
+    if len(matrices) <= cap:
+        return matrices
+
+    def block_of(name: str) -> int | None:
+        return int(name.split(".")[1]) if name.startswith("blocks.") else None
+
+    outside = [name for name in matrices if block_of(name) is None]
+    layers = 1 + max(block_of(name) for name in matrices if block_of(name) is not None)
+    per_block = (len(matrices) - len(outside)) // layers
+    fit = max(1, (cap - len(outside)) // per_block)
+    kept = {0} if fit == 1 else {round(i * (layers - 1) / (fit - 1)) for i in range(fit)}
+    return [name for name in matrices if block_of(name) is None or block_of(name) in kept]

@@ -1,7 +1,9 @@
 """The rank's agent: talks to the control plane's TrainerService from a background thread.
 
 Every rank heartbeats about once a second with the step it has finished; rank 0 also queues one MetricPoint
-per step, sent in batches, and one report per checkpoint event (committed, restored, rejected, removed).
+per step (with µP's top singular values every `model.mup.sigma_every_steps` steps), sent in batches of at most
+MAX_POINTS_PER_CALL points and MAX_BYTES_PER_CALL bytes, and one report per checkpoint event (committed,
+restored, rejected, removed).
 Training never waits on the control plane and never sees its errors:
 
 - A failed call is logged once per outage (from the first failure to the next success), then retried on the
@@ -32,6 +34,7 @@ METRICS_INTERVAL = 0.5
 RPC_TIMEOUT = 2.0
 MAX_PENDING = 4096
 MAX_POINTS_PER_CALL = 512
+MAX_BYTES_PER_CALL = 1 << 20  # well under gRPC's 4 MiB message limit, whatever the points carry
 FLUSH_TIMEOUT = 5.0
 # Reconnect quickly once the control plane is back (gRPC's default backoff grows to two minutes).
 _CHANNEL_OPTIONS = [
@@ -46,9 +49,13 @@ def peak_rss_bytes() -> int:
 
 
 def metric_point(step: int, attempt: int, rank: int, *, loss: float | None = None, val_loss: float | None = None,
-                 tokens_per_second: float = 0.0, learning_rate: float = 0.0) -> job_pb2.MetricPoint:
+                 tokens_per_second: float = 0.0, learning_rate: float = 0.0,
+                 sigma_max: dict[str, float] | None = None) -> job_pb2.MetricPoint:
+    """`sigma_max`: each matrix's top singular value by global name (at most
+    contract.metrics.MAX_SIGMA_PARAMETERS of them: trainers.mup.reported_matrices picks them)."""
     point = job_pb2.MetricPoint(step=step, attempt=attempt, rank=rank, tokens_per_second=tokens_per_second,
-                                memory_bytes=peak_rss_bytes(), learning_rate=learning_rate)
+                                memory_bytes=peak_rss_bytes(), learning_rate=learning_rate,
+                                sigma_max=sigma_max or {})
     if loss is not None:
         point.loss = loss
     if val_loss is not None:
@@ -207,7 +214,7 @@ class Reporter:
         """Sends the queued points, oldest first; False when a call failed (the points stay queued)."""
         while True:
             with self._lock:
-                batch = list(itertools.islice(self._pending, MAX_POINTS_PER_CALL))
+                batch = first_batch(self._pending, MAX_POINTS_PER_CALL, MAX_BYTES_PER_CALL)
             if not batch:
                 return True
             request = ts.ReportMetricsRequest(job=self.job, attempt=self.attempt, rank=self.rank,
@@ -251,6 +258,18 @@ def _channel(server: str, server_ca: str | None, client_cert: str | None, client
                                                    client_cert and client_cert.encode())
         return grpc.secure_channel(server, credentials, options=_CHANNEL_OPTIONS)
     return grpc.insecure_channel(server, options=_CHANNEL_OPTIONS)
+
+
+def first_batch(pending, max_points: int, max_bytes: int) -> list[tuple[int, job_pb2.MetricPoint]]:
+    """The oldest queued (sequence, point) pairs that fit in one call: at most `max_points` points and
+    `max_bytes` bytes of them, but always at least one (a point alone is bounded by contract.metrics)."""
+    batch, size = [], 0
+    for item in itertools.islice(pending, max_points):
+        size += item[1].ByteSize()
+        if batch and size > max_bytes:
+            break
+        batch.append(item)
+    return batch
 
 
 def make_reporter(env: RankEnv) -> ReporterLike:

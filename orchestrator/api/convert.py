@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -107,4 +108,5 @@ def metric_to_proto(metric: store.Metric) -> job_pb2.MetricPoint:
         memory_bytes=metric.memory_bytes,
         learning_rate=metric.learning_rate,
         time=timestamp(metric.time),
+        sigma_max={name: math.nan if value is None else value for name, value in (metric.sigma_max or {}).items()},
     )

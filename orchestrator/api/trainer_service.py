@@ -11,6 +11,7 @@ them while it has not ended (a rank stopping on SIGTERM commits one last checkpo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import grpc
@@ -22,6 +23,7 @@ from orchestrator.heartbeats import Heartbeats
 from orchestrator.lifecycle import record_event
 from orchestrator.service.access import rank_may_report
 from orchestrator.service.jobs import job_id
+from contract.metrics import MAX_PARAMETER_NAME, MAX_SIGMA_PARAMETERS
 from contract.spec import FieldViolation
 from orchestrator.store import AttemptState, Checkpoint, Database, Event, Job, JobState, Metric, utcnow
 from roundhouse.v1 import trainer_service_pb2, trainer_service_pb2_grpc
@@ -51,6 +53,9 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
     def ReportMetrics(self, request, context):
         with self.db.read() as session:
             self._admitted_job(session, request, context)
+        violations = _metric_report_violations(request)
+        if violations:  # before anything is written
+            abort_invalid(context, violations)
         with self.db.session() as session:
             job = self._admitted_job(session, request, context)
             stop, reason = _should_stop(job, request.attempt)
@@ -62,7 +67,8 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
                         val_loss=point.val_loss if point.HasField("val_loss") else None,
                         tokens_per_second=point.tokens_per_second, memory_bytes=point.memory_bytes,
                         learning_rate=point.learning_rate,
-                        time=point.time.ToDatetime() if point.HasField("time") else utcnow()))
+                        time=point.time.ToDatetime() if point.HasField("time") else utcnow(),
+                        sigma_max=_stored_sigma_max(point.sigma_max)))
                 trained = [p for p in request.points if p.HasField("loss")]
                 if trained:
                     newest = max(trained, key=lambda p: p.step)
@@ -118,6 +124,27 @@ class TrainerService(trainer_service_pb2_grpc.TrainerServiceServicer):
         if not 0 <= request.rank < attempt.world_size:
             abort_field(context, "rank", f"must be in [0, {attempt.world_size}) for attempt {attempt.number}")
         return job
+
+
+def _metric_report_violations(request) -> list[FieldViolation]:
+    """A point's top singular values are bounded (contract.metrics), so that every point stays small."""
+    out = []
+    for index, point in enumerate(request.points):
+        where = f"points[{index}].sigma_max"
+        if len(point.sigma_max) > MAX_SIGMA_PARAMETERS:
+            out.append(FieldViolation(where, f"at most {MAX_SIGMA_PARAMETERS} parameters per point, got "
+                                             f"{len(point.sigma_max)}"))
+        if any(not name or len(name) > MAX_PARAMETER_NAME for name in point.sigma_max):
+            out.append(FieldViolation(where, f"a parameter name must have 1 to {MAX_PARAMETER_NAME} characters"))
+    return out
+
+
+def _stored_sigma_max(values) -> dict[str, float | None] | None:
+    """The point's σ_max map as stored: None when it carries none; a value that is not finite (diverged
+    weights) as None, which JSON can hold on every database."""
+    if not values:
+        return None
+    return {name: value if math.isfinite(value) else None for name, value in values.items()}
 
 
 def _checkpoint_report_violations(request) -> list[FieldViolation]:

@@ -313,11 +313,19 @@ def _job_detail(session, job: Job, principal: Principal, after_metric: int, now:
                    "heartbeat_age_seconds": round((now - r.last_heartbeat).total_seconds(), 1)}
                   for r in job_queries.ranks_of(session, job)],
         "world_size": attempt.world_size if attempt else 0,
-        "metrics": [{"id": m.id, "attempt": m.attempt, "step": m.step, "loss": m.loss, "val_loss": m.val_loss,
-                     "tokens_per_second": m.tokens_per_second, "memory_bytes": m.memory_bytes}
-                    for m in job_queries.metrics_after(session, job, after_metric, METRIC_BATCH)],
+        "metrics": [_metric(m) for m in job_queries.metrics_after(session, job, after_metric, METRIC_BATCH)],
         "metric_batch": METRIC_BATCH,  # a full batch: more points follow (ask again after the last id)
     }
+
+
+def _metric(m) -> dict:
+    """A metric point for the job page's curves; `sigma_max` (µP's top singular values by parameter name, null
+    where not finite) only on the steps that carry it."""
+    point = {"id": m.id, "attempt": m.attempt, "step": m.step, "loss": m.loss, "val_loss": m.val_loss,
+             "tokens_per_second": m.tokens_per_second, "memory_bytes": m.memory_bytes}
+    if m.sigma_max:
+        point["sigma_max"] = m.sigma_max
+    return point
 
 
 def _job_summary(job: Job, now: datetime) -> dict:

@@ -117,9 +117,35 @@ const Dashboard = (() => {
     "chart-memory": {title: "Memory (MiB, rank 0 peak)", y: "MiB", series: [["memory_mib", "memory"]]},
   };
 
+  // µP's top singular values: one trace per matrix over steps (a legend only while it stays readable), and a
+  // table of the newest value of each against its first.
+  function drawSigma(sigma, newest) {
+    document.getElementById("sigma-section").hidden = false;
+    document.getElementById("sigma-step").textContent = newest.step;
+    const byNumber = (a, b) => a.localeCompare(b, undefined, {numeric: true});  // blocks.2 before blocks.10
+    const names = Object.keys(sigma).sort(byNumber);
+    const traces = names.map(n => ({x: sigma[n].map(p => p[0]), y: sigma[n].map(p => p[1]), name: n,
+                                    mode: sigma[n].length > 40 ? "lines" : "lines+markers", type: "scatter"}));
+    Plotly.react("chart-sigma", traces, {
+      title: {text: "σ_max per matrix"}, margin: {l: 50, r: 10, t: 40, b: 40}, showlegend: names.length <= 16,
+      xaxis: {title: {text: "step"}}, yaxis: {title: {text: "σ_max"}, type: "log"}},
+      {displaylogo: false, responsive: true});
+    const byName = Object.entries(newest.values).sort(([a], [b]) => byNumber(a, b));
+    fill(document.querySelector("#sigma tbody"), byName, (row, [n, value]) => {
+      const first = sigma[n].find(p => p[1] !== null);
+      cell(row, n);
+      cell(row, value === null ? "not finite" : value.toPrecision(4));
+      cell(row, first ? first[1].toPrecision(4) + " (step " + first[0] + ")" : "—");
+      cell(row, first && value !== null && first[1] ? (value / first[1]).toFixed(2) : "—");
+    });
+  }
+
   function jobPage(name) {
     let afterMetric = 0;
     const points = {loss: [], val_loss: [], tokens_per_second: [], memory_mib: []};
+    const sigma = {};  // parameter name -> [[step, σ_max or null], ...]
+    let sigmaNewest = null;  // {step, values}: the newest point that carried σ_max
+    let sigmaChanged = false;
     let logRank = null;
     const base = "/api/jobs/" + encodeURIComponent(name);
 
@@ -209,10 +235,16 @@ const Dashboard = (() => {
         if (m.val_loss !== null) points.val_loss.push([m.step, m.val_loss]);
         if (m.loss !== null) points.tokens_per_second.push([m.step, m.tokens_per_second]);
         if (m.memory_bytes) points.memory_mib.push([m.step, m.memory_bytes / 1048576]);
+        if (m.sigma_max) {
+          for (const [n, value] of Object.entries(m.sigma_max)) (sigma[n] = sigma[n] || []).push([m.step, value]);
+          sigmaNewest = {step: m.step, values: m.sigma_max};
+          sigmaChanged = true;
+        }
         afterMetric = m.id;
       }
       const more = data.metrics.length === data.metric_batch;
       if (!more && (data.metrics.length || !document.getElementById("chart-loss").data)) drawCharts();
+      if (!more && sigmaChanged) { drawSigma(sigma, sigmaNewest); sigmaChanged = false; }
       if (!more) await refreshLog();
       return more;
     });

@@ -181,6 +181,9 @@ class Metric(Base):
     memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     learning_rate: Mapped[float] = mapped_column(Float, default=0.0)
     time: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # µP's diagnostic, on the steps that carry it: {global parameter name: top singular value, or None where it
+    # was not finite}, at most contract.metrics.MAX_SIGMA_PARAMETERS entries.
+    sigma_max: Mapped[dict[str, float | None] | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (Index("ix_metrics_job_step", "job_name", "step"),)
 

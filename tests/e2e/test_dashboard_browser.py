@@ -49,10 +49,13 @@ def admin(plane):
 
 @pytest.fixture(scope="module")
 def running_job(plane, admin):
-    """A tiny GPT on two data-parallel ranks, long enough to watch it advance; the last test cancels it."""
+    """A tiny GPT on two data-parallel ranks, long enough to watch it advance; the last test cancels it. Under µP
+    at its base width (the standard parametrization's numbers, as no weight decay is set), so that it reports
+    σ_max every 10 steps."""
     spec = spec_to_proto(parse_spec({
         "name": JOB, "labels": {"team": "ml-infra"},
-        "model": {"layers": 2, "hidden_size": 32, "heads": 2, "seq_length": 32},
+        "model": {"layers": 2, "hidden_size": 32, "heads": 2, "seq_length": 32,
+                  "mup": {"base_hidden_size": 32, "sigma_every_steps": 10}},
         "parallelism": {"dp": 2},
         "training": {"steps": 5000, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": 10},
         "checkpoint": {"interval": 20}}))
@@ -173,6 +176,11 @@ def test_list_and_job_page_show_the_running_job_and_update_live(browser, plane, 
     assert page.locator("#ranks tbody tr").count() == 2
     page.locator("#ranks .show-log").first.click()
     page.wait_for_function("() => /step \\d+\\/5000 loss/.test(document.getElementById('log').textContent)")
+    # µP's σ_max: a row per matrix (token and position embeddings, 4 per block, the readout) and a trace each.
+    page.wait_for_function("() => document.querySelectorAll('#sigma tbody tr').length === 11", timeout=DEADLINE * 1000)
+    assert page.locator("#sigma-section").is_visible()
+    assert "blocks.1.mlp.proj.weight" in page.locator("#sigma tbody").inner_text()
+    assert page.evaluate("() => document.getElementById('chart-sigma').data.length") == 11
     page.screenshot(path=ARTIFACTS / "dashboard-job.png", full_page=True)
     page.context.close()
 

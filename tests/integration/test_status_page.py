@@ -224,3 +224,21 @@ def test_an_owner_who_is_not_an_admin_may_cancel_their_own_job_both_ways(client,
     job = client.jobs.CancelJob(js.CancelJobRequest(name="jobs/owned-too"),
                                 metadata=[("authorization", f"Bearer {owner}")])
     assert job.cancel_requested and job.owner == "owner"
+
+
+def test_the_job_page_shows_the_sigma_max_of_the_steps_that_carry_it(client, api_plane):
+    create(client, "mup")
+    sigma = {"blocks.0.attn.qkv.weight": 1.5, "head.out.weight": None}  # None: not finite when reported
+    with api_plane.db.session() as session:
+        session.execute(insert(Metric), [{"job_name": "mup", "attempt": 1, "rank": 0, "step": step, "loss": 5.0 / step,
+                                          "sigma_max": sigma if step % 5 == 0 else None} for step in range(1, 11)])
+    base = f"http://127.0.0.1:{api_plane.http_port}"
+    auth = {"Authorization": f"Bearer {client.token}"}
+    body = httpx.get(f"{base}/api/jobs/mup", headers=auth).json()
+    assert [(m["step"], m.get("sigma_max")) for m in body["metrics"] if "sigma_max" in m] == [(5, sigma), (10, sigma)]
+    assert len(body["metrics"]) == 10
+    # The page's shell holds the section the script fills (shown once a point carries σ_max).
+    page = httpx.get(f"{base}/jobs/mup", headers=auth).text
+    assert 'id="sigma-section"' in page and 'id="chart-sigma"' in page and '<table id="sigma">' in page
+    script = httpx.get(f"{base}/static/dashboard.js").text
+    assert "m.sigma_max" in script and "drawSigma" in script

@@ -1,16 +1,21 @@
 """TrainerService over real gRPC on both databases: what rank 0 tells about checkpoints becomes rows, the
 job's checkpoint step and events; a report counts only while its attempt has not ended, from a rank within its
-world, and a refusal writes nothing and waits for no lock. Heartbeats are kept in memory and summarized."""
+world, and a refusal writes nothing and waits for no lock. Heartbeats are kept in memory and summarized.
+ReportMetrics: µP's σ_max values are stored with their point, bounded per point, and a point over the bound is
+refused."""
 
 from __future__ import annotations
+
+import math
 
 import grpc
 import pytest
 from sqlalchemy import select
 
 from orchestrator.auth import job_token, rank_credential_key
+from contract.metrics import MAX_PARAMETER_NAME, MAX_SIGMA_PARAMETERS
 from contract.spec import parse_spec, spec_to_proto
-from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job, RankStatus
+from orchestrator.store import Attempt, AttemptState, Checkpoint, Event, Job, Metric, RankStatus
 from roundhouse.v1 import job_pb2, job_service_pb2 as js, trainer_service_pb2 as ts, trainer_service_pb2_grpc
 from tests.support.waiting import DEADLINE
 
@@ -45,6 +50,15 @@ class Ranks:
         request = ts.ReportCheckpointRequest(job="jobs/ckpt", attempt=attempt, rank=0, event=event, step=step,
                                              layout=layout, **fields)
         return self.stub.ReportCheckpoint(request, metadata=[("authorization", f"Bearer {token}")])
+
+    def report_metrics(self, *points: job_pb2.MetricPoint, attempt: int = 2) -> ts.ReportMetricsResponse:
+        token = job_token(self.key, self.uid, attempt)
+        request = ts.ReportMetricsRequest(job="jobs/ckpt", attempt=attempt, rank=0, points=points)
+        return self.stub.ReportMetrics(request, metadata=[("authorization", f"Bearer {token}")])
+
+    def metrics(self) -> list[Metric]:
+        with self.plane.db.read() as session:
+            return session.scalars(select(Metric).order_by(Metric.id)).all()
 
     def job(self) -> job_pb2.Job:
         return self.client.jobs.GetJob(js.GetJobRequest(name="jobs/ckpt"), metadata=self.client.metadata)
@@ -269,3 +283,36 @@ def test_heartbeats_stay_in_memory_until_the_summary_and_the_hang_check_sees_the
         row = session.get(RankStatus, ("ckpt", 2, 2))
         assert (row.step, row.last_heartbeat) == (7, when)
     assert heartbeats.beats("ckpt", 2) == {2: (when, 7)}  # now from the database
+
+
+# -- metrics: µP's σ_max -------------------------------------------------------------------------------------
+
+def test_sigma_max_is_stored_with_its_point_and_read_back_as_sent(ranks):
+    from orchestrator.api.convert import metric_to_proto
+
+    sigma = {"blocks.0.attn.qkv.weight": 1.5, "blocks.0.mlp.fc.weight": 2.25, "head.out.weight": math.nan}
+    ranks.report_metrics(job_pb2.MetricPoint(step=49, loss=3.0),
+                         job_pb2.MetricPoint(step=50, loss=2.9, sigma_max=sigma))
+    plain, carrying = ranks.metrics()
+    assert plain.sigma_max is None
+    # A value that is not finite (diverged weights) is kept as null, which JSON holds on every database.
+    assert carrying.sigma_max == {"blocks.0.attn.qkv.weight": 1.5, "blocks.0.mlp.fc.weight": 2.25,
+                                  "head.out.weight": None}
+    assert ranks.job().current_step == 50
+    back = dict(metric_to_proto(carrying).sigma_max)
+    assert back["blocks.0.attn.qkv.weight"] == 1.5 and math.isnan(back["head.out.weight"])
+    assert len(metric_to_proto(plain).sigma_max) == 0
+
+
+@pytest.mark.parametrize(("sigma", "why"), [
+    ({f"blocks.{i}.attn.qkv.weight": 1.0 for i in range(MAX_SIGMA_PARAMETERS + 1)}, "at most 64 parameters"),
+    ({"x" * (MAX_PARAMETER_NAME + 1): 1.0}, "a parameter name must have 1 to 64 characters"),
+    ({"": 1.0}, "a parameter name must have 1 to 64 characters"),
+])
+def test_a_point_over_the_sigma_max_bounds_is_invalid_argument_and_nothing_is_written(ranks, sigma, why):
+    with pytest.raises(grpc.RpcError) as info:
+        ranks.report_metrics(job_pb2.MetricPoint(step=1, loss=3.0),
+                             job_pb2.MetricPoint(step=2, loss=2.9, sigma_max=sigma))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "points[1].sigma_max" in info.value.details() and why in info.value.details()
+    assert ranks.metrics() == [] and ranks.job().current_step == 0

@@ -1,6 +1,7 @@
 """µP (trainers.mup, `model.mup`): the spec section; the parameter table's rules from global shapes (init std,
 learning-rate, eps and weight-decay multipliers), the same optimizer groups at tp = 1, 2 and 4; the attention
-and logit scales; σ_max by power iteration on tensor-parallel shards; checkpoints that record the
+and logit scales; σ_max by power iteration on tensor-parallel shards, which matrices a metric point reports,
+and that computing it changes no weight and no random state; checkpoints that record the
 parametrization and refuse to resume under another. The multi-rank runs (layout parity with µP on, resumes)
 are marked slow."""
 
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 from contract.spec import ModelSpec, SpecError, TrainingSpec, parse_spec, spec_from_proto, spec_to_proto
 from trainers.model import EMBEDDING, INIT_STD, MATRIX, READOUT, VECTOR, GPTConfig, parameter_table
 from trainers.mup import (MupConfig, attention_scale, output_scale, parametrization_mismatch, record,
-                          top_singular_value)
+                          reported_matrices, top_singular_value, top_singular_values)
 from trainers.optim import EPS, param_groups
 
 from tests.unit.test_parameter_table import describe, stage_parameters
@@ -41,6 +42,7 @@ def test_the_mup_section_fills_its_defaults_and_travels_through_the_proto():
     mup = spec.model.mup
     assert (mup.base_hidden_size, mup.base_head_dim, mup.output_multiplier, mup.attention_multiplier,
             mup.zero_init_readout, mup.weight_decay_exponent) == (32, None, 1.0, 1.0, False, 1.0)
+    assert mup.sigma_every_steps == 50
     assert MupConfig.from_spec(spec.model).base_head_dim == 8  # base_hidden_size / heads
     assert spec_from_proto(spec_to_proto(spec)) == spec
     assert parse_spec({"name": "m"}).model.mup is None
@@ -52,6 +54,7 @@ def test_the_mup_section_fills_its_defaults_and_travels_through_the_proto():
     ({"base_hidden_size": 32, "base_head_dim": 6}, "model.mup.base_head_dim"),
     ({"base_hidden_size": 32, "weight_decay_exponent": 2}, "model.mup.weight_decay_exponent"),
     ({"base_hidden_size": 32, "output_multiplier": 0}, "model.mup.output_multiplier"),
+    ({"base_hidden_size": 32, "sigma_every_steps": -1}, "model.mup.sigma_every_steps"),
     ({"base_hidden_size": 32, "width": 3}, "model.mup.width"),
 ])
 def test_a_bad_mup_section_names_its_field(mup, field):
@@ -169,6 +172,35 @@ def test_top_singular_values_of_a_stage_cover_its_matrices():
     for name, param in parameters:
         if name in values:
             assert values[name] == pytest.approx(torch.linalg.matrix_norm(param.data, ord=2).item(), rel=1e-3), name
+
+
+def test_computing_sigma_max_changes_no_weight_and_no_random_state():
+    parameters = stage_parameters(config(2 * BASE), 1, ("embedding.", "blocks.", "head."))
+    generator = torch.Generator().manual_seed(4)
+    for _, param in parameters:
+        param.data.normal_(generator=generator)
+    before = [param.detach().clone() for _, param in parameters]
+    rng = torch.get_rng_state()
+    top_singular_values(parameters, parameter_table(config(2 * BASE)))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(param, saved) for (_, param), saved in zip(parameters, before))
+
+
+def test_every_matrix_is_reported_while_they_fit_then_evenly_spaced_whole_blocks():
+    small = parameter_table(config(BASE))
+    matrices = [name for name, row in small.items() if len(row.shape) == 2]
+    assert reported_matrices(small, 64) == matrices
+    assert len(matrices) == 3 + 4 * 2  # token and position embeddings, readout; qkv, proj, fc, proj per block
+
+    deep = parameter_table(config(BASE, layers=40))  # 163 matrices
+    picked = reported_matrices(deep, 64)
+    assert len(picked) <= 64
+    blocks = sorted({int(name.split(".")[1]) for name in picked if name.startswith("blocks.")})
+    assert blocks[0] == 0 and blocks[-1] == 39 and len(blocks) == (64 - 3) // 4
+    assert all(f"blocks.{b}.{suffix}" in picked for b in blocks
+               for suffix in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight"))
+    assert {"embedding.tokens.weight", "embedding.positions.weight", "head.out.weight"} <= set(picked)
+    assert picked == [name for name in deep if name in picked]  # in table order
 
 
 def _sharded_sigma(rank: int, world: int, port: int, weight: torch.Tensor, results) -> None:

@@ -107,20 +107,22 @@ class ModelSpec(_message.Message):
     def __init__(self, layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., heads: _Optional[int] = ..., seq_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., norm: _Optional[str] = ..., mlp: _Optional[str] = ..., positions: _Optional[str] = ..., mup: _Optional[_Union[MupSpec, _Mapping]] = ...) -> None: ...
 
 class MupSpec(_message.Message):
-    __slots__ = ("base_hidden_size", "base_head_dim", "output_multiplier", "attention_multiplier", "zero_init_readout", "weight_decay_exponent")
+    __slots__ = ("base_hidden_size", "base_head_dim", "output_multiplier", "attention_multiplier", "zero_init_readout", "weight_decay_exponent", "sigma_every_steps")
     BASE_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     BASE_HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     ZERO_INIT_READOUT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     base_hidden_size: int
     base_head_dim: int
     output_multiplier: float
     attention_multiplier: float
     zero_init_readout: bool
     weight_decay_exponent: float
-    def __init__(self, base_hidden_size: _Optional[int] = ..., base_head_dim: _Optional[int] = ..., output_multiplier: _Optional[float] = ..., attention_multiplier: _Optional[float] = ..., zero_init_readout: _Optional[bool] = ..., weight_decay_exponent: _Optional[float] = ...) -> None: ...
+    sigma_every_steps: int
+    def __init__(self, base_hidden_size: _Optional[int] = ..., base_head_dim: _Optional[int] = ..., output_multiplier: _Optional[float] = ..., attention_multiplier: _Optional[float] = ..., zero_init_readout: _Optional[bool] = ..., weight_decay_exponent: _Optional[float] = ..., sigma_every_steps: _Optional[int] = ...) -> None: ...
 
 class ParallelismSpec(_message.Message):
     __slots__ = ("tp", "pp", "dp")
@@ -356,7 +358,14 @@ class Event(_message.Message):
     def __init__(self, id: _Optional[int] = ..., attempt: _Optional[int] = ..., type: _Optional[str] = ..., from_state: _Optional[_Union[JobState, str]] = ..., to_state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
-    __slots__ = ("step", "attempt", "rank", "loss", "val_loss", "tokens_per_second", "memory_bytes", "learning_rate", "time")
+    __slots__ = ("step", "attempt", "rank", "loss", "val_loss", "tokens_per_second", "memory_bytes", "learning_rate", "time", "sigma_max")
+    class SigmaMaxEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +375,7 @@ class MetricPoint(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_MAX_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     rank: int
@@ -375,7 +385,8 @@ class MetricPoint(_message.Message):
     memory_bytes: int
     learning_rate: float
     time: _timestamp_pb2.Timestamp
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., learning_rate: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    sigma_max: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., learning_rate: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sigma_max: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("step", "attempt", "layout", "path", "size_bytes", "commit_time")
