@@ -183,7 +183,12 @@ def _guard(behavior, method: str):
             try:
                 yield from behavior(request, context)
             except Exception as exc:  # noqa: BLE001
-                _abort_internal(context, exc, method)
+                if _aborted(context, exc):
+                    raise
+                # The stream ends with the status set, not with an abort: on grpc.aio a blocking generator runs
+                # on a thread, and an abort from there races the end of the stream (TOO_MANY_OPERATIONS).
+                context.set_code(grpc.StatusCode.INTERNAL)
+                context.set_details(_internal_message(exc, method))
         return guarded_stream
 
     def guarded(request, context):
