@@ -175,7 +175,7 @@ def test_offload_defaults_to_none_and_round_trips_through_the_proto():
      "training.offload.profile", "only for placement auto"),
     ({"mode": "cpu", "placement": "static", "device_fraction": 0.5}, "training.offload.placement",
      "only for mode interleaved"),
-    ({"mode": "interleaved", "profile": "../../etc/profile"}, "training.offload.profile", "pattern"),
+    ({"mode": "interleaved", "profile": "../../etc/profile"}, "training.offload.profile", "a profile's name"),
     ({"mode": "interleaved", "cpu_threads": 0}, "training.offload.cpu_threads", "greater than or equal to 1"),
     ({"mode": "interleaved", "ratio": 0.5}, "training.offload.ratio", "unknown field"),
 ])
