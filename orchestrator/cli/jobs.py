@@ -21,7 +21,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 
 from contract.spec import SpecError, load_spec_file, parse_spec, spec_to_proto
 from orchestrator import config
-from orchestrator.cli.common import EXIT_INTERRUPTED, console, errors, fail
+from orchestrator.cli.common import EXIT_INTERRUPTED, CancelTimeout, console, errors, fail, poll_until
 from orchestrator.cli.render import (STATE_STYLE, TERMINAL, checkpoints_lines, event_line, job_details, jobs_table,
                                      layout, loss_text, message_json, print_json, speed_text, state_name, state_text)
 from orchestrator.client import ClientError, JobClient, connect, short_name
@@ -285,8 +285,7 @@ def cancel(
     name: JobName,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until the job's ranks are gone and it is "
                                                                 "CANCELLED")] = True,
-    timeout: Annotated[float, typer.Option(min=0, help="give up waiting after this many seconds (0: never)")]
-    = 300.0,
+    timeout: CancelTimeout = 300.0,
     server: Server = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -296,11 +295,9 @@ def cancel(
         try:
             job = client.cancel_job(name)
             if wait and job.state not in TERMINAL:
-                deadline = time.monotonic() + timeout if timeout else float("inf")
                 with errors.status(f"stopping {job.name}…"):
-                    while job.state not in TERMINAL and time.monotonic() < deadline:
-                        time.sleep(POLL_SECONDS)
-                        job = client.get_job(job.name)
+                    job = poll_until(job, lambda j: client.get_job(j.name), lambda j: j.state in TERMINAL,
+                                     timeout, POLL_SECONDS)
         except ClientError as exc:
             fail(str(exc))
         except KeyboardInterrupt:

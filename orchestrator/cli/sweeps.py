@@ -16,7 +16,7 @@ from rich.text import Text
 
 from contract.errors import SpecError
 from contract.sweep import load_sweep_file, sweep_to_proto
-from orchestrator.cli.common import EXIT_INTERRUPTED, console, errors, fail
+from orchestrator.cli.common import EXIT_INTERRUPTED, CancelTimeout, console, errors, fail, poll_until
 from orchestrator.cli.jobs import Output, OutputFormat, Server, TlsCa, Token
 from orchestrator.cli.render import STATE_STYLE, duration, message_json, print_json, state_text
 from orchestrator.client import ClientError, JobClient, connect
@@ -180,8 +180,7 @@ def cancel(
     name: SweepName,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until its trials and target have stopped "
                                                                 "and it is CANCELLED")] = True,
-    timeout: Annotated[float, typer.Option(min=0, help="give up waiting after this many seconds (0: never)")]
-    = 300.0,
+    timeout: CancelTimeout = 300.0,
     server: Server = None,
     token: Token = None,
     tls_ca: TlsCa = None,
@@ -190,10 +189,9 @@ def cancel(
     with _connect(server, token, tls_ca) as client:
         try:
             sweep = client.cancel_sweep(name)
-            deadline = time.monotonic() + timeout if timeout else math.inf
-            while wait and sweep.state not in TERMINAL and time.monotonic() < deadline:
-                time.sleep(POLL_SECONDS)
-                sweep = client.get_sweep(sweep.name)
+            if wait:
+                sweep = poll_until(sweep, lambda s: client.get_sweep(s.name), lambda s: s.state in TERMINAL,
+                                   timeout, POLL_SECONDS)
         except ClientError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
