@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 from orchestrator.config import token_file
 from orchestrator.controller import ReconcilerSettings
 from orchestrator.server import ControlPlane, ServerSettings
+from orchestrator.store import Database, migrate
 from roundhouse.v1 import job_service_pb2_grpc
 from tests.support.processes import become_subreaper, descendants, kill_all, started_since
 
@@ -47,6 +48,15 @@ def db_url(request, tmp_path) -> Iterator[str]:
         return
     with postgres_schema() as url:
         yield url
+
+
+@pytest.fixture
+def db(db_url) -> Iterator[Database]:
+    """The store over a fresh, migrated database of each kind."""
+    database = Database(db_url)
+    migrate(database)
+    yield database
+    database.dispose()
 
 
 @contextmanager

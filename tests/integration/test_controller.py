@@ -102,14 +102,6 @@ class SlowStopLauncher(FakeLauncher):
         self.release.wait(DEADLINE)  # a stop that lasts until the test releases it: "30 s" or longer
 
 
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url)
-    migrate(database)
-    yield database
-    database.dispose()
-
-
 def test_a_stop_that_takes_30_s_delays_no_other_jobs_launch(db):
     interval = 0.2
     launcher = SlowStopLauncher()

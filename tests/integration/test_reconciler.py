@@ -57,14 +57,6 @@ class FakeLauncher:
 
 
 @pytest.fixture
-def db(db_url):
-    database = Database(db_url)
-    migrate(database)
-    yield database
-    database.dispose()
-
-
-@pytest.fixture
 def launcher() -> FakeLauncher:
     return FakeLauncher()
 

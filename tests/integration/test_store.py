@@ -14,14 +14,6 @@ from orchestrator.store import Database, Event, Job, JobLabel, JobState, migrate
 from orchestrator.store.models import Base
 
 
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url)
-    migrate(database)
-    yield database
-    database.dispose()
-
-
 def make_job(name: str = "j1", **labels: str) -> Job:
     return Job(name=name, uid=str(uuid.uuid4()), spec={"name": name}, state=JobState.QUEUED, total_steps=10,
                labels=[JobLabel(key=k, value=v) for k, v in labels.items()], attempts=[])

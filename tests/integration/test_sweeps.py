@@ -141,14 +141,6 @@ def test_a_point_with_seeds_scores_their_mean_and_one_failed_seed_fails_it():
 # -- the controller on both databases ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url)
-    migrate(database)
-    yield database
-    database.dispose()
-
-
 class Woken(list):
     def __call__(self, name: str) -> None:
         self.append(name)
