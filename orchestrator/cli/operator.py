@@ -94,7 +94,7 @@ def serve(
                                                         "[default: a request's Origin is compared with its own "
                                                         "Host]")] = None,
     session_ttl: Annotated[int, typer.Option(min=60, metavar="SECONDS", rich_help_panel="Dashboard",
-                                             help="how long a dashboard login lasts (12 h by default)")]
+                                             help="how long a dashboard login lasts, in seconds (43200: 12 h)")]
     = config.DEFAULT_SESSION_TTL_SECONDS,
     limits_file: Annotated[Path | None, typer.Option("--limits", metavar="FILE", show_default=False, exists=True,
                                                      dir_okay=False, rich_help_panel="Limits",
