@@ -8,6 +8,8 @@ from pathlib import Path
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_GRPC_PORT}"
+# How long a dashboard login lasts (`roundhouse serve --session-ttl`).
+DEFAULT_SESSION_TTL_SECONDS = 12 * 3600
 TOKEN_FILE_NAME = "admin-token"
 
 

@@ -88,6 +88,10 @@ class ServerSettings:
     max_streams_per_user: int = DEFAULT_MAX_STREAMS_PER_USER
     # TLS for gRPC and the dashboard (None: plaintext): `roundhouse serve --tls-cert/--tls-key/...`.
     tls: ServerTls | None = None
+    # The dashboard: where browsers reach it (the only origin whose POSTs it accepts; None: a request's own
+    # Host), and how long a login lasts (`roundhouse serve --public-url`, `--session-ttl`).
+    public_url: str | None = None
+    session_ttl_seconds: float = config.DEFAULT_SESSION_TTL_SECONDS
 
 
 class ControlPlane:
@@ -107,6 +111,7 @@ class ControlPlane:
         self.launcher: Launcher | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
+        self.metrics: ServiceMetrics | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -124,6 +129,7 @@ class ControlPlane:
         launcher = self.launcher = create_launcher(self.settings)
         self.users = UserTokens(self.db)
         self.metrics = ServiceMetrics(self.db)
+        self.metrics.start()  # the job figures /metrics serves, read on a thread every few seconds
         self.heartbeats = Heartbeats(self.db)
 
         # The gRPC server runs on an event loop of its own thread (grpc.aio). Unary calls are blocking
@@ -216,7 +222,7 @@ class ControlPlane:
 
     def _start_http(self) -> None:
         app = create_app(self.db, self.users, self.launcher, self.metrics, self.job_controller.wake,
-                         self.sweep_controller.wake)
+                         self.sweep_controller.wake, self.settings.public_url, self.settings.session_ttl_seconds)
         ssl = self.settings.tls.uvicorn_options() if self.settings.tls else {}
         self._http = uvicorn.Server(uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port,
                                                    log_level="warning", lifespan="off", **ssl))
@@ -242,6 +248,8 @@ class ControlPlane:
         self._stop_loop()
         if self.heartbeats:
             self.heartbeats.stop()  # the last summary
+        if self.metrics:
+            self.metrics.stop()
         if self._http:
             self._http.should_exit = True
             self._http_thread.join(timeout=5)

@@ -86,6 +86,16 @@ def serve(
     tls_ranks_key: Annotated[Path | None, typer.Option(metavar="FILE", show_default=False, exists=True,
                                                        dir_okay=False, rich_help_panel="TLS",
                                                        help="the key of --tls-ranks-cert")] = None,
+    public_url: Annotated[str | None, typer.Option(envvar="ROUNDHOUSE_PUBLIC_URL", metavar="URL", show_default=False,
+                                                   rich_help_panel="Dashboard",
+                                                   help="where browsers reach the dashboard, e.g. "
+                                                        "https://roundhouse.example.com: its logins, logouts and "
+                                                        "cancels must come from this origin (set it for a team) "
+                                                        "[default: a request's Origin is compared with its own "
+                                                        "Host]")] = None,
+    session_ttl: Annotated[int, typer.Option(min=60, metavar="SECONDS", rich_help_panel="Dashboard",
+                                             help="how long a dashboard login lasts, in seconds (43200: 12 h)")]
+    = config.DEFAULT_SESSION_TTL_SECONDS,
     limits_file: Annotated[Path | None, typer.Option("--limits", metavar="FILE", show_default=False, exists=True,
                                                      dir_okay=False, rich_help_panel="Limits",
                                                      help="YAML: what a job may ask for, per-user quotas, "
@@ -139,6 +149,7 @@ def serve(
     from sqlalchemy.exc import SQLAlchemyError
 
     from contract.errors import SpecError
+    from orchestrator.dashboard.security import public_origin
     from orchestrator.server import ServerSettings, run_server
     from orchestrator.tls import ServerTls
 
@@ -149,6 +160,11 @@ def serve(
     if (tls_client_ca is None) != (tls_ranks_cert is None) or (tls_ranks_cert is None) != (tls_ranks_key is None):
         fail("--tls-client-ca, --tls-ranks-cert and --tls-ranks-key go together (with mutual TLS the ranks "
              "present a certificate too)", 2)
+    if public_url is not None:
+        try:
+            public_origin(public_url)
+        except ValueError as exc:
+            fail(str(exc), 2)
     tls = ServerTls(tls_cert, tls_key, tls_client_ca, tls_ranks_ca, tls_ranks_cert, tls_ranks_key) if tls_cert else None
 
     from orchestrator.service.limits import Limits, load_limits
@@ -173,7 +189,8 @@ def serve(
                               max_ranks=max_ranks, reconcile=reconcile, kubeconfig=kubeconfig,
                               advertise_address=advertise_address, data_roots=tuple(data_root or ()),
                               allow_test_hooks=allow_test_hooks, controller_workers=controller_workers,
-                              max_streams_per_user=max_streams_per_user, tls=tls, limits=limits)
+                              max_streams_per_user=max_streams_per_user, tls=tls, limits=limits,
+                              public_url=public_url, session_ttl_seconds=session_ttl)
     try:
         run_server(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:

@@ -4,10 +4,15 @@ Pages are thin HTML shells (orchestrator/templates) that static/dashboard.js fil
 below and refreshes every few seconds. Charts use Plotly, whose JavaScript comes from the installed
 `plotly` package and is served from here: nothing is loaded from the internet.
 
-Auth: the same user tokens as the gRPC API, sent as `Authorization: Bearer` or kept in an HttpOnly,
-SameSite=Strict cookie set by the login page. Everything but the login page, static files, /healthz and
-/metrics needs one. /metrics is open: it carries only counts (no job names or owners) and Prometheus
-scrapers hold no browser cookie. Queries, and who may see or cancel what, are the service layer's
+Auth: the same user tokens as the gRPC API, sent as `Authorization: Bearer`, or given once to the login page,
+which starts a session (orchestrator/dashboard/security.py): the cookie holds the session's random id, never
+the token. Everything but the login page, static files, /healthz and /metrics needs one. /metrics is open: it
+carries only counts (no job names or owners) and Prometheus scrapers hold no browser cookie. Cookie-carrying
+POSTs (login, logout, cancel) must come from the dashboard's own origin; every response carries a CSP that
+allows no inline script, and the framing, sniffing and referrer headers.
+
+Handlers that touch the database are plain functions, which Starlette runs on its thread pool: no database
+call blocks the event loop. Queries, and who may see or cancel what, are the service layer's
 (orchestrator/service/), as for the gRPC API; this module only turns them into HTTP."""
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from urllib.parse import parse_qs, quote
 
 import plotly
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -28,6 +35,8 @@ from starlette.templating import Jinja2Templates
 from orchestrator import service
 from orchestrator.auth import Principal, UserTokens
 from orchestrator.dashboard.metrics import ServiceMetrics
+from orchestrator.dashboard.security import (DEFAULT_SESSION_TTL_SECONDS, SESSION_COOKIE, SecurityHeaders, Sessions,
+                                             origin_refusal, public_origin, served_securely)
 from orchestrator.launcher import Launcher, LogsUnavailable
 from orchestrator.launcher.logs import LogRange
 from orchestrator.service import jobs as job_queries
@@ -36,7 +45,8 @@ from orchestrator.store import Database, Job, JobState, utcnow
 
 PACKAGE = Path(__file__).resolve().parent.parent  # orchestrator/
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-COOKIE = "roundhouse_token"
+# The login form's body: a token and a path; anything bigger is not a login.
+LOGIN_FORM_MAX_BYTES = 16 * 1024
 LIST_PAGE_SIZE = 50
 EVENTS_SHOWN = 500
 METRIC_BATCH = 5000
@@ -54,15 +64,31 @@ HTTP_STATUS = {
 
 def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher | None = None,
                metrics: ServiceMetrics | None = None, wake_reconciler=lambda name: None,
-               wake_sweeps=lambda name: None) -> Starlette:
+               wake_sweeps=lambda name: None, public_url: str | None = None,
+               session_ttl_seconds: float = DEFAULT_SESSION_TTL_SECONDS) -> Starlette:
+    """The dashboard's app. `public_url`: where browsers reach it (`roundhouse serve --public-url`), the only
+    origin whose POSTs are accepted; None: a request's Origin is compared with its own Host. A session lasts
+    `session_ttl_seconds` from login."""
     users = users or UserTokens(db)
     metrics = metrics or ServiceMetrics(db)
+    public = public_origin(public_url) if public_url else None
+    sessions = Sessions(db, session_ttl_seconds)
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
 
     def principal_of(request: Request) -> Principal | None:
+        """The bearer token's user, else the session's (the cookie). Reads the database: not for the loop."""
         header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-        return users.lookup(token or request.cookies.get(COOKIE))
+        if header.startswith("Bearer "):
+            return users.lookup(header.removeprefix("Bearer ").strip())
+        return sessions.principal(request.cookies.get(SESSION_COOKIE))
+
+    def cross_origin(request: Request) -> Response | None:
+        """A 403 naming the reason for a cookie-carrying POST from elsewhere (CSRF), else None. A bearer
+        token is never sent by a browser on its own, so a request that carries one is not checked."""
+        if "authorization" in request.headers:
+            return None
+        reason = origin_refusal(request, public)
+        return JSONResponse({"error": reason}, status_code=403) if reason else None
 
     def page(template: str, request: Request, principal: Principal, status_code: int = 200, **context) -> Response:
         return templates.TemplateResponse(request, template, {"user": principal, **context},
@@ -73,8 +99,8 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
 
     def unauthenticated() -> Response:
-        return JSONResponse({"error": "a valid token is required (log in, or send Authorization: Bearer)"},
-                            status_code=401)
+        return JSONResponse({"error": "a valid token or session is required (log in, again if your session "
+                                      "expired, or send Authorization: Bearer)"}, status_code=401)
 
     def refused(error: service.ServiceError) -> Response:
         return JSONResponse({"error": str(error)}, status_code=HTTP_STATUS.get(type(error), 500))
@@ -86,31 +112,46 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             "next")), "error": ""})
 
     async def login(request: Request) -> Response:
+        if refusal := cross_origin(request):
+            return refusal
         # A plain urlencoded form: parsed here rather than adding python-multipart for two fields.
-        form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > LOGIN_FORM_MAX_BYTES:
+                return JSONResponse({"error": f"login form: larger than {LOGIN_FORM_MAX_BYTES} bytes"},
+                                    status_code=413)
+        form = parse_qs(body.decode("utf-8", errors="replace"))
         token = form.get("token", [""])[0].strip()
         target = _local_path(form.get("next", [""])[0])
-        if not _same_origin(request) or users.lookup(token) is None:
+        principal = await run_in_threadpool(users.lookup, token)  # may read the database: off the loop
+        if principal is None:
             return templates.TemplateResponse(request, "login.html", {"next": target, "error": "Unknown token."},
                                               status_code=401)
+        sessions.end(request.cookies.get(SESSION_COOKIE))  # a session this browser had is replaced
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        response.set_cookie(SESSION_COOKIE, sessions.create(principal, token), max_age=int(sessions.ttl_seconds),
+                            httponly=True, samesite="strict", secure=served_securely(request, public), path="/")
         return response
 
-    async def logout(request: Request) -> Response:
+    def logout(request: Request) -> Response:
+        if refusal := cross_origin(request):
+            return refusal
+        sessions.end(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE, path="/")
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
+                               secure=served_securely(request, public))
         return response
 
     # -- pages -------------------------------------------------------------------------------------------
 
-    async def jobs_page(request: Request) -> Response:
+    def jobs_page(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return to_login(request)
         return page("jobs.html", request, principal, states=[s.value for s in JobState])
 
-    async def job_page(request: Request) -> Response:
+    def job_page(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return to_login(request)
@@ -122,13 +163,13 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             return page("missing.html", request, principal, status_code=404, name=name)
         return page("job.html", request, principal, name=name)
 
-    async def sweeps_page(request: Request) -> Response:
+    def sweeps_page(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return to_login(request)
         return page("sweeps.html", request, principal)
 
-    async def sweep_page(request: Request) -> Response:
+    def sweep_page(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return to_login(request)
@@ -142,7 +183,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
 
     # -- JSON --------------------------------------------------------------------------------------------
 
-    async def jobs_json(request: Request) -> Response:
+    def jobs_json(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
@@ -167,7 +208,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         except service.ServiceError as error:
             return refused(error)
 
-    async def job_json(request: Request) -> Response:
+    def job_json(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
@@ -182,7 +223,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         except service.ServiceError as error:
             return refused(error)
 
-    async def job_log(request: Request) -> Response:
+    def job_log(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
@@ -205,13 +246,13 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
             return PlainTextResponse(str(exc), status_code=503)
         return PlainTextResponse("\n".join(text.splitlines()[-lines:]))
 
-    async def cancel(request: Request) -> Response:
+    def cancel(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
         # CSRF: the cookie is SameSite=Strict, and a cookie-authenticated POST must come from this origin.
-        if "authorization" not in request.headers and not _same_origin(request):
-            return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
+        if refusal := cross_origin(request):
+            return refusal
         try:
             with db.session() as session:
                 name = job_queries.cancel_job(session, principal, request.path_params["name"]).name
@@ -220,7 +261,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         wake_reconciler(name)
         return JSONResponse({"cancel_requested": True})
 
-    async def sweeps_json(request: Request) -> Response:
+    def sweeps_json(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
@@ -234,7 +275,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         except service.ServiceError as error:
             return refused(error)
 
-    async def sweep_json(request: Request) -> Response:
+    def sweep_json(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
@@ -245,12 +286,12 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         except service.ServiceError as error:
             return refused(error)
 
-    async def cancel_sweep(request: Request) -> Response:
+    def cancel_sweep(request: Request) -> Response:
         principal = principal_of(request)
         if principal is None:
             return unauthenticated()
-        if "authorization" not in request.headers and not _same_origin(request):
-            return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
+        if refusal := cross_origin(request):
+            return refusal
         try:
             with db.session() as session:
                 name = sweep_queries.cancel_sweep(session, principal, request.path_params["name"]).name
@@ -271,7 +312,7 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
     async def healthz(request: Request) -> Response:
         return Response("ok")
 
-    return Starlette(routes=[
+    app = Starlette(middleware=[Middleware(SecurityHeaders)], routes=[
         Route("/", jobs_page),
         Route("/jobs/{name}", job_page),
         Route("/login", login_form, methods=["GET"]),
@@ -291,6 +332,8 @@ def create_app(db: Database, users: UserTokens | None = None, launcher: Launcher
         Route("/static/plotly.min.js", plotly_js),
         Mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static"),
     ])
+    app.state.sessions = sessions  # for tests: expire one by its clock, count them
+    return app
 
 
 def _job_detail(session, job: Job, principal: Principal, after_metric: int, now: datetime) -> dict:
@@ -421,10 +464,3 @@ def _time(value: datetime | None) -> str | None:
 def _local_path(target: str | None) -> str:
     """Only a path on this server: never redirect a login to another site."""
     return target if target and target.startswith("/") and not target.startswith("//") else "/"
-
-
-def _same_origin(request: Request) -> bool:
-    origin = request.headers.get("origin")
-    if origin is None:  # old browsers and non-browser clients send none; SameSite=Strict still applies
-        return True
-    return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"

@@ -1,30 +1,44 @@
 """Prometheus metrics of the control plane, served at /metrics.
 
-Two kinds: what the database knows (jobs by state, restarts), read at scrape time so every replica reports
-the same; and what this process saw: API calls and their latencies, recorded by a gRPC interceptor, and
-checkpoint commits, counted as the TrainerService records them. A commit's row may later be deleted by the
-job's retention policy, so the rows are no counter; like every process counter, this one starts at 0 when
-the process does (Prometheus' rate() and increase() handle that) and is summed over replicas. Each
-ControlPlane has its own registry, so several in one process (tests) don't clash."""
+Two kinds: what the database knows (jobs by state, restarts), so every replica reports the same; and what
+this process saw: API calls and their latencies, recorded by a gRPC interceptor, and checkpoint commits,
+counted as the TrainerService records them. A commit's row may later be deleted by the job's retention
+policy, so the rows are no counter; like every process counter, this one starts at 0 when the process does
+(Prometheus' rate() and increase() handle that) and is summed over replicas. Each ControlPlane has its own
+registry, so several in one process (tests) don't clash.
+
+A scrape reads no table: the database figures are one grouped query over the jobs, run by a thread of their
+own every `refresh_seconds` (`start()`), and a scrape serves the newest result (its age is
+`roundhouse_metrics_refreshed_timestamp_seconds`). Restarts are the sum of the jobs' restart counters (crash,
+hang and preemption: each move to RESTARTING spends one), which never go down, and jobs are never deleted, so
+the counter only grows."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import threading
 import time
+from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
-from orchestrator.store import Database, Event, Job, JobState
+from orchestrator.store import Database, Job, JobState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFRESH_SECONDS = 10.0
 
 
 class ServiceMetrics:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, refresh_seconds: float = DEFAULT_REFRESH_SECONDS):
         self.registry = CollectorRegistry()
-        self.registry.register(_DatabaseCollector(db))
+        self.database_figures = _DatabaseFigures(db, refresh_seconds)
+        self.registry.register(self.database_figures)
         self.api_calls = Counter("roundhouse_api_calls", "gRPC calls handled, by method and status code",
                                  ["method", "code"], registry=self.registry)
         self.api_latency = Histogram("roundhouse_api_call_seconds", "gRPC call latency, by method",
@@ -32,6 +46,17 @@ class ServiceMetrics:
         self.checkpoint_commits = Counter("roundhouse_checkpoint_commits", "Checkpoints committed (reports "
                                           "recorded by this process; retries not counted)", registry=self.registry)
         self.interceptor = _ApiMetricsInterceptor(self)
+
+    def start(self) -> None:
+        """Reads the database figures now and then every refresh_seconds on a thread, until stop()."""
+        self.database_figures.start()
+
+    def stop(self) -> None:
+        self.database_figures.stop()
+
+    def refresh(self) -> None:
+        """Reads the database figures now (what the thread does each time; tests call it to not wait)."""
+        self.database_figures.refresh()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -44,22 +69,61 @@ class ServiceMetrics:
         self.api_latency.labels(method).observe(seconds)
 
 
-class _DatabaseCollector:
-    def __init__(self, db: Database):
+@dataclass(frozen=True)
+class _Figures:
+    jobs_by_state: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0
+    refreshed_at: float = 0.0  # Unix time; 0: never read yet
+
+
+class _DatabaseFigures:
+    """A collector of what the database knows, read on a thread of its own; a scrape serves the newest."""
+
+    def __init__(self, db: Database, refresh_seconds: float):
+        if refresh_seconds <= 0:
+            raise ValueError(f"metrics refresh: must be positive seconds, got {refresh_seconds}")
         self.db = db
+        self.refresh_seconds = refresh_seconds
+        self._figures = _Figures()  # replaced whole, so a scrape on another thread sees one consistent read
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="metrics-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.refresh()
+            except Exception:  # the database is away: keep serving the last figures (their age tells)
+                log.warning("cannot refresh the database metrics", exc_info=True)
+            self._stopping.wait(self.refresh_seconds)
+
+    def refresh(self) -> None:
+        restarted = Job.restart_count + Job.hang_restart_count + Job.preemption_count
+        with self.db.read() as session:
+            rows = session.execute(select(Job.state, func.count(), func.coalesce(func.sum(restarted), 0))
+                                   .group_by(Job.state)).all()
+        self._figures = _Figures({state: count for state, count, _ in rows}, sum(int(r) for _, _, r in rows),
+                                 time.time())
 
     def collect(self):
-        with self.db.read() as session:
-            by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            restarts = session.scalar(select(func.count()).select_from(Event).where(Event.type == "StateChanged",
-                                                                                    Event.to_state == "RESTARTING",
-                                                                                    Event.from_state != "RESTARTING"))
+        figures = self._figures
         jobs = GaugeMetricFamily("roundhouse_jobs", "Jobs by state", labels=["state"])
         for state in JobState:
-            jobs.add_metric([state.value], by_state.get(state.value, 0))
+            jobs.add_metric([state.value], figures.jobs_by_state.get(state.value, 0))
         yield jobs
         yield CounterMetricFamily("roundhouse_job_restarts", "Restarts of jobs (transitions to RESTARTING)",
-                                  value=restarts or 0)
+                                  value=figures.restarts)
+        yield GaugeMetricFamily("roundhouse_metrics_refreshed_timestamp_seconds",
+                                "When the job figures above were last read from the database (Unix time; 0: "
+                                "not yet)", value=figures.refreshed_at)
 
 
 class _ApiMetricsInterceptor(grpc.aio.ServerInterceptor):

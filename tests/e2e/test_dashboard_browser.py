@@ -93,9 +93,15 @@ def wait_until(predicate, what: str, timeout: float) -> None:
         time.sleep(0.2)
 
 
+# Records what the Content-Security-Policy blocks (an init script is the browser's own: the policy allows it).
+RECORD_CSP_VIOLATIONS = ("window.cspViolations = []; document.addEventListener('securitypolicyviolation', "
+                         "e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));")
+
+
 def logged_in_page(browser, plane, token: str, path: str = "/"):
     context = browser.new_context(base_url=f"http://127.0.0.1:{plane.http_port}", viewport={"width": 1400,
                                                                                               "height": 1000})
+    context.add_init_script(RECORD_CSP_VIOLATIONS)
     page = context.new_page()
     page.goto(path)
     assert page.url.split("?")[0].endswith("/login")
@@ -182,6 +188,17 @@ def test_list_and_job_page_show_the_running_job_and_update_live(browser, plane, 
     assert "blocks.1.mlp.proj.weight" in page.locator("#sigma tbody").inner_text()
     assert page.evaluate("() => document.getElementById('chart-sigma').data.length") == 11
     page.screenshot(path=ARTIFACTS / "dashboard-job.png", full_page=True)
+    assert page.evaluate("() => window.cspViolations") == []  # the charts and the script live with the CSP
+
+    # The browser holds a session id, not the token; logging out ends it.
+    [cookie] = page.context.cookies()
+    assert cookie["name"] == "roundhouse_session" and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert cookie["value"] != admin.token and cookie["expires"] > time.time()
+    page.click("header form.logout button")
+    page.wait_for_url("**/login")
+    assert page.context.cookies() == []
+    page.goto(f"/jobs/{running_job}")
+    assert page.url.split("?")[0].endswith("/login")
     page.context.close()
 
 

@@ -54,7 +54,7 @@ def test_pages_and_json_need_a_token(client, api_plane):
     assert plotly.status_code == 200 and len(plotly.content) > 1_000_000
 
     refused = httpx.post(base + "/login", data={"token": "wrong", "next": "/"})
-    assert refused.status_code == 401 and "roundhouse_token" not in refused.headers.get("set-cookie", "")
+    assert refused.status_code == 401 and "roundhouse_session" not in refused.headers.get("set-cookie", "")
     login = httpx.post(base + "/login", data={"token": client.token, "next": "/jobs/shown"})
     assert login.status_code == 303 and login.headers["location"] == "/jobs/shown"
     cookie = login.headers["set-cookie"]
@@ -138,8 +138,8 @@ def test_cancel_follows_the_api_rule_and_refuses_other_origins(client, api_plane
     assert not httpx.get(f"{base}/api/jobs/mine", headers={"Authorization": f"Bearer {viewer}"}
                          ).json()["can_cancel"]
 
-    # The admin's cookie from another site's page: refused (CSRF).
-    cookies = {"roundhouse_token": client.token}
+    # The admin's session cookie sent from another site's page: refused (CSRF).
+    cookies = httpx.post(f"{base}/login", data={"token": client.token, "next": "/"}).cookies
     assert httpx.post(cancel, cookies=cookies, headers={"Origin": "http://evil.example"}).status_code == 403
     done = httpx.post(cancel, cookies=cookies, headers={"Origin": base})
     assert done.status_code == 200
@@ -156,6 +156,7 @@ def test_metrics_count_jobs_api_calls_restarts_and_commits(client, api_plane):
     with pytest.raises(grpc.RpcError):
         client.jobs.GetJob(js.GetJobRequest(name="jobs/counted"), metadata=[("authorization", "Bearer wrong")])
 
+    api_plane.metrics.refresh()  # what its thread does every few seconds: read the job figures now
     response = httpx.get(f"http://127.0.0.1:{api_plane.http_port}/metrics")  # open: see the module's doc
     assert response.status_code == 200
     samples = metrics_of(response.text)
