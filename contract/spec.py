@@ -58,6 +58,9 @@ TEST_HOOK_PREFIXES = ("RH_FAULT_", "RH_TEST_")
 MAX_ENV_ENTRIES = 64
 MAX_ENV_VALUE = 4 * 1024
 MAX_ENV_TOTAL = 32 * 1024  # names and values together
+# What a caller who may not read a job's env values sees in their place (orchestrator/service/access.py). Refused
+# as a value, so a spec copied from such a view cannot be submitted with the placeholder standing in for a secret.
+REDACTED_ENV_VALUE = "<redacted>"
 MAX_LABELS = 64
 MAX_PATH = 4096
 MAX_NAME = 63
@@ -440,6 +443,9 @@ def env_name_problem(name: str) -> str | None:
 
 
 def env_value_problem(value: str) -> str | None:
+    if value == REDACTED_ENV_VALUE:
+        return (f"{REDACTED_ENV_VALUE} is the placeholder shown to those who may not read this job's env values, "
+                "not a value: set the real one")
     if "\0" in value:
         return "a value may not contain a NUL character"
     if len(value) > MAX_ENV_VALUE:

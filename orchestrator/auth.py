@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from sqlalchemy import func, select
 
-from orchestrator.config import token_file
+from orchestrator.config import PRIVATE_FILE_MODE, private_dir, private_opener, tighten, token_file
 from orchestrator.store import ApiToken, Database, ServerSecret
 
 # Calls any client may make: health checks and reflection (what grpcurl and load balancers use).
@@ -72,13 +72,14 @@ def ensure_admin_token(db: Database, home: Path) -> None:
     path = token_file(home)
     with db.session() as session:
         if session.scalar(select(ApiToken.id).limit(1)) is not None:
+            if path.exists():  # written by an older version, or its mode changed since: this user's alone
+                tighten(path, PRIVATE_FILE_MODE, warn=True)
             return
         token = new_token()
         session.add(ApiToken(user="admin", role=ADMIN, token_hash=digest(token)))
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(home)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w", opener=private_opener) as f:  # 0600, also if a stale .tmp was left looser
             f.write(token + "\n")
         os.replace(tmp, path)
 

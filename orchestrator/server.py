@@ -97,7 +97,8 @@ class ServerSettings:
 class ControlPlane:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
+        # The database, the admin token and the runs' files live here: this user's alone (0700).
+        config.private_dir(settings.home, warn=True)
         self.db = Database(settings.db_url or config.default_db_url(settings.home))
         self.grpc_server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

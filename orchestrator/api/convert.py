@@ -8,6 +8,8 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator import store
+from orchestrator.auth import Principal
+from orchestrator.service.access import visible_spec
 from contract.spec import dict_to_message
 from roundhouse.v1 import job_pb2
 
@@ -45,9 +47,10 @@ def attempt_to_proto(attempt: store.Attempt) -> job_pb2.Attempt:
     )
 
 
-def job_to_proto(job: store.Job, full: bool = True) -> job_pb2.Job:
-    """The job; with `full` False its basic view (JOB_VIEW_BASIC): of the spec, only its parallelism."""
-    spec = job.spec if full else {"parallelism": job.spec.get("parallelism", {})}
+def job_to_proto(job: store.Job, principal: Principal | None, full: bool = True) -> job_pb2.Job:
+    """The job as `principal` may see it (env values only for its owner and admins: access.visible_spec); with
+    `full` False its basic view (JOB_VIEW_BASIC): of the spec, only its parallelism."""
+    spec = visible_spec(principal, job) if full else {"parallelism": job.spec.get("parallelism", {})}
     return job_pb2.Job(
         name=job.resource_name,
         uid=job.uid,

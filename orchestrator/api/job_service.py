@@ -84,17 +84,19 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
     def GetJob(self, request, context):
         with self.db.read() as session, refusals(context):
-            return convert.job_to_proto(jobs.get_job(session, self._principal(context), request.name))
+            principal = self._principal(context)
+            return convert.job_to_proto(jobs.get_job(session, principal, request.name), principal)
 
     def ListJobs(self, request, context):
         states = [convert.job_state_name(s) for s in request.states]
         if request.view not in _JOB_VIEWS:
             abort_field(context, "view", f"unknown view {request.view} (JOB_VIEW_BASIC or JOB_VIEW_FULL)")
         full = request.view == job_service_pb2.JOB_VIEW_FULL
+        principal = self._principal(context)
         with self.db.read() as session, refusals(context):
-            page = jobs.list_jobs(session, self._principal(context), states, dict(request.labels), request.page_size,
+            page = jobs.list_jobs(session, principal, states, dict(request.labels), request.page_size,
                                   request.page_token)
-            return job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j, full) for j in page.items],
+            return job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j, principal, full) for j in page.items],
                                                     next_page_token=page.next_page_token)
 
     def ListCheckpoints(self, request, context):
@@ -108,9 +110,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     # -- CancelJob ---------------------------------------------------------------------------------------
 
     def CancelJob(self, request, context):
+        principal = self._principal(context)
         with self.db.session() as session, refusals(context):
-            job = jobs.cancel_job(session, self._principal(context), request.name)
-            result, name = convert.job_to_proto(job), job.name
+            job = jobs.cancel_job(session, principal, request.name)
+            result, name = convert.job_to_proto(job, principal), job.name
         self.wake_reconciler(name)
         return result
 
@@ -135,7 +138,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     def _start_watch(self, principal: Principal, request) -> _Watch:
         with self.db.read() as session:
             job = jobs.get_job(session, principal, request.name)
-            return _Watch(job.name, request.after_event_id, jobs.metric_cursor_after_step(session, job, request.after_step))
+            return _Watch(job.name, principal, request.after_event_id,
+                          jobs.metric_cursor_after_step(session, job, request.after_step))
 
     def _watch_step(self, watch: _Watch) -> tuple[job_service_pb2.JobUpdate | None, bool]:
         """What changed since the last step (None: nothing), and whether the watch is over."""
@@ -146,7 +150,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             version = (job.update_time, job.current_step, job.state)
             update = None
             if events or metrics or version != watch.job_version:
-                update = job_service_pb2.JobUpdate(job=convert.job_to_proto(job),
+                update = job_service_pb2.JobUpdate(job=convert.job_to_proto(job, watch.principal),
                                                    events=[convert.event_to_proto(e) for e in events],
                                                    metrics=[convert.metric_to_proto(m) for m in metrics])
             watch.last_event = events[-1].id if events else watch.last_event
@@ -221,6 +225,7 @@ class _Watch:
     """Where a WatchJob stream is: what it has sent so far."""
 
     name: str
+    principal: Principal  # who watches: what of the job it may see (env values)
     last_event: int
     last_metric: int
     job_version: tuple | None = None

@@ -83,10 +83,11 @@ class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
         if request.view not in _SWEEP_VIEWS:
             abort_field(context, "view", f"unknown view {request.view} (SWEEP_VIEW_BASIC or SWEEP_VIEW_FULL)")
         full = request.view == sweep_service_pb2.SWEEP_VIEW_FULL
+        principal = self._principal(context)
         with self.db.read() as session, refusals(context):
-            page = sweeps.list_sweeps(session, self._principal(context), request.page_size, request.page_token)
+            page = sweeps.list_sweeps(session, principal, request.page_size, request.page_token)
             return sweep_service_pb2.ListSweepsResponse(
-                sweeps=[sweep_to_proto(sweeps.sweep_view(session, s), full) for s in page.items],
+                sweeps=[sweep_to_proto(sweeps.sweep_view(session, s), principal, full) for s in page.items],
                 next_page_token=page.next_page_token)
 
     def CancelSweep(self, request, context):
@@ -121,7 +122,7 @@ class SweepService(sweep_service_pb2_grpc.SweepServiceServicer):
 
     def _view(self, principal: Principal | None, name: str) -> sweep_pb2.Sweep:
         with self.db.read() as session:
-            return sweep_to_proto(sweeps.sweep_view(session, sweeps.get_sweep(session, principal, name)))
+            return sweep_to_proto(sweeps.sweep_view(session, sweeps.get_sweep(session, principal, name)), principal)
 
     def _principal(self, context) -> Principal | None:
         return self.users.lookup(bearer_token(context.invocation_metadata()))
@@ -137,11 +138,13 @@ def sweep_state_to_proto(state: str) -> int:
 _SWEEP_VIEWS = frozenset(sweep_service_pb2.SweepView.values())
 
 
-def sweep_to_proto(view: SweepView, full: bool = True) -> sweep_pb2.Sweep:
-    """The sweep; with `full` False its basic view (SWEEP_VIEW_BASIC): without its spec."""
+def sweep_to_proto(view: SweepView, principal: Principal | None, full: bool = True) -> sweep_pb2.Sweep:
+    """The sweep as `principal` may see it (env values only for its owner and admins: access.visible_spec); with
+    `full` False its basic view (SWEEP_VIEW_BASIC): without its spec."""
     row = view.sweep
+    spec = sweep_dict_to_proto(access.visible_spec(principal, row)) if full else None
     message = sweep_pb2.Sweep(
-        name=row.resource_name, uid=row.uid, spec=sweep_dict_to_proto(row.spec) if full else None,
+        name=row.resource_name, uid=row.uid, spec=spec,
         state=sweep_state_to_proto(row.state),
         state_reason=row.state_reason, state_message=row.state_message, owner=row.owner,
         cancel_requested=row.cancel_requested, warnings=list(row.warnings or []),

@@ -178,6 +178,8 @@ def job_details(job: job_pb2.Job) -> Group:
         ("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none committed"),
         ("owner", job.owner or "—"),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(spec.labels.items())) or "—"),
+        # Values as the server sent them: "<redacted>" unless the caller owns the job or is an admin.
+        ("env", ", ".join(f"{k}={v}" for k, v in sorted(spec.env.items())) or "—"),
         ("created", local_time(job.create_time)),
         ("started", local_time(job.start_time)),
         ("ended", local_time(job.end_time)),

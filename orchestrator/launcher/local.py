@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contract import job_dirs
+from orchestrator import config
 from contract.errors import FieldViolation
 from contract.rank_env import DATA_ROOTS_SEPARATOR, RankEnv
 from contract.spec import JobSpec
@@ -146,20 +147,24 @@ class LocalLauncher:
         self._kill_recorded(directory, request.world_size)
         # Both refused (the launch fails, nothing written) if a symlink inside the job's directory leads out of it;
         # the rank checks its checkpoint directory again.
+        # The run directories are this user's alone (0700): the spec (env values), the logs and the files the
+        # ranks write there (pids, exit codes) are not for other users of the machine.
         job_directory = self.job_dir(request.job)
-        job_dirs.make_inside(self.runs_dir, job_directory)
+        config.private_dir(self.runs_dir)
+        config.tighten(job_dirs.make_inside(self.runs_dir, job_directory), config.PRIVATE_DIR_MODE)
         checkpoints = job_dirs.make_inside(job_directory, self.checkpoint_dir(request))
-        job_dirs.make_inside(job_directory, directory)
+        config.tighten(job_dirs.make_inside(job_directory, directory), config.PRIVATE_DIR_MODE)
         for stale in directory.glob("rank-*.*"):
             stale.unlink()
         spec_file = directory / "spec.json"
-        spec_file.write_text(request.spec.model_dump_json())  # at the attempt's layout (see LaunchRequest)
+        with open(spec_file, "w", opener=config.private_opener) as f:  # 0600
+            f.write(request.spec.model_dump_json())  # at the attempt's layout (see LaunchRequest)
         port = free_port()
         ranks = []
         for rank in range(request.world_size):
             env = self._rank_env(request, rank, port, spec_file, directory, checkpoints)
             pid_file, exit_file = directory / f"rank-{rank}.pid", directory / f"rank-{rank}.exit"
-            with open(self.log_path(request.job, request.attempt, rank), "ab") as log:
+            with open(self.log_path(request.job, request.attempt, rank), "ab", opener=config.private_opener) as log:
                 proc = subprocess.Popen(
                     ["/bin/sh", "-c", _WRAPPER, "rank-wrapper", str(pid_file), str(exit_file), *self.rank_command],
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -170,7 +175,8 @@ class LocalLauncher:
             ranks.append({"rank": rank, "pid": proc.pid, "start_time": _process_start_time(proc.pid)})
         info = {"dir": str(directory), "master_port": port, "ranks": ranks}
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
+        with open(tmp, "w", opener=config.private_opener) as f:
+            f.write(json.dumps(info))
         os.replace(tmp, record)
         return info
 

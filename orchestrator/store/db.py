@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+import os
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from orchestrator.config import PRIVATE_FILE_MODE, private_opener, tighten
 from orchestrator.store.job_writer import JobWriter, NewJob
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _READ_ONLY = "roundhouse_read_only"
 
 
+def _private_sqlite_files(url: str) -> None:
+    """The SQLite database file (it holds the rank credential key and every spec) created for this user alone
+    (0600) before SQLite opens it, and an existing one tightened with its -wal and -shm; SQLite creates those
+    two with the database file's mode."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("uri"):
+        return  # in memory, or a URI filename: nothing of ours on disk to guard
+    path = Path(database)
+    if not path.parent.is_dir():
+        return  # SQLite refuses to open it, with its own error
+    for existing in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if existing.exists():
+            tighten(existing, PRIVATE_FILE_MODE, warn=True)
+    if not path.exists():  # an empty file is a new database to SQLite
+        os.close(private_opener(str(path), os.O_RDWR | os.O_CREAT))
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _private_sqlite_files(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=8, max_overflow=16)
 
