@@ -142,6 +142,7 @@ class KubernetesLauncher:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
         self.settings = settings
         self.namespace = settings.pods.namespace
         # The one place on the shared volume a spec's data.path may lead, as the ranks see it.
@@ -193,8 +194,8 @@ class KubernetesLauncher:
         return self.settings.max_ranks
 
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
-        """Creates the attempt's Job (suspended), its Secret and Service owned by it, then resumes it (unless
-        Kueue admits it). Each step finds what an earlier, interrupted call already made."""
+        """Creates the attempt's Job (suspended), its Secret, Service and NetworkPolicy owned by it, then resumes
+        it (unless Kueue admits it). Each step finds what an earlier, interrupted call already made."""
         pods = self.settings.pods
         name = manifests.object_name(request.job, request.attempt)
         job = self._create_or_get("jobs", manifests.job(request, pods))
@@ -205,6 +206,8 @@ class KubernetesLauncher:
                                "but does not belong to this attempt")
         self._create_secret(manifests.owned_by(manifests.secret(request, pods), job))
         self._create_or_get("services", manifests.owned_by(manifests.service(request, pods), job))
+        self._create_only(self.networking.create_namespaced_network_policy,
+                          manifests.owned_by(manifests.network_policy(request, pods), job))
         if job["spec"].get("suspend") and not request.spec.kubernetes.queue:
             self._call(self.batch.patch_namespaced_job, name, self.namespace, {"spec": {"suspend": False}})
         return {"namespace": self.namespace, "name": name, "uid": job["metadata"]["uid"],
@@ -600,8 +603,13 @@ class KubernetesLauncher:
         """Creates the attempt's Secret; one already there (409) is what an interrupted launch of this attempt
         made (its name is the attempt's, its Job checked to be ours): it is never read back, so the Role grants
         no read of any Secret in the namespace."""
+        self._create_only(self.core.create_namespaced_secret, manifest)
+
+    def _create_only(self, create: Callable[..., Any], manifest: dict[str, Any]) -> None:
+        """Creates an object of the attempt that nothing reads back; one already there (409) is an earlier,
+        interrupted launch's."""
         try:
-            self._call(self.core.create_namespaced_secret, self.namespace, manifest)
+            self._call(create, self.namespace, manifest)
         except ApiException as exc:
             if exc.status != 409:
                 raise

@@ -7,8 +7,10 @@ Per attempt, all named alike (`object_name`):
   Secret exist first;
 - a headless Service whose name is every pod's subdomain, so rank 0 is `<name>-0.<name>` before it starts
   (what JobSet does, with nothing to install on the cluster);
-- a Secret with the attempt's credential and the spec the ranks run (ROUNDHOUSE_SPEC_JSON).
-The Service and Secret are owned by the Job: deleting the Job removes everything. A spec's
+- a Secret with the attempt's credential and the spec the ranks run (ROUNDHOUSE_SPEC_JSON);
+- a NetworkPolicy letting the attempt's pods accept connections from each other (k8s/deploy/networkpolicy.yaml
+  lets them accept the control plane's and nothing else, and reach only the control plane, DNS and ranks).
+The Service, Secret and NetworkPolicy are owned by the Job: deleting the Job removes everything. A spec's
 `kubernetes.env_from_secrets` become `secretKeyRef`s to Secrets of the namespace that the launcher never reads;
 an attempt's own Secret (any job's) may not be one of them (`attempt_secret_problem`)."""
 
@@ -140,6 +142,20 @@ def service(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
         },
+    }
+
+
+def network_policy(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
+    """The attempt's pods accept connections from each other (rendezvous, gloo, NCCL: any port). With
+    k8s/deploy/networkpolicy.yaml, which denies rank pods every other connection but the control plane's, a
+    rank accepts none from another job's ranks. Alone (no deploy policy), it only limits what the attempt's pods
+    accept: ranks never need to accept anything from elsewhere."""
+    name = object_name(request.job, request.attempt)
+    pods = {"matchLabels": {LABEL_JOB: request.job, LABEL_ATTEMPT: str(request.attempt)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels(request.job, request.attempt)},
+        "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": pods}]}]},
     }
 
 
