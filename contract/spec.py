@@ -214,6 +214,19 @@ class Toleration(_Section):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+# A key of a Secret's data (what Kubernetes allows: letters, digits, '-', '_' and '.').
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+MAX_SECRET_REFS = 64
+
+
+class SecretKeyRef(_Section):
+    """One key of a Kubernetes Secret in the job's namespace: an env value the control plane never holds."""
+
+    name: DnsSubdomain
+    key: Annotated[str, Field(max_length=253), _full_match(
+        _SECRET_KEY, "a Secret key: letters, digits, '-', '_' and '.', at most 253 characters")]
+
+
 class KubernetesSpec(_Section):
     """Where and how the ranks run as pods; only the Kubernetes launcher reads it."""
 
@@ -228,6 +241,9 @@ class KubernetesSpec(_Section):
     # Ranks in one pod (one pod per node: the GPUs of a node, so NCCL stays inside it), started there by
     # torchrun; an attempt whose world size it does not divide uses their greatest common divisor.
     ranks_per_pod: int = Field(1, ge=1, le=64)
+    # Env names to Secret keys, set in every rank's container as `valueFrom.secretKeyRef` (the value stays in
+    # the cluster: not in the spec, the database or the attempt's Secret). Names follow `env`'s rules.
+    env_from_secrets: dict[str, SecretKeyRef] = Field(default_factory=dict, max_length=MAX_SECRET_REFS)
 
 
 class RestartPolicy(_Section):
@@ -327,7 +343,10 @@ def dict_to_message(data: dict[str, Any], message):
     fields = message.DESCRIPTOR.fields_by_name
     for key, value in data.items():
         field = fields[key]
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        if _is_message_map(field):
+            for map_key, item in value.items():
+                dict_to_message(item, getattr(message, key)[map_key])
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             getattr(message, key).update(value)
         elif field.message_type is not None and _is_repeated(field):
             for item in value:
@@ -343,7 +362,9 @@ def _message_to_dict(message) -> dict[str, Any]:
     """The fields a client set, by name; unset optional scalars are left out so defaults apply."""
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        if _is_message_map(field):
+            out[field.name] = {map_key: _message_to_dict(item) for map_key, item in value.items()}
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value)
         elif field.message_type is not None and _is_repeated(field):
             out[field.name] = [_message_to_dict(item) for item in value]
@@ -408,6 +429,12 @@ def _cross_field_violations(spec: JobSpec) -> list[FieldViolation]:
         problem = env_name_problem(key) or env_value_problem(value)
         if problem:
             out.append(FieldViolation(f"env.{key}", problem))
+    for key in spec.kubernetes.env_from_secrets:
+        problem = env_name_problem(key) or (
+            "a test hook is set in `env`, not from a Secret" if is_test_hook(key) else None) or (
+            "also set in `env`: a variable comes from one place" if key in spec.env else None)
+        if problem:
+            out.append(FieldViolation(f"kubernetes.env_from_secrets.{key}", problem))
     env_size = sum(len(k) + len(v) for k, v in spec.env.items())
     if env_size > MAX_ENV_TOTAL:
         out.append(FieldViolation("env", f"{env_size} characters of names and values; at most {MAX_ENV_TOTAL}"))
@@ -554,7 +581,10 @@ def _unknown_field_paths(message: Any, prefix: str) -> list[str]:
 
     paths = [f"{prefix}#{field.field_number}" for field in UnknownFieldSet(message)]
     for descriptor, value in message.ListFields():
-        if descriptor.message_type is not None and not descriptor.message_type.GetOptions().map_entry:
+        if _is_message_map(descriptor):
+            for map_key, item in value.items():
+                paths += _unknown_field_paths(item, f"{prefix}{descriptor.name}.{map_key}.")
+        elif descriptor.message_type is not None and not descriptor.message_type.GetOptions().map_entry:
             items = enumerate(value) if _is_repeated(descriptor) else [(None, value)]
             for index, item in items:
                 where = descriptor.name if index is None else f"{descriptor.name}.{index}"
@@ -564,3 +594,9 @@ def _unknown_field_paths(message: Any, prefix: str) -> list[str]:
 
 def _is_repeated(field) -> bool:
     return field.is_repeated
+
+
+def _is_message_map(field) -> bool:
+    """A map whose values are messages (kubernetes.env_from_secrets)."""
+    return (field.message_type is not None and field.message_type.GetOptions().map_entry
+            and field.message_type.fields_by_name["value"].message_type is not None)

@@ -12,6 +12,7 @@ container states to the attempt's phase and, for a failure, its reason:
     OOMKilled        a container killed for memory
     RankFailed       a container that exited non-zero (the code is in the message)
     ImagePullFailed  the image cannot be pulled (named in the message): not retryable, the job fails at once
+    ContainerConfigFailed  a Secret or key of the spec's env_from_secrets is missing: not retryable
     PodsRefused      the Job cannot create its pods: admission refuses them (its FailedCreate event: an unknown
                      priority class, Pod Security, a LimitRange, a webhook), not retryable; or it has not
                      created them within `unschedulable_timeout_seconds` (a quota, which may free up
@@ -141,6 +142,7 @@ class KubernetesLauncher:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
         self.settings = settings
         self.namespace = settings.pods.namespace
         # The one place on the shared volume a spec's data.path may lead, as the ranks see it.
@@ -163,8 +165,14 @@ class KubernetesLauncher:
             thread.start()
 
     def directory_violations(self, spec: JobSpec) -> list[FieldViolation]:
-        """The shared volume is not mounted here: the job's directories are checked by the ranks."""
-        return []
+        """The shared volume is not mounted here: the job's directories are checked by the ranks. What is
+        checked: no Secret reference names an attempt's own Secret (a rank credential, see manifests)."""
+        out = []
+        for env_name, ref in spec.kubernetes.env_from_secrets.items():
+            problem = manifests.attempt_secret_problem(ref.name)
+            if problem:
+                out.append(FieldViolation(f"kubernetes.env_from_secrets.{env_name}.name", problem))
+        return out
 
     def close(self) -> None:
         with self._watches_lock:
@@ -186,8 +194,8 @@ class KubernetesLauncher:
         return self.settings.max_ranks
 
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
-        """Creates the attempt's Job (suspended), its Secret and Service owned by it, then resumes it (unless
-        Kueue admits it). Each step finds what an earlier, interrupted call already made."""
+        """Creates the attempt's Job (suspended), its Secret, Service and NetworkPolicy owned by it, then resumes
+        it (unless Kueue admits it). Each step finds what an earlier, interrupted call already made."""
         pods = self.settings.pods
         name = manifests.object_name(request.job, request.attempt)
         job = self._create_or_get("jobs", manifests.job(request, pods))
@@ -196,8 +204,10 @@ class KubernetesLauncher:
                                                                                       str(request.attempt)):
             raise RuntimeError(f"a Kubernetes Job named {name} exists in namespace {self.namespace} "
                                "but does not belong to this attempt")
-        self._create_or_get("secrets", manifests.owned_by(manifests.secret(request, pods), job))
+        self._create_secret(manifests.owned_by(manifests.secret(request, pods), job))
         self._create_or_get("services", manifests.owned_by(manifests.service(request, pods), job))
+        self._create_only(self.networking.create_namespaced_network_policy,
+                          manifests.owned_by(manifests.network_policy(request, pods), job))
         if job["spec"].get("suspend") and not request.spec.kubernetes.queue:
             self._call(self.batch.patch_namespaced_job, name, self.namespace, {"spec": {"suspend": False}})
         return {"namespace": self.namespace, "name": name, "uid": job["metadata"]["uid"],
@@ -317,6 +327,14 @@ class KubernetesLauncher:
                 return _Failure(time.time(), _EXITED, "ImagePullFailed",
                                 f"{who} cannot pull image {image} ({waiting['reason']}: "
                                 f"{waiting.get('message', '')})", retryable=False)
+            said = waiting.get("message", "")
+            if waiting.get("reason") == "CreateContainerConfigError" and \
+                    ("not found" in said or "couldn't find key" in said):
+                # A Secret or key the spec's env_from_secrets names is missing (the attempt's own Secret exists
+                # before its pods): the kubelet would retry for ever.
+                return _Failure(time.time(), _EXITED, "ContainerConfigFailed",
+                                f"{who} cannot start its container: {said} (check the Secrets and keys in "
+                                "kubernetes.env_from_secrets)", retryable=False)
         scheduled = _condition(pod, "PodScheduled")
         if status.get("phase") == "Pending" and scheduled and scheduled.get("status") == "False" \
                 and scheduled.get("reason") == "Unschedulable":
@@ -572,7 +590,6 @@ class KubernetesLauncher:
     def _create_or_get(self, kind: str, manifest: dict[str, Any]) -> dict[str, Any]:
         create, read = {
             "jobs": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
-            "secrets": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
             "services": (self.core.create_namespaced_service, self.core.read_namespaced_service),
         }[kind]
         try:
@@ -581,6 +598,21 @@ class KubernetesLauncher:
             if exc.status != 409:
                 raise
         return self._call(read, manifest["metadata"]["name"], self.namespace)
+
+    def _create_secret(self, manifest: dict[str, Any]) -> None:
+        """Creates the attempt's Secret; one already there (409) is what an interrupted launch of this attempt
+        made (its name is the attempt's, its Job checked to be ours): it is never read back, so the Role grants
+        no read of any Secret in the namespace."""
+        self._create_only(self.core.create_namespaced_secret, manifest)
+
+    def _create_only(self, create: Callable[..., Any], manifest: dict[str, Any]) -> None:
+        """Creates an object of the attempt that nothing reads back; one already there (409) is an earlier,
+        interrupted launch's."""
+        try:
+            self._call(create, self.namespace, manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
     def _pod_of_rank(self, ref: AttemptRef, rank: int) -> dict[str, Any] | None:
         self._wait_synced()

@@ -7,13 +7,18 @@ Per attempt, all named alike (`object_name`):
   Secret exist first;
 - a headless Service whose name is every pod's subdomain, so rank 0 is `<name>-0.<name>` before it starts
   (what JobSet does, with nothing to install on the cluster);
-- a Secret with the attempt's credential and the spec the ranks run (ROUNDHOUSE_SPEC_JSON).
-The Service and Secret are owned by the Job: deleting the Job removes everything."""
+- a Secret with the attempt's credential and the spec the ranks run (ROUNDHOUSE_SPEC_JSON);
+- a NetworkPolicy letting the attempt's pods accept connections from each other (k8s/deploy/networkpolicy.yaml
+  lets them accept the control plane's and nothing else, and reach only the control plane, DNS and ranks).
+The Service, Secret and NetworkPolicy are owned by the Job: deleting the Job removes everything. A spec's
+`kubernetes.env_from_secrets` become `secretKeyRef`s to Secrets of the namespace that the launcher never reads;
+an attempt's own Secret (any job's) may not be one of them (`attempt_secret_problem`)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import PurePosixPath
@@ -38,6 +43,8 @@ SECRET_SPEC_KEY = "spec.json"
 SECRET_CLIENT_KEY = "client.key"  # the ranks' TLS client key, with mutual TLS
 # A pod name is "<job>-<index>-<5 random>" and its hostname "<job>-<index>", both DNS labels (63).
 MAX_BASE_NAME = 50
+# What `object_name` makes: "<job or its shortened form>-a<attempt>".
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?-a[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,16 @@ def object_name(job: str, attempt: int) -> str:
     """The Job, Service and Secret of an attempt; a long job name is shortened with a hash kept unique."""
     base = job if len(job) <= MAX_BASE_NAME else f"{job[:MAX_BASE_NAME - 7]}-{_digest(job, 6)}"
     return f"{base}-a{attempt}"
+
+
+def attempt_secret_problem(secret_name: str) -> str | None:
+    """Why a spec may not read `secret_name` (None: it may, as far as the launcher knows): a name of the form
+    the launcher gives an attempt's Secret, which holds that attempt's rank credential (and TLS client key).
+    Refused for every job, not only the spec's own: one job must not run with another's credential."""
+    if _OBJECT_NAME.fullmatch(secret_name):
+        return ("names like '<job>-a<attempt>' are the launcher's own Secrets (a job attempt's rank credential); "
+                "a job may not read them")
+    return None
 
 
 def labels(job: str, attempt: int) -> dict[str, str]:
@@ -125,6 +142,20 @@ def service(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
         },
+    }
+
+
+def network_policy(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
+    """The attempt's pods accept connections from each other (rendezvous, gloo, NCCL: any port). With
+    k8s/deploy/networkpolicy.yaml, which denies rank pods every other connection but the control plane's, a
+    rank accepts none from another job's ranks. Alone (no deploy policy), it only limits what the attempt's pods
+    accept: ranks never need to accept anything from elsewhere."""
+    name = object_name(request.job, request.attempt)
+    pods = {"matchLabels": {LABEL_JOB: request.job, LABEL_ATTEMPT: str(request.attempt)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels(request.job, request.attempt)},
+        "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": pods}]}]},
     }
 
 
@@ -214,8 +245,8 @@ def _container(request: LaunchRequest, settings: PodSettings, name: str) -> dict
 def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[str, Any]]:
     """The contract's variables (contract.rank_env) as the local launcher sets them, with the rank from the
     pod's completion index (or torchrun's, for several ranks a pod), rank 0's stable DNS name as the
-    rendezvous, and the credential and spec from the attempt's Secret; then the spec's `env` and the pod's
-    minimum (HOME on the writable emptyDir, unbuffered output). Nothing else: the image's own environment."""
+    rendezvous, and the credential and spec from the attempt's Secret; then the spec's `env` and
+    `kubernetes.env_from_secrets`, and the pod's minimum (HOME on the writable emptyDir, unbuffered output). Nothing else: the image's own environment."""
     one_rank = ranks_per_pod(request) == 1
     contract = RankEnv(
         world_size=request.world_size, local_rank=0, local_world_size=1, master_addr=f"{name}-0.{name}",
@@ -230,6 +261,10 @@ def _env(request: LaunchRequest, settings: PodSettings, name: str) -> list[dict[
         leave_out |= {rank_env.WORLD_SIZE, rank_env.LOCAL_RANK, rank_env.LOCAL_WORLD_SIZE}
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(request.spec.env.items())]
+    # The spec's Secret references: the kubelet reads the values; they pass through neither Roundhouse nor the
+    # attempt's Secret. A missing Secret or key keeps the container from starting (the launcher fails it).
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            for k, ref in sorted(request.spec.kubernetes.env_from_secrets.items())]
     env += [{"name": rank_env.RANK if one_rank else "NODE_RANK", "valueFrom": index}]
     env += [{"name": k, "value": v} for k, v in contract.to_environ(leave_out=leave_out).items()]
     env += [

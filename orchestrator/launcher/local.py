@@ -116,7 +116,12 @@ class LocalLauncher:
 
     def directory_violations(self, spec: JobSpec) -> list[FieldViolation]:
         """For CreateJob: a job directory or checkpoint directory that a symlink on this machine already leads
-        out of where it belongs (checked again at launch, and by the rank)."""
+        out of where it belongs (checked again at launch, and by the rank); and Secret references, which only a
+        cluster can resolve (a rank here would start without the variables its job asked for)."""
+        if spec.kubernetes.env_from_secrets:
+            return [FieldViolation("kubernetes.env_from_secrets", (
+                "Kubernetes Secrets are only read by the kubernetes launcher; this server runs ranks as local "
+                "processes (set the values in env, or submit to a server with --launcher kubernetes)"))]
         job_directory = self.job_dir(spec.name)
         try:
             job_dirs.resolve_inside(self.runs_dir, job_directory)

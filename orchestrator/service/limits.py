@@ -59,6 +59,9 @@ class KubernetesLimits(_Strict):
     # Node selector keys ("pool": any value) or key=value pairs ("pool=gpu": that value only).
     node_selectors: list[Annotated[str, Field(min_length=1, max_length=381)]] | None = None
     priority_classes: list[DnsSubdomain] | None = None
+    # Secrets of the namespace a spec's kubernetes.env_from_secrets may read (unset: any; set it, or every user
+    # can put any Secret of the namespace, the control plane's own included, into a rank's environment).
+    secrets: list[DnsSubdomain] | None = None
 
 
 class Limits(_Strict):
@@ -123,6 +126,11 @@ class Limits(_Strict):
                 if toleration.key not in allowed.tolerations:
                     out.append(FieldViolation(f"kubernetes.tolerations.{index}.key",
                                               _not_allowed("toleration key", allowed.tolerations)))
+        if allowed.secrets is not None:
+            for env_name, ref in k.env_from_secrets.items():
+                if ref.name not in allowed.secrets:
+                    out.append(FieldViolation(f"kubernetes.env_from_secrets.{env_name}.name",
+                                              _not_allowed("Secret", allowed.secrets)))
         if allowed.node_selectors is not None:
             for key, value in k.node_selector.items():
                 if key not in allowed.node_selectors and f"{key}={value}" not in allowed.node_selectors:

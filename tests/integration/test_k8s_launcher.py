@@ -23,7 +23,7 @@ from k8s.manifests import PodSettings
 from orchestrator.launcher import AttemptRef, LaunchRequest, LogsUnavailable, Phase
 from orchestrator.launcher.logs import LogRange
 from contract.spec import parse_spec, spec_to_proto
-from orchestrator.store import Attempt, AttemptState
+from orchestrator.store import Attempt, AttemptState, Job
 from roundhouse.v1 import job_service_pb2 as js
 
 from tests.support.fake_kube import FakeKube, now_iso, shipped_role
@@ -155,7 +155,12 @@ def test_launch_creates_an_indexed_job_with_its_service_and_secret_and_is_idempo
     creates = sum(1 for method, _ in kube.requests if method == "POST")
     assert launcher.launch(req) == info
     assert len(kube.pods(NS, manifests.selector("gpt", 1))) == 2
-    assert sum(1 for method, _ in kube.requests if method == "POST") == creates + 3  # each answered 409
+    assert sum(1 for method, _ in kube.requests if method == "POST") == creates + 4  # each answered 409
+    # The 409 of the Secret is not followed by a read: the launcher never reads a Secret.
+    assert not [path for method, path in kube.requests if method == "GET" and "/secrets" in path]
+    policy = kube.get("networkpolicies", NS, "gpt-a1")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == info["uid"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"roundhouse.io/job": "gpt", "roundhouse.io/attempt": "1"}}
 
 
 def test_a_kueue_queue_leaves_the_job_suspended_for_kueue_to_admit(kube, launcher):
@@ -309,7 +314,7 @@ def test_stop_deletes_the_job_and_everything_it_owns(kube, launcher):
         set_running(kube, pod)
     status_becomes(launcher, ref, Phase.RUNNING)
     launcher.stop(ref, grace_seconds=0)
-    for kind in ("jobs", "services", "secrets"):
+    for kind in ("jobs", "services", "secrets", "networkpolicies"):
         assert kube.list(kind, NS)["items"] == []
     deletes = [path for method, path in kube.requests if method == "DELETE"]
     assert any("/jobs/gpt-a1" in d and "propagationPolicy=Background" in d for d in deletes)
@@ -618,3 +623,49 @@ def test_a_log_that_cannot_be_reached_is_unavailable_over_grpc_with_the_reason(a
                                     timeout=DEADLINE))
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
     assert refused.value.details() == "the log of rank 1 cannot be read now: dial tcp: no route to host"
+
+
+def test_secret_references_reach_the_rank_pods_as_secret_key_refs(kube, launcher):
+    ref = launched(launcher, kube, kubernetes={"env_from_secrets": {
+        "WANDB_API_KEY": {"name": "wandb", "key": "api-key"}}})
+    pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
+    for pod in pods.values():
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+    # The attempt's Secret names the reference (in the spec), never a value: the launcher never saw one.
+    spec = json.loads(base64.b64decode(kube.get("secrets", NS, "gpt-a1")["data"]["spec.json"]))
+    assert spec["kubernetes"]["env_from_secrets"] == {"WANDB_API_KEY": {"name": "wandb", "key": "api-key"}}
+    assert launcher.status(ref).phase is Phase.PENDING
+
+
+def test_a_missing_secret_fails_the_attempt_at_once_naming_it(kube, launcher):
+    ref = launched(launcher, kube, kubernetes={"env_from_secrets": {"TOKEN": {"name": "missing", "key": "t"}}})
+    pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
+    # What a kubelet reports for a container whose secretKeyRef names no Secret (it would retry for ever).
+    kube.set_pod_status(NS, pods[1]["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
+        {"name": "trainer", "image": "registry.example/trainer:1", "ready": False, "restartCount": 0, "imageID": "",
+         "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "missing" not found'}}}]})
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "ContainerConfigFailed" and not status.retryable
+    assert 'secret "missing" not found' in status.message and "env_from_secrets" in status.message
+
+
+def test_a_spec_may_not_read_the_secret_of_an_attempt(kube, launcher):
+    for name in ("gpt-a1", "other-job-a3"):  # its own attempt's, or another job's: a rank credential
+        spec = parse_spec({"name": "gpt", "kubernetes": {"env_from_secrets": {"T": {"name": name, "key": "token"}}}})
+        [violation] = launcher.directory_violations(spec)
+        assert violation.field == "kubernetes.env_from_secrets.T.name" and "launcher's own" in violation.description
+    spec = parse_spec({"name": "gpt", "kubernetes": {"env_from_secrets": {"T": {"name": "wandb", "key": "k"}}}})
+    assert launcher.directory_violations(spec) == []
+
+
+def test_the_local_launcher_refuses_secret_references_naming_the_field(api_plane, client):
+    spec = parse_spec({"name": "local", "kubernetes": {"env_from_secrets": {"T": {"name": "wandb", "key": "k"}}}})
+    with pytest.raises(grpc.RpcError) as refused:
+        client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=client.metadata)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.kubernetes.env_from_secrets" in refused.value.details()
+    assert "only read by the kubernetes launcher" in refused.value.details()
+    with api_plane.db.read() as session:
+        assert session.get(Job, "local") is None  # nothing written
+

@@ -48,6 +48,8 @@ SPECS = {
                        "priority_class": "training-high", "queue": "team-a"},
         "checkpoint": {"directory": "shared/ckpt", "interval": 100},
         "env": {"NCCL_DEBUG": "INFO"}},
+    "secret-references": {"kubernetes": {"env_from_secrets": {
+        "WANDB_API_KEY": {"name": "wandb", "key": "api-key"}, "HF_TOKEN": {"name": "hf.tokens", "key": "token_1"}}}},
     "long-name": {"name": "a-job-name-that-is-as-long-as-a-dns-label-may-be-0123456789abc"},
     "ranks-per-pod": {"resources": {"cpu": "500m", "memory": "16Gi", "gpus": 1}, "kubernetes": {"ranks_per_pod": 2}},
 }
@@ -61,7 +63,8 @@ def test_the_objects_of_an_attempt_are_valid(sections):
     job = manifests.job(req, settings)
     owner = {"metadata": {"name": job["metadata"]["name"], "uid": "0b7a3b3c-2f38-4e0c-9d43-5a1c2d1c9f10"}}
     objects = [job, manifests.owned_by(manifests.service(req, settings), owner),
-               manifests.owned_by(manifests.secret(req, settings), owner)]
+               manifests.owned_by(manifests.secret(req, settings), owner),
+               manifests.owned_by(manifests.network_policy(req, settings), owner)]
     for obj in objects:
         validate(obj, f"the {obj['kind']} of {req.job}")
     name = job["metadata"]["name"]
@@ -140,8 +143,10 @@ def test_the_deploy_manifests_are_valid_and_all_in_the_kustomization():
     for resource, obj in deploy_objects():
         validate(obj, f"k8s/deploy/{resource}")
         kinds.add(obj["kind"])
-    assert kinds == {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret",
-                     "PersistentVolumeClaim", "Deployment", "Service"}
+    assert kinds == {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim",
+                     "Deployment", "Service", "NetworkPolicy", "LimitRange"}
+    # No credential ships: the database's Secret is created by hand (README), never from a file in git.
+    assert not (DEPLOY / "secret.yaml").exists()
 
 
 def test_the_deployment_runs_the_kubernetes_launcher_restricted():
@@ -157,8 +162,8 @@ def test_the_deployment_runs_the_kubernetes_launcher_restricted():
 
 def _verb(method: str, path: str) -> tuple[str, str, str]:
     """(apiGroup, resource, verb) that a request to the stand-in needs, as the API server's RBAC sees it."""
-    match = re.match(r"^/(api/v1|apis/batch/v1)/namespaces/[^/]+/([a-z]+)(/[^/?]+)?(/log)?", path)
-    group = "" if match.group(1) == "api/v1" else "batch"
+    match = re.match(r"^/(api/v1|apis/[a-z0-9.]+/v1)/namespaces/[^/]+/([a-z]+)(/[^/?]+)?(/log)?", path)
+    group = "" if match.group(1) == "api/v1" else match.group(1).split("/")[1]
     resource = match.group(2) + ("/log" if match.group(4) else "")
     named = bool(match.group(3))
     if method == "GET":
@@ -203,3 +208,92 @@ def test_the_role_allows_what_the_launcher_does_and_no_more():
     used = {_verb(method, path) for method, path in kube.requests}
     assert used <= allowed, f"the Role lacks {used - allowed}"
     assert allowed <= used, f"the Role grants what the launcher never does: {allowed - used}"
+    # Secrets are written, never read: not the attempt's own after a 409, nor any other in the namespace.
+    assert {verb for group, resource, verb in allowed if resource == "secrets"} == {"create"}
+    assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A NetworkPolicy's podSelector (matchLabels, matchExpressions with Exists) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        assert expression["operator"] == "Exists", "only Exists is modelled here"
+        if expression["key"] not in labels:
+            return False
+    return True
+
+
+def _accepts_from(policy: dict[str, Any], labels: dict[str, str], port: int) -> bool:
+    """Whether `policy` lets a pod with `labels` in the same namespace connect on `port` (TCP)."""
+    for rule in policy["spec"].get("ingress") or []:
+        ports = [p["port"] for p in rule.get("ports") or []]
+        sources = rule.get("from")
+        if (not ports or port in ports) and (sources is None or any(
+                "namespaceSelector" not in peer and _selects(peer["podSelector"], labels) for peer in sources)):
+            return True
+    return False
+
+
+def test_ranks_accept_only_their_own_attempt_and_the_control_plane_which_ranks_reach_on_grpc():
+    policies = {obj["metadata"]["name"]: obj for _, obj in deploy_objects() if obj["kind"] == "NetworkPolicy"}
+    ranks_policy, plane_policy = policies["roundhouse-ranks"], policies["roundhouse-control-plane"]
+    settings = PodSettings(namespace="ml")
+    rank = manifests.job(request(name="gpt"), settings)["spec"]["template"]["metadata"]["labels"]
+    other_job = manifests.job(request(name="other"), settings)["spec"]["template"]["metadata"]["labels"]
+    next_attempt = manifests.job(request(name="gpt", attempt=2), settings)["spec"]["template"]["metadata"]["labels"]
+    deployment = next(obj for _, obj in deploy_objects() if obj["kind"] == "Deployment")
+    plane = deployment["spec"]["template"]["metadata"]["labels"]
+    attempt_policy = manifests.network_policy(request(name="gpt"), settings)
+
+    assert _selects(ranks_policy["spec"]["podSelector"], rank) and not _selects(ranks_policy["spec"]["podSelector"],
+                                                                                 plane)
+    assert set(ranks_policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert _selects(attempt_policy["spec"]["podSelector"], rank)
+    assert not _selects(attempt_policy["spec"]["podSelector"], other_job)
+    # NetworkPolicies add up: a rank pod accepts what any policy selecting it allows.
+    accepting_rank = [p for p in (ranks_policy, attempt_policy) if _selects(p["spec"]["podSelector"], rank)]
+    def rank_accepts(source):
+        return any(_accepts_from(p, source, manifests.MASTER_PORT) for p in accepting_rank)
+    assert rank_accepts(rank) and rank_accepts(plane)
+    assert not rank_accepts(other_job) and not rank_accepts(next_attempt) and not rank_accepts({})
+    # Ranks reach the control plane's gRPC port (egress), and it accepts them there.
+    egress_to_plane = [rule for rule in ranks_policy["spec"]["egress"]
+                       if any(_selects(peer.get("podSelector", {"matchLabels": {"_": "none"}}), plane)
+                              for peer in rule["to"])]
+    assert [p["port"] for rule in egress_to_plane for p in rule["ports"]] == [50051]
+    assert _selects(plane_policy["spec"]["podSelector"], plane) and _accepts_from(plane_policy, rank, 50051)
+    assert not _accepts_from(plane_policy, rank, 5432)
+    grpc_port = next(p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+                     if p["name"] == "grpc")
+    assert grpc_port == 50051
+
+
+def test_a_limit_range_gives_every_container_without_resources_requests_and_limits():
+    [limit_range] = [obj for _, obj in deploy_objects() if obj["kind"] == "LimitRange"]
+    [container] = limit_range["spec"]["limits"]
+    assert container["type"] == "Container"
+    assert set(container["defaultRequest"]) == set(container["default"]) == {"cpu", "memory"}
+    unbounded = manifests.job(request(), PodSettings())["spec"]["template"]["spec"]["containers"][0]
+    assert "resources" not in unbounded  # a spec without resources: the LimitRange's defaults apply
+
+
+def test_secret_references_are_secret_key_refs_and_never_in_the_attempt_s_secret():
+    req = request(env={"NCCL_DEBUG": "INFO"}, kubernetes={"env_from_secrets": {
+        "WANDB_API_KEY": {"name": "wandb", "key": "api-key"}}})
+    [container] = manifests.job(req, PodSettings())["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert len(env) == len(container["env"])
+    assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
+                                    "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    assert env["NCCL_DEBUG"]["value"] == "INFO"
+    # The attempt's Secret holds the spec, which names the Secret and key, never a value.
+    assert "api-key" in manifests.secret(req, PodSettings())["stringData"][manifests.SECRET_SPEC_KEY]
+
+
+@pytest.mark.parametrize("name", ["gpt-a1", "gpt-a12", "x-a0"])
+def test_an_attempt_s_own_secret_name_is_refused_as_a_reference(name):
+    assert manifests.attempt_secret_problem(manifests.object_name("gpt", 1)) is not None
+    assert manifests.attempt_secret_problem(manifests.object_name("a" * 63, 3)) is not None  # shortened names too
+    assert manifests.attempt_secret_problem(name) is not None
+    assert manifests.attempt_secret_problem("wandb") is None and manifests.attempt_secret_problem("team-a") is None

@@ -58,6 +58,9 @@ def job(name: str, dp: int = 1, **sections) -> dict:
      job("a", kubernetes={"tolerations": [{"operator": "Exists"}]}), "kubernetes.tolerations.0.key"),
     (Limits(kubernetes=KubernetesLimits(node_selectors=["pool=cpu", "zone"])),
      job("a", kubernetes={"node_selector": {"pool": "gpu"}}), "kubernetes.node_selector.pool"),
+    (Limits(kubernetes=KubernetesLimits(secrets=["wandb"])),
+     job("a", kubernetes={"env_from_secrets": {"DB_URL": {"name": "roundhouse-db", "key": "ROUNDHOUSE_DB_URL"}}}),
+     "kubernetes.env_from_secrets.DB_URL.name"),
 ])
 def test_a_spec_over_a_limit_is_refused_at_its_field_naming_the_limit(limits, spec, field):
     violations = limits.violations(parse_spec(spec))
@@ -68,9 +71,10 @@ def test_a_spec_over_a_limit_is_refused_at_its_field_naming_the_limit(limits, sp
 def test_a_spec_within_the_limits_passes():
     limits = Limits(ranks_per_job=8, parameters=10**9, gpus_per_rank=1, kubernetes=KubernetesLimits(
         images=["reg.example/ml/*", "exact:1"], volume_claims=["data"], tolerations=["gpu"],
-        node_selectors=["pool=gpu", "zone"], priority_classes=["low"]))
+        node_selectors=["pool=gpu", "zone"], priority_classes=["low"], secrets=["wandb"]))
     spec = parse_spec(job("a", dp=8, resources={"gpus": 1}, kubernetes={
         "image": "reg.example/ml/trainer:2", "volume_claim": "data", "priority_class": "low",
+        "env_from_secrets": {"WANDB_API_KEY": {"name": "wandb", "key": "api-key"}},
         "tolerations": [{"key": "gpu", "operator": "Exists"}], "node_selector": {"pool": "gpu", "zone": "b"}}))
     assert limits.violations(spec) == []
     assert Limits().violations(spec) == []

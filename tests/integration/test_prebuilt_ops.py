@@ -1,6 +1,11 @@
 """A rank loads DeepSpeed's prebuilt CPU comm op from a directory it cannot write, as an image's is under
 `readOnlyRootFilesystem` (issue 17): torch's extension loader would take a lock file and rewrite its build
-file there, an OSError; the rank loads a copy from its temporary directory and only reads the prebuilt one."""
+file there, an OSError; the rank loads a copy from its temporary directory and only reads the prebuilt one.
+
+The last test is the image's case end to end (k8s/Dockerfile): the op built into a fresh directory, made
+read-only, and a one-rank job run through the control plane to SUCCEEDED from it, with HOME and TMPDIR on a
+fresh directory and no compiler on the rank's PATH (the runtime image has none): only the ninja that built the
+op, which then rebuilds nothing. A ninja of another version would rebuild (its logs differ) and fail there."""
 
 from __future__ import annotations
 
@@ -9,15 +14,21 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from contract.spec import parse_spec, spec_to_proto
+from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
+from roundhouse.v1 import job_pb2, job_service_pb2 as js
 from trainers import parallel
 
+from tests.conftest import Client, start_plane
 from tests.support.waiting import DEADLINE
 
+TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 BUILT = Path(sys.prefix) / "torch_extensions"  # where `make install` builds the op, as an image does
 
 # A rank's start, as far as the op: torch.distributed and DeepSpeed's backend (which loads the op).
@@ -87,3 +98,73 @@ def test_the_copy_is_made_only_for_a_directory_the_rank_cannot_write(tmp_path, m
     original = ops / parallel.SHM_OP / f"{parallel.SHM_OP}.so"
     assert built.stat().st_mtime_ns == original.stat().st_mtime_ns  # same times: ninja rebuilds nothing
     assert files(ops) == before
+
+
+def read_only_prefix(directory: Path) -> list[str]:
+    """A command prefix that runs what follows with `directory` read-only: chmod -R a-w does for any uid but
+    root, which file modes do not stop; as root, a read-only bind mount in a private mount namespace (writes
+    fail with EROFS, as on a read-only root filesystem). Skips the test where no mount namespace can be made."""
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    if os.geteuid() != 0:
+        return []
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True,
+                           text=True, timeout=DEADLINE)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here to make the directory read-only: {probe.stderr.strip()}")
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', str(directory)]
+
+
+@pytest.mark.slow
+def test_a_job_runs_to_the_end_from_a_freshly_built_read_only_op_directory_without_a_compiler(tmp_path):
+    # The ranks' only tool: the ninja of the venv (DeepSpeed's dependency), the one the image has.
+    ninja = Path(sys.executable).parent / "ninja"
+    assert ninja.exists(), "DeepSpeed installs ninja beside the interpreter"
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "ninja").symlink_to(ninja)
+    code = os.environ.get("PYTHONPATH")  # the code under test, for the build and the rank alike
+    code_env = {"PYTHONPATH": code} if code else {}
+
+    # The image's build stage: the op compiled into a fresh directory by that ninja.
+    ops = tmp_path / "image" / "torch_extensions"
+    build_home = tmp_path / "build-home"
+    build_home.mkdir()
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   env={"PATH": f"{tools}:/usr/local/bin:/usr/bin:/bin", "HOME": str(build_home),
+                        "TMPDIR": str(build_home), "TORCH_EXTENSIONS_DIR": str(ops), **code_env},
+                   check=True, capture_output=True, timeout=DEADLINE)
+    assert (ops / parallel.SHM_OP / f"{parallel.SHM_OP}.so").exists()
+    (ops / parallel.SHM_OP / "lock").unlink(missing_ok=True)
+    prefix = read_only_prefix(ops)
+    before = files(ops)
+
+    # The runtime: HOME and TMPDIR a fresh empty directory (the pod's emptyDir), no compiler on PATH.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    plane = start_plane(tmp_path / "home", None, reconcile=True)
+    client = Client(plane.grpc_address, token_file(plane.settings.home).read_text().strip())
+    try:
+        plane.launcher.rank_command = [
+            *prefix, "/usr/bin/env", f"PATH={tools}", f"HOME={scratch}", f"TMPDIR={scratch}",
+            f"TORCH_EXTENSIONS_DIR={ops}", *(f"{k}={v}" for k, v in code_env.items()),
+            sys.executable, "-m", "trainers"]
+        spec = parse_spec({"name": "read-only-ops", "model": {"layers": 2, "hidden_size": 32, "heads": 2,
+                                                              "seq_length": 32},
+                           "training": {"steps": 3, "global_batch_size": 2, "micro_batch_size": 2}})
+        client.jobs.CreateJob(js.CreateJobRequest(spec=spec_to_proto(spec)), metadata=client.metadata)
+        deadline = time.monotonic() + DEADLINE
+        while (job := client.jobs.GetJob(js.GetJobRequest(name="jobs/read-only-ops"), metadata=client.metadata)
+               ).state not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = plane.launcher.log_path("read-only-ops", 1, 0).read_text(errors="replace")
+        assert job.state == job_pb2.JOB_STATE_SUCCEEDED, f"{job.state_message}\n{log[-3000:]}"
+        assert job.current_step == 3
+    finally:
+        client.close()
+        plane.stop()
+    assert files(ops) == before  # the op directory was only read
+    assert "deepspeed_shm_comm_op built successfully" in log  # DeepSpeed's words for a load, built or not
+    assert "c++: not found" not in log and "Read-only file system" not in log
+

@@ -1,7 +1,7 @@
 """A small, honest stand-in for a Kubernetes API server, served over HTTP to the official client.
 
-It serves the real paths the client uses for batch/v1 jobs and v1 pods, services, secrets and events in
-namespaces: create (POST), get, list and watch (GET with labelSelector, equality fieldSelector,
+It serves the real paths the client uses for batch/v1 jobs, networking.k8s.io/v1 network policies (stored, not
+enforced) and v1 pods, services, secrets and events in namespaces: create (POST), get, list and watch (GET with labelSelector, equality fieldSelector,
 `watch=true&resourceVersion=`, timeoutSeconds, allowWatchBookmarks: an idle watch gets BOOKMARK events),
 merge patches (PATCH, also on `/status`), delete (DELETE with gracePeriodSeconds and propagationPolicy), the
 Eviction API (POST `/eviction`: DisruptionTarget, then a graceful delete) and pod logs (`/log`, with follow;
@@ -53,8 +53,10 @@ from urllib.parse import parse_qs, urlparse
 import yaml
 
 KINDS = {"pods": ("v1", "Pod"), "services": ("v1", "Service"), "secrets": ("v1", "Secret"),
-         "events": ("v1", "Event"), "jobs": ("batch/v1", "Job")}
-_PATH = re.compile(r"^/(?:api/v1|apis/batch/v1)/namespaces/([^/]+)/(pods|services|secrets|events|jobs)"
+         "events": ("v1", "Event"), "jobs": ("batch/v1", "Job"),
+         "networkpolicies": ("networking.k8s.io/v1", "NetworkPolicy")}
+_PATH = re.compile(r"^/(?:api/v1|apis/batch/v1|apis/networking\.k8s\.io/v1)/namespaces/([^/]+)/"
+                   r"(pods|services|secrets|events|jobs|networkpolicies)"
                    r"(?:/([^/]+))?(?:/(status|log|eviction))?$")
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 SHIPPED_ROLE = Path(__file__).parents[2] / "k8s" / "deploy" / "role.yaml"

@@ -34,7 +34,8 @@ from roundhouse.v1 import sweep_service_pb2 as ss, sweep_service_pb2_grpc
 
 # Limits the fuzzed server runs with: refusals by them are INVALID_ARGUMENT like any other bad field.
 FUZZ_LIMITS = Limits(ranks_per_job=64, parameters=10**9, gpus_per_rank=8,
-                     kubernetes=KubernetesLimits(images=["registry.example.com/ml/*"], volume_claims=["data"]))
+                     kubernetes=KubernetesLimits(images=["registry.example.com/ml/*"], volume_claims=["data"],
+                                                 secrets=["data"]))
 # A refusal's message stays short whatever the input (gRPC's metadata limit is 8 KiB by default).
 MAX_MESSAGE = 8 * 1024
 # Codes that say what went wrong: anything else (UNKNOWN, INTERNAL, ...) is a bug.
@@ -63,6 +64,10 @@ def _floats() -> st.SearchStrategy[float]:
 
 def _value_for(descriptor: FieldDescriptor) -> st.SearchStrategy:
     if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+        if descriptor.message_type.fields_by_name["value"].message_type is not None:
+            # kubernetes.env_from_secrets: names to {name, key} messages, either of which may be left out
+            refs = st.dictionaries(st.sampled_from(["name", "key"]), texts())
+            return st.dictionaries(texts(40), refs, max_size=80)
         return st.dictionaries(texts(40), texts(200), max_size=80)
     kind = descriptor.type
     if kind == FieldDescriptor.TYPE_INT64:
@@ -98,7 +103,12 @@ def _set(message, path: tuple[str, ...], value) -> None:
     target = getattr(message, path[-1])
     if isinstance(value, dict):
         target.clear()
-        target.update(value)
+        for key, item in value.items():
+            if isinstance(item, dict):  # a map of messages: fill each value's fields
+                for name, text in item.items():
+                    setattr(target[key], name, text)
+            else:
+                target[key] = item
     else:
         setattr(message, path[-1], value)
 

@@ -216,6 +216,32 @@ def test_proto_round_trip_keeps_the_kubernetes_section():
     assert spec.kubernetes.tolerations[1].operator == "Equal"
 
 
+def test_secret_references_round_trip_and_are_checked_by_their_whole_name():
+    refs = {"WANDB_API_KEY": {"name": "wandb", "key": "api-key"}, "HF_TOKEN": {"name": "hf.tokens", "key": "t_1"}}
+    spec = parse_spec(VALID | {"kubernetes": {"env_from_secrets": refs}})
+    assert spec_from_proto(spec_to_proto(spec)) == spec == spec_from_json(spec.model_dump_json())
+    for refs, field in [
+        ({"X": {"name": "wandb\n", "key": "k"}}, "kubernetes.env_from_secrets.X.name"),
+        ({"X": {"name": "Wandb", "key": "k"}}, "kubernetes.env_from_secrets.X.name"),
+        ({"X": {"name": "w", "key": "a/b"}}, "kubernetes.env_from_secrets.X.key"),
+        ({"X": {"name": "w"}}, "kubernetes.env_from_secrets.X.key"),
+        ({"LD_PRELOAD": {"name": "w", "key": "k"}}, "kubernetes.env_from_secrets.LD_PRELOAD"),
+        ({"RH_FAULT_EXIT": {"name": "w", "key": "k"}}, "kubernetes.env_from_secrets.RH_FAULT_EXIT"),
+        ({f"X{i}": {"name": "w", "key": "k"} for i in range(65)}, "kubernetes.env_from_secrets"),
+    ]:
+        with pytest.raises(SpecError) as info:
+            parse_spec(VALID | {"kubernetes": {"env_from_secrets": refs}})
+        assert [v.field for v in info.value.violations] == [field]
+    with pytest.raises(SpecError) as info:  # one variable, one source
+        parse_spec(VALID | {"env": {"X": "1"}, "kubernetes": {"env_from_secrets": {"X": {"name": "w", "key": "k"}}}})
+    assert [v.field for v in info.value.violations] == ["kubernetes.env_from_secrets.X"]
+    message = spec_to_proto(parse_spec({"name": "x"}))
+    message.kubernetes.env_from_secrets["X"].name = "w"  # the key left out
+    with pytest.raises(SpecError) as info:
+        spec_from_proto(message)
+    assert [v.field for v in info.value.violations] == ["kubernetes.env_from_secrets.X.key"]
+
+
 def test_explicit_zero_in_proto_is_rejected_not_defaulted():
     message = spec_to_proto(parse_spec({"name": "x"}))
     message.training.steps = 0

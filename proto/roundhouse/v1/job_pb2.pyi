@@ -211,7 +211,7 @@ class Toleration(_message.Message):
     def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., value: _Optional[str] = ..., effect: _Optional[str] = ...) -> None: ...
 
 class KubernetesSpec(_message.Message):
-    __slots__ = ("image", "volume_claim", "node_selector", "tolerations", "priority_class", "queue", "ranks_per_pod")
+    __slots__ = ("image", "volume_claim", "node_selector", "tolerations", "priority_class", "queue", "ranks_per_pod", "env_from_secrets")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,13 @@ class KubernetesSpec(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EnvFromSecretsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecretKeyRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecretKeyRef, _Mapping]] = ...) -> None: ...
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VOLUME_CLAIM_FIELD_NUMBER: _ClassVar[int]
     NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +233,7 @@ class KubernetesSpec(_message.Message):
     PRIORITY_CLASS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     RANKS_PER_POD_FIELD_NUMBER: _ClassVar[int]
+    ENV_FROM_SECRETS_FIELD_NUMBER: _ClassVar[int]
     image: str
     volume_claim: str
     node_selector: _containers.ScalarMap[str, str]
@@ -233,7 +241,16 @@ class KubernetesSpec(_message.Message):
     priority_class: str
     queue: str
     ranks_per_pod: int
-    def __init__(self, image: _Optional[str] = ..., volume_claim: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., tolerations: _Optional[_Iterable[_Union[Toleration, _Mapping]]] = ..., priority_class: _Optional[str] = ..., queue: _Optional[str] = ..., ranks_per_pod: _Optional[int] = ...) -> None: ...
+    env_from_secrets: _containers.MessageMap[str, SecretKeyRef]
+    def __init__(self, image: _Optional[str] = ..., volume_claim: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., tolerations: _Optional[_Iterable[_Union[Toleration, _Mapping]]] = ..., priority_class: _Optional[str] = ..., queue: _Optional[str] = ..., ranks_per_pod: _Optional[int] = ..., env_from_secrets: _Optional[_Mapping[str, SecretKeyRef]] = ...) -> None: ...
+
+class SecretKeyRef(_message.Message):
+    __slots__ = ("name", "key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class RestartPolicy(_message.Message):
     __slots__ = ("max_restarts", "max_hang_restarts", "max_preemptions", "hang_timeout_seconds")
