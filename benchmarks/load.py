@@ -206,7 +206,7 @@ class Record:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.calls: list[tuple[float, str, str]] = []  # (monotonic time, method, code name)
+        self.calls: list[tuple[float, float, str, str]] = []  # (began, ended: monotonic; method; code name)
         self.latencies: dict[str, list[float]] = defaultdict(list)
 
     def call(self, method: str, fn):
@@ -216,9 +216,10 @@ class Record:
             code = "OK"
         except grpc.RpcError as error:
             result, code = error, error.code().name
-        took = time.monotonic() - began
+        ended = time.monotonic()
+        took = ended - began
         with self._lock:
-            self.calls.append((began, method, code))
+            self.calls.append((began, ended, method, code))
             if code == "OK":
                 self.latencies[method].append(took)
         return code, result
@@ -351,9 +352,12 @@ def run(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
         stats_path = Path(tmp) / "launcher.json"
         port = free_port()
         address = f"127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--serve", str(home), db_url, str(port),
-                                   str(args.capacity + ANCHORS), str(args.run_seconds), str(stats_path)],
-                                  cwd=Path(__file__).resolve().parents[1])
+        server_log = Path(tmp) / "server.log"
+        with open(server_log, "wb") as out:
+            server = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--serve", str(home), db_url,
+                                       str(port), str(args.capacity + ANCHORS), str(args.run_seconds),
+                                       str(stats_path)],
+                                      cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_healthy(address, timeout=120, process=server)
             result = load(args, home, db_url, address, server.pid, postgres)
@@ -361,6 +365,9 @@ def run(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
         result["launcher"] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+        logged = server_log.read_text(errors="replace").splitlines()
+        result["logged"] = {"database unavailable": sum("database unavailable (error" in line for line in logged),
+                            "internal error": sum("internal error" in line for line in logged)}
         return result
 
 
@@ -468,14 +475,16 @@ def report(args, database: str, result: dict) -> None:
     began, ended, restart = result["began"], result["ended"], result["restart"]
     record: Record = result["record"]
 
-    def in_restart(t: float) -> bool:
-        return restart is not None and restart[0] <= t <= restart[1] + RESTART_GRACE_SECONDS
+    def in_restart(call_began: float, call_ended: float) -> bool:
+        return (restart is not None and call_began <= restart[1] + RESTART_GRACE_SECONDS
+                and call_ended >= restart[0])
 
     by_code: dict[str, Counter] = defaultdict(Counter)
     unintended = Counter()
-    for t, method, code in record.calls:
+    for call_began, call_ended, method, code in record.calls:
         by_code[method][code] += 1
-        if code == "OK" or (method, code) in EXPECTED_REFUSALS or (code == "UNAVAILABLE" and in_restart(t)):
+        if code == "OK" or (method, code) in EXPECTED_REFUSALS or (
+                code == "UNAVAILABLE" and in_restart(call_began, call_ended)):
             continue
         unintended[(method, code)] += 1
     load_avg = os.getloadavg()
@@ -521,6 +530,7 @@ def report(args, database: str, result: dict) -> None:
           f"jobs never passed: {f['never_passed']}")
     print(f"controller lag, cancel to CANCELLED: {quantiles(f['cancel_lag'])}; "
           f"unfinished: {f['cancels_unfinished']}")
+    print("server log: " + ", ".join(f"{n} '{what}' lines" for what, n in result["logged"].items()))
     launcher = result["launcher"]
     print(f"jobs: {f['acknowledged']} created; lost {len(f['lost'])}; created although refused "
           f"{len(f['created_although_refused'])}; launcher: {launcher.get('attempts_launched', 0)} attempts, "
