@@ -437,7 +437,7 @@ def facts(db_url: str, created: list[str], refused: list[str]) -> dict:
     finally:
         engine.dispose()
     created_at: dict[str, datetime] = {}
-    first_pass: dict[str, float] = {}
+    first_pass: dict[str, float] = {}  # by job: seconds from its Created event to the next
     cancel_asked: dict[str, datetime] = {}
     cancel_lag: list[float] = []
     for job, reason, to_state, at in events:
@@ -449,8 +449,13 @@ def facts(db_url: str, created: list[str], refused: list[str]) -> dict:
             cancel_asked[job] = at
         elif to_state == "CANCELLED" and job in cancel_asked:
             cancel_lag.append((at - cancel_asked[job]).total_seconds())
+    start = min((created_at[job] for job in first_pass), default=None)
+    by_window: dict[int, list[float]] = defaultdict(list)  # the first passes' lag by 10 s of creation
+    for job, lag in first_pass.items():
+        by_window[int((created_at[job] - start).total_seconds() // 10)].append(lag)
     return {
         "acknowledged": len(created),
+        "first_pass_lag_by_window": {w: sorted(v) for w, v in sorted(by_window.items())},
         "lost": sorted(set(created) - names),
         "created_although_refused": sorted(set(refused) & names),
         "first_pass_lag": sorted(first_pass.values()),
@@ -528,6 +533,8 @@ def report(args, database: str, result: dict) -> None:
     f = result["facts"]
     print(f"controller lag, a new job's first pass: {quantiles(f['first_pass_lag'])}; "
           f"jobs never passed: {f['never_passed']}")
+    print("  its p99 by 10 s of creation: " + ", ".join(
+        f"{10 * w}-{10 * w + 10} s {summary(v)['p99_ms'] / 1000:.1f} s" for w, v in f["first_pass_lag_by_window"].items()))
     print(f"controller lag, cancel to CANCELLED: {quantiles(f['cancel_lag'])}; "
           f"unfinished: {f['cancels_unfinished']}")
     print("server log: " + ", ".join(f"{n} '{what}' lines" for what, n in result["logged"].items()))
