@@ -149,7 +149,9 @@ def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float,
     plane.start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    done.wait()
+    # With a timeout: a wait without one may never see a signal that another thread received.
+    while not done.wait(1.0):
+        pass
     plane.stop()
     launcher.write_stats()
 
@@ -363,7 +365,11 @@ def run(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
             result = load(args, home, db_url, address, server.pid, postgres)
         finally:
             server.send_signal(signal.SIGTERM)
-            server.wait(timeout=120)
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # never left behind
+                server.kill()
+                server.wait()
         result["launcher"] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
         logged = server_log.read_text(errors="replace").splitlines()
         result["logged"] = {"database unavailable": sum("database unavailable (error" in line for line in logged),
