@@ -147,6 +147,15 @@ def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float,
     server.create_launcher = lambda settings: launcher  # in place of the registry's launchers
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=port, http_port=0))
     plane.start()
+    # Count the job controller's passes (a fact, where its lag is a time on a shared machine).
+    runtime = plane.job_controller.runtime
+    reconcile = runtime._reconcile
+
+    def counted(key: str):
+        launcher.stats["controller_passes"] += 1
+        return reconcile(key)
+
+    runtime._reconcile = counted
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     # With a timeout: a wait without one may never see a signal that another thread received.
@@ -550,6 +559,8 @@ def report(args, database: str, result: dict) -> None:
           f"{launcher.get('gangs_overlapping', 0)} overlapping gangs of one job, "
           f"{launcher.get('attempts_launched_again', 0)} launched again, most ranks running "
           f"{launcher.get('most_ranks_running', 0)} of {args.capacity + ANCHORS}")
+    print(f"job controller: {launcher.get('controller_passes', 0)} passes, "
+          f"{launcher.get('controller_passes', 0) / max(1, f['acknowledged']):.1f} a job created")
     print()
 
 
