@@ -248,7 +248,7 @@ class JobController:
         if (job.state_reason, job.state_message) != (WAITING_FOR_RANKS, waiting):
             self._wait_for_ranks(job, waiting)
         if woken:
-            self._wake_admissible()
+            self._wake_admissible_or_resync()
         return None  # woken again when ranks are freed, or at the resync
 
     def _record_attempt(self, job: JobView, spec: JobSpec, plan: LayoutPlan) -> Requeue:
@@ -288,7 +288,17 @@ class JobController:
         """An attempt ended (its ranks are gone): wake the waiting jobs that can use them."""
         with self._admission:
             self._held = None
-        self._wake_admissible()
+        self._wake_admissible_or_resync()
+
+    def _wake_admissible_or_resync(self) -> None:
+        """`_wake_admissible`, or, if it fails (a database hiccup), a resync: what decided the wake is already
+        committed, so a pass retried later would not wake anyone, and the waiting jobs must not wait for the
+        periodic resync."""
+        try:
+            self._wake_admissible()
+        except Exception:
+            log.exception("waking the jobs waiting for ranks failed; every unfinished job is looked at instead")
+            self.runtime.resync()
 
     def _wake_admissible(self) -> list[str]:
         """An admission pass: goes through the admissible jobs oldest first and queues each one that can start
@@ -425,7 +435,7 @@ class JobController:
                 woken = job.name in self._woken
                 self._woken.discard(job.name)
             if woken:  # an admission pass counted ranks for it: they go to the next job that fits them
-                self._wake_admissible()
+                self._wake_admissible_or_resync()
             return None
         ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
         grace = self.settings.stop_grace_seconds

@@ -257,3 +257,20 @@ def test_a_woken_job_whose_ranks_were_taken_meanwhile_passes_them_on(db):
     drain(controller, ["small"])
     assert job(db, "small").state == JobState.RUNNING and job(db, "small").current_attempt.world_size == 4
     assert ranks_in_use(db) == 8
+
+
+def test_a_wake_that_fails_after_an_attempt_ended_asks_for_a_resync(db, monkeypatch):
+    """The attempt's end is committed before the wake: a retried pass would wake no one, so a resync does."""
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "a")
+    start_running(controller, "a")
+
+    def database_hiccup():
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(controller, "_wake_admissible", database_hiccup)
+    launcher.succeeded.add("a")
+    controller.reconcile("a")
+    assert job(db, "a").state == JobState.SUCCEEDED
+    assert controller.runtime._resync_now.is_set()
