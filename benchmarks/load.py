@@ -509,7 +509,8 @@ def report(args, database: str, result: dict) -> None:
         unintended[(method, code)] += 1
     load_avg = os.getloadavg()
     print(f"## Load: {database}, {args.clients} clients, {args.seconds:g} s, {args.watches} watches held open, "
-          f"launcher capped at {args.capacity} ranks ({args.run_seconds:g} s attempts) + {ANCHORS} for the watched jobs")
+          f"launcher capped at {args.capacity} ranks ({args.run_seconds:g} s attempts) "
+          f"+ {ANCHORS} for the watched jobs")
     print(f"machine: {platform.node()}, {len(os.sched_getaffinity(0))} cores, load average after the run "
           f"{load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     if restart is not None:
@@ -549,7 +550,8 @@ def report(args, database: str, result: dict) -> None:
     print(f"controller lag, a new job's first pass: {quantiles(f['first_pass_lag'])}; "
           f"jobs never passed: {f['never_passed']}")
     print("  its p99 by 10 s of creation: " + ", ".join(
-        f"{10 * w}-{10 * w + 10} s {summary(v)['p99_ms'] / 1000:.1f} s" for w, v in f["first_pass_lag_by_window"].items()))
+        f"{10 * w}-{10 * w + 10} s {summary(v)['p99_ms'] / 1000:.1f} s"
+        for w, v in f["first_pass_lag_by_window"].items()))
     print(f"controller lag, cancel to CANCELLED: {quantiles(f['cancel_lag'])}; "
           f"unfinished: {f['cancels_unfinished']}")
     print("server log: " + ", ".join(f"{n} '{what}' lines" for what, n in result["logged"].items()))
