@@ -156,7 +156,15 @@ def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float,
         return reconcile(key)
 
     runtime._reconcile = counted
+
+    def sample_queue() -> None:  # how many jobs wait for a worker: the controller's backlog
+        while not done.wait(1.0):
+            depth = len(runtime.queue)
+            launcher.stats["queue_samples"] += 1
+            launcher.stats["queue_depth_sum"] += depth
+            launcher.stats["queue_depth_max"] = max(launcher.stats["queue_depth_max"], depth)
     done = threading.Event()
+    threading.Thread(target=sample_queue, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     # With a timeout: a wait without one may never see a signal that another thread received.
     while not done.wait(1.0):
@@ -561,8 +569,11 @@ def report(args, database: str, result: dict) -> None:
           f"{launcher.get('gangs_overlapping', 0)} overlapping gangs of one job, "
           f"{launcher.get('attempts_launched_again', 0)} launched again, most ranks running "
           f"{launcher.get('most_ranks_running', 0)} of {args.capacity + ANCHORS}")
+    samples = max(1, launcher.get("queue_samples", 0))
     print(f"job controller: {launcher.get('controller_passes', 0)} passes, "
-          f"{launcher.get('controller_passes', 0) / max(1, f['acknowledged']):.1f} a job created")
+          f"{launcher.get('controller_passes', 0) / max(1, f['acknowledged']):.1f} a job created; jobs queued for "
+          f"a worker, sampled every second: mean {launcher.get('queue_depth_sum', 0) / samples:.0f}, "
+          f"max {launcher.get('queue_depth_max', 0)}")
     print()
 
 
