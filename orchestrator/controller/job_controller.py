@@ -147,7 +147,7 @@ class JobController:
         self.credential_key = credential_key
         self.server_address = server_address
         self.settings = settings
-        self.runtime = ControllerRuntime("jobs", self.reconcile, self.unfinished_jobs, workers,
+        self.runtime = ControllerRuntime("jobs", self.reconcile, self._resync_keys, workers,
                                          settings.resync_seconds)
         self.waiting_writer = WaitingWriter(db)
         # The launcher's capacity is shared by every job: planning and recording an attempt is one critical
@@ -191,6 +191,20 @@ class JobController:
         with self.db.read() as session:
             return list(session.scalars(select(Job.name).where(Job.state.in_(ACTIVE_STATES))
                                         .order_by(Job.create_time, Job.name)))
+
+    def _resync_keys(self) -> list[str]:
+        """What the periodic resync (and the one at start) queues: every unfinished job except those waiting for
+        ranks, for which one admission pass wakes the ones that can start now. A pass over each waiting job
+        would only find again that it cannot, and with thousands waiting those passes, every resync, held up
+        every other job. (A waiting job moves otherwise only when cancelled: it is queued then, and kept here.)"""
+        with self.db.read_connection() as conn:
+            names = list(conn.execute(select(_JOBS.c.name).where(
+                _JOBS.c.state.in_([state.value for state in ACTIVE_STATES]),
+                ~and_(_JOBS.c.state.in_([JobState.QUEUED.value, JobState.RESTARTING.value]),
+                      _JOBS.c.state_reason == WAITING_FOR_RANKS, _JOBS.c.cancel_requested.is_(False)))
+                .order_by(_JOBS.c.create_time, _JOBS.c.name)).scalars())
+        self._wake_admissible()  # queues those it wakes, ahead of the rest
+        return names
 
     # -- one pass ----------------------------------------------------------------------------------------
 

@@ -274,3 +274,23 @@ def test_a_wake_that_fails_after_an_attempt_ended_asks_for_a_resync(db, monkeypa
     controller.reconcile("a")
     assert job(db, "a").state == JobState.SUCCEEDED
     assert controller.runtime._resync_now.is_set()
+
+
+def test_the_resync_passes_over_each_waiting_job_only_through_one_admission(db):
+    """The periodic resync queued every unfinished job: with thousands waiting for ranks, thousands of passes
+    that each found again that the job cannot start. Now it queues the others, and the waiting jobs that fit."""
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "running")
+    start_running(controller, "running")
+    names = [f"w{i:02d}" for i in range(20)]
+    for name in names:
+        add_job(db, name)
+    drain(controller, names)
+    add_job(db, "new")  # not looked at yet: the resync queues it
+    with db.session() as session:
+        session.get(Job, "w05").cancel_requested = True  # what CancelJob records: the resync queues it too
+
+    assert controller._resync_keys() == ["running", "w05", "new"] and queued(controller) == []
+    launcher.max_ranks = 10  # two more ranks (a job starts with 2): the oldest waiting job is woken
+    assert controller._resync_keys() == ["running", "w05", "new"] and queued(controller) == ["w00"]
