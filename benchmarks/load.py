@@ -156,6 +156,15 @@ def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float,
         return reconcile(key)
 
     runtime._reconcile = counted
+    wake = plane.job_controller._wake_admissible
+
+    def counted_wake():
+        launcher.stats["admission_passes"] += 1
+        woken = wake()
+        launcher.stats["admission_woken"] += len(woken)
+        return woken
+
+    plane.job_controller._wake_admissible = counted_wake
 
     def sample_queue() -> None:  # how many jobs wait for a worker: the controller's backlog
         while not done.wait(1.0):
@@ -573,7 +582,8 @@ def report(args, database: str, result: dict) -> None:
     print(f"job controller: {launcher.get('controller_passes', 0)} passes, "
           f"{launcher.get('controller_passes', 0) / max(1, f['acknowledged']):.1f} a job created; jobs queued for "
           f"a worker, sampled every second: mean {launcher.get('queue_depth_sum', 0) / samples:.0f}, "
-          f"max {launcher.get('queue_depth_max', 0)}")
+          f"max {launcher.get('queue_depth_max', 0)}; {launcher.get('admission_passes', 0)} admission passes woke "
+          f"{launcher.get('admission_woken', 0)} jobs")
     print()
 
 
