@@ -19,6 +19,7 @@ end state, and may a restarting job start its next attempt."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -160,7 +161,7 @@ class JobController:
         # Admission's memory, under the admission lock, rebuilt from the database by every admission pass (see
         # `_wake_admissible`): the fewest ranks each admissible job can start with (by uid), and the jobs an
         # admission pass woke whose own pass has not planned them yet.
-        self._fewest: dict[str, int] = {}
+        self._fewest: dict[str, float] = {}
         self._woken: set[str] = set()
         self._specs: OrderedDict[str, JobSpec] = OrderedDict()
         self._specs_lock = threading.Lock()
@@ -203,7 +204,10 @@ class JobController:
                 ~and_(_JOBS.c.state.in_([JobState.QUEUED.value, JobState.RESTARTING.value]),
                       _JOBS.c.state_reason == WAITING_FOR_RANKS, _JOBS.c.cancel_requested.is_(False)))
                 .order_by(_JOBS.c.create_time, _JOBS.c.name)).scalars())
-        self._wake_admissible()  # queues those it wakes, ahead of the rest
+        try:
+            self._wake_admissible()  # queues those it wakes, ahead of the rest
+        except Exception:  # the rest are still queued
+            log.exception("the resync's admission pass failed")
         return names
 
     # -- one pass ----------------------------------------------------------------------------------------
@@ -331,12 +335,12 @@ class JobController:
             specs = {}
             for start in range(0, len(unseen), SPECS_PER_READ):
                 specs.update(conn.execute(_SPECS, {"uids": unseen[start:start + SPECS_PER_READ]}).all())
-        fewest = {uid: fewest_ranks(self._parsed(uid, spec)) for uid, spec in specs.items()}
+        fewest = {uid: self._fewest_ranks(uid, spec) for uid, spec in specs.items()}
         wake: list[str] = []
         with self._admission:
             # (A job another admission pass forgot meanwhile has its spec read here, once.)
             self._fewest = {row.uid: fewest.get(row.uid) or self._fewest.get(row.uid)
-                            or fewest_ranks(self._parsed(row.uid, None)) for row in admissible}
+                            or self._fewest_ranks(row.uid, None) for row in admissible}
             available = self.launcher.capacity()
             if available is None:  # no limit: nothing waits for ranks, but a note from before may linger
                 wake = [row.name for row in admissible if row.state_reason == WAITING_FOR_RANKS]
@@ -354,6 +358,15 @@ class JobController:
             self._woken.intersection_update(row.name for row in admissible)
         self.runtime.queue.add_all(wake)
         return wake
+
+    def _fewest_ranks(self, uid: str, spec: dict | None) -> float:
+        """The fewest ranks job `uid` can start with; infinite for a spec that no longer parses (one bad row
+        must not stop every admission: that job's own passes fail and say why, as before)."""
+        try:
+            return fewest_ranks(self._parsed(uid, spec))
+        except Exception:
+            log.exception("job uid %s: its spec cannot be planned; admission passes over it", uid)
+            return math.inf
 
     def _wait_for_ranks(self, job: JobView, reason: str) -> None:
         """The job stays where it is (QUEUED or RESTARTING) and says why; later passes plan it again."""

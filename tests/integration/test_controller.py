@@ -294,3 +294,13 @@ def test_the_resync_passes_over_each_waiting_job_only_through_one_admission(db):
     assert controller._resync_keys() == ["running", "w05", "new"] and queued(controller) == []
     launcher.max_ranks = 10  # two more ranks (a job starts with 2): the oldest waiting job is woken
     assert controller._resync_keys() == ["running", "w05", "new"] and queued(controller) == ["w00"]
+
+
+def test_a_job_whose_spec_no_longer_parses_stops_no_admission(db):
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "broken")
+    add_job(db, "fine")
+    with db.session() as session:
+        session.get(Job, "broken").spec = {"name": "broken", "no_such_section": 1}  # an older version's row
+    assert controller._resync_keys() == ["broken", "fine"] and queued(controller) == ["fine"]
