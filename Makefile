@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install chromium demo test test-stress bench proto clean
+.PHONY: install chromium demo test test-stress bench bench-load proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-stress: install
 bench: install
 	$(PY) -m benchmarks.create_job
 	$(PY) -m benchmarks.time_to_first_step
+
+# The issue-16 load runs: 64 clients for 5 minutes, on SQLite, then on a private PostgreSQL restarted mid-run.
+bench-load: install
+	$(PY) -m benchmarks.load --clients 64 --seconds 300 --watches 200
+	$(PY) -m benchmarks.load --clients 64 --seconds 300 --watches 200 --database postgresql
 
 proto: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/gen_proto.sh

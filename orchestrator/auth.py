@@ -149,7 +149,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects JobService calls without a valid user token before they reach a servicer.
 
     TrainerService calls need a token too; the servicer checks it against the job named in the request. On
-    the grpc.aio server's event loop: a token not in the cache is looked up on a thread, not in the loop."""
+    the grpc.aio server's event loop: a token not in the cache is looked up on a thread, not in the loop. A
+    lookup that fails (the database cannot be reached) ends the call with that error raised in its handler's
+    place, so the interceptor inside this one (api.errors' AsyncInternalErrors, see server.py) answers it as
+    it answers a handler's: UNAVAILABLE or INTERNAL, with an id the log has."""
 
     def __init__(self, users: UserTokens):
         self._users = users
@@ -161,17 +164,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is not None and method.startswith(TRAINER_SERVICE_PREFIX):
             return await continuation(handler_call_details)
-        if token is not None and (self._users.cached(token) or await asyncio.to_thread(self._users.lookup, token)):
+        try:
+            known = token is not None and (self._users.cached(token)
+                                           or await asyncio.to_thread(self._users.lookup, token))
+        except Exception as exc:  # noqa: BLE001 (raised again in the handler's place)
+            return _instead(await continuation(handler_call_details), _raise(exc))
+        if known:
             return await continuation(handler_call_details)
-        return _deny(await continuation(handler_call_details))
+        return _instead(await continuation(handler_call_details), _deny)
 
 
-def _deny(handler):
-    message = "a valid bearer token is required (metadata 'authorization: Bearer <token>')"
+def _deny(_request, context):
+    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                  "a valid bearer token is required (metadata 'authorization: Bearer <token>')")
 
-    def abort(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+def _raise(error: Exception):
+    def fail(_request, _context):
+        raise error
+    return fail
+
+
+def _instead(handler, abort):
+    """A handler of `handler`'s kind whose behaviour is `abort(request, context)`."""
     if handler is None:
         return None
     if handler.request_streaming or handler.response_streaming:

@@ -79,6 +79,17 @@ def plan_layout(spec: JobSpec, available: int | None) -> LayoutPlan:
     return _plan(spec, chosen, why)
 
 
+def fewest_ranks(spec: JobSpec) -> int:
+    """The fewest ranks `plan_layout` starts the job with: it plans for any `available` of at least this many
+    and raises NoLayout below (more ranks only add candidate layouts). Lets the job controller pass over a
+    waiting job that cannot use the ranks free now without planning it."""
+    p = spec.parallelism
+    min_ranks = _min_ranks(spec)
+    smaller = [math.prod(layout) for layout in valid_layouts(spec)
+               if min_ranks <= math.prod(layout) < p.world_size and offload_mode_at(spec, Layout(*layout)) is not None]
+    return min(smaller, default=p.world_size)
+
+
 def _plan(spec: JobSpec, layout: tuple[int, int, int], reason: str) -> LayoutPlan:
     """The plan at `layout`, saying why when the planner offloads the optimizer state there."""
     tp, pp, dp = layout

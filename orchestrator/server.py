@@ -169,7 +169,8 @@ class ControlPlane:
         # so_reuseport off: a second control plane on the same port must fail, not silently share it.
         server = grpc.aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS, thread_name_prefix="grpc"),
-            interceptors=[self.metrics.interceptor, AuthInterceptor(self.users), AsyncInternalErrors()],
+            # AsyncInternalErrors outside AuthInterceptor: a token lookup that fails is answered like a handler's error.
+            interceptors=[self.metrics.interceptor, AsyncInternalErrors(), AuthInterceptor(self.users)],
             options=[("grpc.so_reuseport", 0)])
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         tls = self.settings.tls

@@ -2,7 +2,8 @@
 the same text in its message for clients that read only that; RESOURCE_EXHAUSTED (an operator's quota) a
 google.rpc.QuotaFailure naming the field and the limit. Anything else a handler raises is an internal error:
 logged here with an id, and the client gets INTERNAL with that id, never the error's own text (which may hold
-a SQL statement or a path)."""
+a SQL statement or a path); but a database that cannot be reached now (a PostgreSQL restarting) is
+UNAVAILABLE, which clients retry, with an id the log has too."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from grpc_status import rpc_status
 
 from contract.spec import FieldViolation
 from orchestrator import service
+from orchestrator.store.db import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +137,9 @@ def refusals(context: grpc.ServicerContext) -> Iterator[None]:
 
 
 class InternalErrors(grpc.ServerInterceptor):
-    """Ends a call whose handler raised anything but an abort with INTERNAL and an error id; the error itself
-    is logged under that id. Without it gRPC answers UNKNOWN with the exception's text."""
+    """Ends a call whose handler raised anything but an abort with INTERNAL and an error id (UNAVAILABLE when
+    the database cannot be reached); the error itself is logged under that id. Without it gRPC answers UNKNOWN
+    with the exception's text."""
 
     def intercept_service(self, continuation, handler_call_details):
         return _guarded(continuation(handler_call_details), handler_call_details.method)
@@ -187,8 +190,9 @@ def _guard(behavior, method: str):
                     raise
                 # The stream ends with the status set, not with an abort: on grpc.aio a blocking generator runs
                 # on a thread, and an abort from there races the end of the stream (TOO_MANY_OPERATIONS).
-                context.set_code(grpc.StatusCode.INTERNAL)
-                context.set_details(_internal_message(exc, method))
+                code, message = failure(exc, method)
+                context.set_code(code)
+                context.set_details(message)
         return guarded_stream
 
     def guarded(request, context):
@@ -208,19 +212,26 @@ def _aborted(context, exc: Exception) -> bool:
     return code is not None and code() is not None
 
 
-def _internal_message(exc: Exception, method: str) -> str:
+def failure(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status for an unexpected error in `method`, logged under a new id that the message carries: the
+    database unreachable is UNAVAILABLE (retry; one log line, no traceback: it is not a bug), anything else
+    INTERNAL (with its traceback). The error's own text never reaches the client."""
     error_id = uuid.uuid4().hex[:12]
+    if database_unavailable(exc):
+        log.warning("database unavailable (error %s) in %s: %s", error_id, method,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return grpc.StatusCode.UNAVAILABLE, f"the database is unavailable (id {error_id}); retry the call"
     log.error("internal error %s in %s", error_id, method, exc_info=exc)
-    return f"internal error (id {error_id}); the server's log has the details"
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server's log has the details"
 
 
 def _abort_internal(context, exc: Exception, method: str):
     if _aborted(context, exc):
         raise exc
-    context.abort(grpc.StatusCode.INTERNAL, _internal_message(exc, method))
+    context.abort(*failure(exc, method))
 
 
 async def _abort_internal_async(context, exc: Exception, method: str):
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
-    await context.abort(grpc.StatusCode.INTERNAL, _internal_message(exc, method))
+    await context.abort(*failure(exc, method))

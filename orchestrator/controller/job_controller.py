@@ -19,13 +19,14 @@ end state, and may a restarting job start its next attempt."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import and_, bindparam, exists, func, or_, select
 
 from contract.spec import JobSpec, parse_spec
 from orchestrator.auth import job_token
@@ -35,7 +36,7 @@ from orchestrator.controller.waiting_writer import WAITING_FOR_RANKS, WaitingNot
 from orchestrator.heartbeats import Heartbeats
 from orchestrator.launcher import PREEMPTED, AttemptRef, Launcher, LaunchRequest, Phase, RankTls
 from orchestrator.lifecycle import record_event, transition
-from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout
+from orchestrator.planner import LayoutPlan, NoLayout, fewest_ranks, plan_layout, spec_at_layout
 from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, utcnow
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,20 @@ _READ_JOB = select(*(_JOBS.c[f] for f in _JOB_FIELDS),
         .correlate(_JOBS).scalar_subquery()))) \
     .where(_JOBS.c.name == bindparam("name"))
 # Ranks held by attempts that have not ended (an attempt ends only once its ranks are gone).
-_RANKS_HELD = select(func.coalesce(func.sum(_ATTEMPTS.c.world_size), 0)).where(
-    _ATTEMPTS.c.state.in_([AttemptState.PENDING.value, AttemptState.RUNNING.value]))
+_UNFINISHED_ATTEMPT = _ATTEMPTS.c.state.in_([AttemptState.PENDING.value, AttemptState.RUNNING.value])
+_RANKS_HELD = select(func.coalesce(func.sum(_ATTEMPTS.c.world_size), 0)).where(_UNFINISHED_ATTEMPT)
+# The jobs an admission may start, oldest first: queued ones (they hold no ranks), and restarting ones whose
+# backoff is over and whose last attempt has ended (its ranks are gone). Not by their "waiting" note: that is
+# group-committed a moment after the pass that made it, and a job whose note is not in yet still waits.
+_ADMISSIBLE = select(_JOBS.c.name, _JOBS.c.uid, _JOBS.c.state_reason).where(
+    _JOBS.c.cancel_requested.is_(False),
+    or_(_JOBS.c.state == JobState.QUEUED.value,
+        and_(_JOBS.c.state == JobState.RESTARTING.value,
+             or_(_JOBS.c.next_attempt_time.is_(None), _JOBS.c.next_attempt_time <= bindparam("now")),
+             ~exists().where(_ATTEMPTS.c.job_name == _JOBS.c.name, _UNFINISHED_ATTEMPT)))) \
+    .order_by(_JOBS.c.create_time, _JOBS.c.name)
+_SPECS = select(_JOBS.c.uid, _JOBS.c.spec).where(_JOBS.c.uid.in_(bindparam("uids", expanding=True)))
+SPECS_PER_READ = 500  # uids in one IN (...) when reading the specs of jobs not seen yet
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ class JobController:
         self.credential_key = credential_key
         self.server_address = server_address
         self.settings = settings
-        self.runtime = ControllerRuntime("jobs", self.reconcile, self.unfinished_jobs, workers,
+        self.runtime = ControllerRuntime("jobs", self.reconcile, self._resync_keys, workers,
                                          settings.resync_seconds)
         self.waiting_writer = WaitingWriter(db)
         # The launcher's capacity is shared by every job: planning and recording an attempt is one critical
@@ -145,6 +158,11 @@ class JobController:
         # changes that sum, always under the admission lock: a new attempt adds to it; an attempt that ended
         # (after its commit) voids it. So it can be too high for a moment, never too low.
         self._held: int | None = None
+        # Admission's memory, under the admission lock, rebuilt from the database by every admission pass (see
+        # `_wake_admissible`): the fewest ranks each admissible job can start with (by uid), and the jobs an
+        # admission pass woke whose own pass has not planned them yet.
+        self._fewest: dict[str, float] = {}
+        self._woken: set[str] = set()
         self._specs: OrderedDict[str, JobSpec] = OrderedDict()
         self._specs_lock = threading.Lock()
         # Heartbeats cannot arrive while no control plane runs, so hangs are judged only once this one has
@@ -174,6 +192,23 @@ class JobController:
         with self.db.read() as session:
             return list(session.scalars(select(Job.name).where(Job.state.in_(ACTIVE_STATES))
                                         .order_by(Job.create_time, Job.name)))
+
+    def _resync_keys(self) -> list[str]:
+        """What the periodic resync (and the one at start) queues: every unfinished job except those waiting for
+        ranks, for which one admission pass wakes the ones that can start now. A pass over each waiting job
+        would only find again that it cannot, and with thousands waiting those passes, every resync, held up
+        every other job. (A waiting job moves otherwise only when cancelled: it is queued then, and kept here.)"""
+        with self.db.read_connection() as conn:
+            names = list(conn.execute(select(_JOBS.c.name).where(
+                _JOBS.c.state.in_([state.value for state in ACTIVE_STATES]),
+                ~and_(_JOBS.c.state.in_([JobState.QUEUED.value, JobState.RESTARTING.value]),
+                      _JOBS.c.state_reason == WAITING_FOR_RANKS, _JOBS.c.cancel_requested.is_(False)))
+                .order_by(_JOBS.c.create_time, _JOBS.c.name)).scalars())
+        try:
+            self._wake_admissible()  # queues those it wakes, ahead of the rest
+        except Exception:  # the rest are still queued
+            log.exception("the resync's admission pass failed")
+        return names
 
     # -- one pass ----------------------------------------------------------------------------------------
 
@@ -216,6 +251,10 @@ class JobController:
         safe). With too few ranks for any valid layout, records why the job waits."""
         spec = self._spec(job)
         with self._admission:
+            # An admission pass woke this job for ranks it found free: if they are gone by now (a new job came
+            # first), that pass is made again below, so the ranks left go to the next job that fits them.
+            woken = job.name in self._woken
+            self._woken.discard(job.name)
             available = self.launcher.capacity()  # outside any transaction: a launcher may ask a cluster
             if available is not None:
                 # A job being admitted holds no ranks itself (its previous attempt, if any, has ended).
@@ -226,7 +265,9 @@ class JobController:
                 waiting = exc.reason
         if (job.state_reason, job.state_message) != (WAITING_FOR_RANKS, waiting):
             self._wait_for_ranks(job, waiting)
-        return None  # planned again when ranks are freed, or at the resync
+        if woken:
+            self._wake_admissible_or_resync()
+        return None  # woken again when ranks are freed, or at the resync
 
     def _record_attempt(self, job: JobView, spec: JobSpec, plan: LayoutPlan) -> Requeue:
         with self.db.session() as session:
@@ -262,14 +303,70 @@ class JobController:
         return self._held
 
     def _ranks_freed(self) -> None:
-        """An attempt ended (its ranks are gone): the jobs waiting for ranks are planned again, oldest first."""
+        """An attempt ended (its ranks are gone): wake the waiting jobs that can use them."""
         with self._admission:
             self._held = None
-        with self.db.read() as session:
-            waiting = session.scalars(select(Job.name).where(
-                Job.state.in_((JobState.QUEUED, JobState.RESTARTING)), Job.state_reason == WAITING_FOR_RANKS)
-                .order_by(Job.create_time, Job.name)).all()
-        self.runtime.queue.add_all(waiting)
+        self._wake_admissible_or_resync()
+
+    def _wake_admissible_or_resync(self) -> None:
+        """`_wake_admissible`, or, if it fails (a database hiccup), a resync: what decided the wake is already
+        committed, so a pass retried later would not wake anyone, and the waiting jobs must not wait for the
+        periodic resync."""
+        try:
+            self._wake_admissible()
+        except Exception:
+            log.exception("waking the jobs waiting for ranks failed; every unfinished job is looked at instead")
+            self.runtime.resync()
+
+    def _wake_admissible(self) -> list[str]:
+        """An admission pass: goes through the admissible jobs oldest first and queues each one that can start
+        with the ranks still free, counting what the planner would give it as taken, until none are left; a
+        job that cannot start with what is left is passed over (a smaller, younger one may). Returns whom it
+        woke.
+
+        Only those jobs get a pass: waking every waiting job whenever an attempt ended cost a pass per waiting
+        job per ended attempt, and with hundreds waiting that delayed every other job by tens of seconds. The
+        jobs' own passes admit them (under the admission lock, against the capacity as it is then), so this
+        only chooses whom to wake; it is level-triggered (it reads the database each time; running it twice
+        wakes the same jobs) and what it remembers is rebuilt every time."""
+        with self.db.read_connection() as conn:
+            admissible = conn.execute(_ADMISSIBLE, {"now": utcnow()}).all()
+            unseen = [row.uid for row in admissible if row.uid not in self._fewest]
+            specs = {}
+            for start in range(0, len(unseen), SPECS_PER_READ):
+                specs.update(conn.execute(_SPECS, {"uids": unseen[start:start + SPECS_PER_READ]}).all())
+        fewest = {uid: self._fewest_ranks(uid, spec) for uid, spec in specs.items()}
+        wake: list[str] = []
+        with self._admission:
+            # (A job another admission pass forgot meanwhile has its spec read here, once.)
+            self._fewest = {row.uid: fewest.get(row.uid) or self._fewest.get(row.uid)
+                            or self._fewest_ranks(row.uid, None) for row in admissible}
+            available = self.launcher.capacity()
+            if available is None:  # no limit: nothing waits for ranks, but a note from before may linger
+                wake = [row.name for row in admissible if row.state_reason == WAITING_FOR_RANKS]
+            else:
+                available -= self._ranks_held()
+                for row in admissible:
+                    if available <= 0:
+                        break
+                    if self._fewest[row.uid] > available:
+                        continue
+                    plan = plan_layout(self._parsed(row.uid, specs.get(row.uid)), available)
+                    available -= plan.world_size
+                    wake.append(row.name)
+            self._woken.update(wake)
+            self._woken.intersection_update(row.name for row in admissible)
+        self.runtime.queue.add_all(wake)
+        return wake
+
+    def _fewest_ranks(self, uid: str, spec: dict | None) -> float:
+        """The fewest ranks job `uid` can start with; infinite for a spec that no longer parses (one bad row
+        must not stop every admission: that job's own passes fail and say why, as before)."""
+        try:
+            return fewest_ranks(self._parsed(uid, spec))
+        except Exception:
+            log.exception("job uid %s: its spec cannot be planned; admission passes over it", uid)
+            return math.inf
 
     def _wait_for_ranks(self, job: JobView, reason: str) -> None:
         """The job stays where it is (QUEUED or RESTARTING) and says why; later passes plan it again."""
@@ -361,6 +458,11 @@ class JobController:
                 if not JobState(current.state).terminal:
                     transition(session, current, JobState.CANCELLED, "CancelRequested", "cancelled by user",
                                attempt=attempt.number if attempt else None)
+            with self._admission:
+                woken = job.name in self._woken
+                self._woken.discard(job.name)
+            if woken:  # an admission pass counted ranks for it: they go to the next job that fits them
+                self._wake_admissible_or_resync()
             return None
         ref = AttemptRef(job.name, attempt.number, dict(attempt.launch_info))
         grace = self.settings.stop_grace_seconds
@@ -429,17 +531,25 @@ class JobController:
 
     def _spec(self, job: JobView) -> JobSpec:
         """The job's parsed spec (validated when the job was created; parsed once per job here)."""
+        return self._parsed(job.uid, job.spec)
+
+    def _parsed(self, uid: str, spec: dict | None) -> JobSpec:
+        """The parsed spec of job `uid` (its spec as stored; None: read it if it is not cached)."""
         with self._specs_lock:
-            spec = self._specs.get(job.uid)
-            if spec is not None:
-                self._specs.move_to_end(job.uid)
-                return spec
-        spec = parse_spec(job.spec)
+            parsed = self._specs.get(uid)
+            if parsed is not None:
+                self._specs.move_to_end(uid)
+                return parsed
+        parsed = parse_spec(spec if spec is not None else self._read_spec(uid))
         with self._specs_lock:
-            self._specs[job.uid] = spec
+            self._specs[uid] = parsed
             while len(self._specs) > SPECS_CACHED:
                 self._specs.popitem(last=False)
-        return spec
+        return parsed
+
+    def _read_spec(self, uid: str) -> dict:
+        with self.db.read_connection() as conn:
+            return conn.execute(select(_JOBS.c.spec).where(_JOBS.c.uid == uid)).scalar_one()
 
 
 def _begin_stop(session, job: Job, attempt: Attempt, outcome: AttemptState, end_reason: str, grace: float) -> None:

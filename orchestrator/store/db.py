@@ -10,7 +10,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.config import PRIVATE_FILE_MODE, private_opener, tighten
@@ -64,6 +64,31 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
+
+
+# SQLite's OperationalError also stands for mistakes in a statement (no such table, a syntax error): only these
+# say the database cannot be reached or written now.
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file", "disk i/o error",
+                       "database or disk is full")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) says the database cannot be reached now (a
+    PostgreSQL restarting, a dropped connection, no pooled connection free in time): a retryable condition,
+    not a bug."""
+    for _ in range(8):  # the error and what it was raised from, a few deep (a chain can loop)
+        if error is None:
+            return False
+        if isinstance(error, (exc.DisconnectionError, exc.TimeoutError, exc.InterfaceError)):
+            return True
+        if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(error, exc.OperationalError):
+            if type(error.orig).__module__ != "sqlite3":
+                return True
+            return any(text in str(error.orig).lower() for text in _SQLITE_UNAVAILABLE)
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Database:

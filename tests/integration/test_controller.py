@@ -1,5 +1,6 @@
 """The controller runtime: the keyed work queue, workers that never work one key twice at once, and a job
-controller whose slow launcher stop holds up no other job."""
+controller whose slow launcher stop holds up no other job and whose ended attempts wake only the waiting jobs
+that can use the ranks they freed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import time
 import pytest
 
 from orchestrator.controller import ControllerRuntime, JobController, ReconcilerSettings, WorkQueue
+from orchestrator.launcher import AttemptStatus, Phase
 from orchestrator.store import Database, Job, JobState, migrate
 
-from tests.integration.test_reconciler import FakeLauncher, add_job, job
+from tests.integration.test_reconciler import SETTINGS, FakeLauncher, add_job, job
 from tests.support.waiting import DEADLINE
 
 
@@ -131,3 +133,174 @@ def test_a_stop_that_takes_30_s_delays_no_other_jobs_launch(db):
         launcher.release.set()
         controller.stop()
     assert job(db, "first").cancel_requested
+
+
+# -- waking waiting jobs when ranks are freed ---------------------------------------------------------------
+
+
+class PerJobLauncher(FakeLauncher):
+    """FakeLauncher whose attempts succeed per job (the fake keys its statuses by attempt number alone)."""
+
+    def __init__(self, max_ranks: int):
+        super().__init__()
+        self.max_ranks = max_ranks
+        self.succeeded: set[str] = set()
+
+    def status(self, ref):
+        return AttemptStatus(Phase.SUCCEEDED) if ref.job in self.succeeded else super().status(ref)
+
+
+def queued(controller: JobController) -> list[str]:
+    """The keys in the controller's queue, in order, taken out of it (its workers are not started here)."""
+    keys = []
+    while len(controller.runtime.queue):
+        key = controller.runtime.queue.get()
+        controller.runtime.queue.done(key)
+        keys.append(key)
+    return keys
+
+
+def drain(controller: JobController, keys: list[str]) -> dict[str, int]:
+    """Works `keys` and whatever their passes queue (what the workers would do), one pass at a time, until
+    nothing is queued; returns how many passes each job got."""
+    passes: dict[str, int] = {}
+    todo = list(keys)
+    while todo:
+        key = todo.pop(0)
+        passes[key] = passes.get(key, 0) + 1
+        if controller.reconcile(key) == 0:  # look again at once
+            todo.append(key)
+        todo += [k for k in queued(controller) if k not in todo]
+        assert sum(passes.values()) < 1000, "the passes never settled"
+    return passes
+
+
+def start_running(controller: JobController, name: str) -> None:
+    drain(controller, [name])
+    assert job(controller.db, name).state == JobState.RUNNING, job(controller.db, name).state_message
+
+
+def waiting(db: Database, name: str) -> bool:
+    row = job(db, name)
+    return row.state == JobState.QUEUED and row.state_reason == "WaitingForRanks"
+
+
+def ranks_in_use(db: Database) -> int:
+    with db.read() as session:
+        return sum(row.current_attempt.world_size for row in session.query(Job)
+                   if row.current_attempt is not None and row.current_attempt.state in ("PENDING", "RUNNING"))
+
+
+def test_an_attempt_that_ends_wakes_as_many_waiting_jobs_as_can_use_its_ranks_oldest_first(db):
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "running")  # 8 ranks: all there are
+    start_running(controller, "running")
+    names = [f"w{i:02d}" for i in range(30)]  # each takes 8 ranks when it can, and starts with 2
+    for name in names:
+        add_job(db, name)
+    drain(controller, names)
+    assert all(waiting(db, name) for name in names)
+
+    launcher.succeeded.add("running")
+    passes = drain(controller, ["running"])
+    # The fact: one job could use the 8 ranks freed, and only it got a pass (it had been 30, one per waiting
+    # job, for every attempt that ended).
+    assert job(db, "running").state == JobState.SUCCEEDED
+    assert set(passes) == {"running", "w00"}
+    assert job(db, "w00").state == JobState.RUNNING and job(db, "w00").current_attempt.world_size == 8
+    assert all(waiting(db, name) for name in names[1:])
+    assert ranks_in_use(db) == 8
+
+    # And so on down the line, in the order they were created: none is passed over for a younger one of its size.
+    launcher.succeeded.add("w00")
+    passes = drain(controller, ["w00"])
+    assert set(passes) == {"w00", "w01"} and job(db, "w01").state == JobState.RUNNING
+    assert ranks_in_use(db) == 8
+
+
+def test_ranks_too_few_for_the_oldest_waiting_job_go_to_a_younger_one_that_fits(db):
+    launcher = PerJobLauncher(max_ranks=10)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "a")
+    start_running(controller, "a")  # 8 ranks
+    add_job(db, "b")
+    start_running(controller, "b")  # the 2 left
+    add_job(db, "big", resources={"min_ranks": 8})
+    add_job(db, "small")  # starts with 2
+    drain(controller, ["big", "small"])
+    assert waiting(db, "big") and waiting(db, "small")
+
+    launcher.succeeded.add("b")
+    passes = drain(controller, ["b"])
+    assert set(passes) == {"b", "small"}  # 2 ranks freed: "big" cannot use them, so it gets no pass
+    assert job(db, "small").state == JobState.RUNNING and waiting(db, "big")
+    assert ranks_in_use(db) == 10
+
+
+def test_a_woken_job_whose_ranks_were_taken_meanwhile_passes_them_on(db):
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "a")
+    start_running(controller, "a")
+    add_job(db, "big", resources={"min_ranks": 8})
+    add_job(db, "small")
+    drain(controller, ["big", "small"])
+
+    launcher.succeeded.add("a")
+    controller.reconcile("a")
+    assert queued(controller) == ["big"]  # the 8 ranks freed are big's
+    add_job(db, "newcomer", parallelism={"tp": 2, "pp": 2, "dp": 1})  # 4 ranks, admitted before big's pass
+    start_running(controller, "newcomer")
+    controller.reconcile("big")  # 4 ranks left: big still waits, and the admission is made again
+    assert waiting(db, "big") and queued(controller) == ["small"]
+    drain(controller, ["small"])
+    assert job(db, "small").state == JobState.RUNNING and job(db, "small").current_attempt.world_size == 4
+    assert ranks_in_use(db) == 8
+
+
+def test_a_wake_that_fails_after_an_attempt_ended_asks_for_a_resync(db, monkeypatch):
+    """The attempt's end is committed before the wake: a retried pass would wake no one, so a resync does."""
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "a")
+    start_running(controller, "a")
+
+    def database_hiccup():
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(controller, "_wake_admissible", database_hiccup)
+    launcher.succeeded.add("a")
+    controller.reconcile("a")
+    assert job(db, "a").state == JobState.SUCCEEDED
+    assert controller.runtime._resync_now.is_set()
+
+
+def test_the_resync_passes_over_each_waiting_job_only_through_one_admission(db):
+    """The periodic resync queued every unfinished job: with thousands waiting for ranks, thousands of passes
+    that each found again that the job cannot start. Now it queues the others, and the waiting jobs that fit."""
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "running")
+    start_running(controller, "running")
+    names = [f"w{i:02d}" for i in range(20)]
+    for name in names:
+        add_job(db, name)
+    drain(controller, names)
+    add_job(db, "new")  # not looked at yet: the resync queues it
+    with db.session() as session:
+        session.get(Job, "w05").cancel_requested = True  # what CancelJob records: the resync queues it too
+
+    assert controller._resync_keys() == ["running", "w05", "new"] and queued(controller) == []
+    launcher.max_ranks = 10  # two more ranks (a job starts with 2): the oldest waiting job is woken
+    assert controller._resync_keys() == ["running", "w05", "new"] and queued(controller) == ["w00"]
+
+
+def test_a_job_whose_spec_no_longer_parses_stops_no_admission(db):
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "broken")
+    add_job(db, "fine")
+    with db.session() as session:
+        session.get(Job, "broken").spec = {"name": "broken", "no_such_section": 1}  # an older version's row
+    assert controller._resync_keys() == ["broken", "fine"] and queued(controller) == ["fine"]

@@ -9,7 +9,7 @@ import pytest
 
 from contract.layout import Layout, layout_violations
 from contract.sizing import USABLE_FRACTION, fit_at
-from orchestrator.planner import LayoutPlan, NoLayout, plan_layout, spec_at_layout, valid_layouts
+from orchestrator.planner import LayoutPlan, NoLayout, fewest_ranks, plan_layout, spec_at_layout, valid_layouts
 from contract.spec import offload_mode_at, parse_spec
 
 
@@ -196,3 +196,17 @@ def test_a_job_without_accelerator_memory_is_not_sized():
                        "resources": {"min_ranks": 1}})
     assert layout(plan_layout(spec, 1)) == (1, 1, 1) and plan_layout(spec, 1).offload is None
     assert offload_mode(spec_at_layout(spec, 1, 1, 1)) == "none"
+
+
+@pytest.mark.parametrize("spec", [spec_3d(), spec_3d(resources={"min_ranks": 3}), spec_3d(resources={}),
+                                  big_spec(), big_spec("16Gi")], ids=["min1", "min3", "own-size", "big", "big-16Gi"])
+def test_fewest_ranks_is_where_planning_starts_to_succeed(spec):
+    """The job controller passes over a waiting job that cannot use the ranks free with fewest_ranks alone."""
+    fewest = fewest_ranks(spec)
+    for available in range(0, spec.world_size + 2):
+        try:
+            plan_layout(spec, available)
+            planned = True
+        except NoLayout:
+            planned = False
+        assert planned == (available >= fewest), available
