@@ -81,11 +81,22 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, written, resumed):
             assert "(reshaped)" in out
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    training = {**TRAINING, "steps": 4}
-    full, _ = train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "full", checkpoint={"interval": 2},
-                    training=training)
-    assert committed_steps(tmp_path / "ckpt") == [4, 2]
+FOUR_STEPS = {**TRAINING, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> tuple[list[float], Path]:
+    """One rank trained 4 steps, checkpointing every 2: its losses and its checkpoints (steps 2 and 4), which
+    the tests below copy before they damage them."""
+    tmp = tmp_path_factory.mktemp("four-steps")
+    full, _ = train(tmp, (1, 1, 1), tmp / "ckpt", "full", checkpoint={"interval": 2}, training=FOUR_STEPS)
+    assert committed_steps(tmp / "ckpt") == [4, 2]
+    return full, tmp / "ckpt"
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, four_steps):
+    full, written = four_steps
+    shutil.copytree(written, tmp_path / "ckpt")
     # Flip a byte in the middle of the newest checkpoint's shard: same size, wrong checksum.
     shard = next(step_dir(tmp_path / "ckpt", 4).glob("*.distcp"))
     data = bytearray(shard.read_bytes())
@@ -96,18 +107,18 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     (step_dir(tmp_path / "ckpt", 6) / "__0_0.distcp").write_bytes(b"half")
 
     after, out = train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "resumed", checkpoint={"interval": 2},
-                       training={**training, "steps": 5})
+                       training={**FOUR_STEPS, "steps": 5})
     assert "checkpoint rejected: step 4" in out and "fails its SHA-256 check" in out
     assert "resuming after step 2" in out
     assert after[:2] == full[2:4]  # steps 3 and 4 again, exactly
 
 
-def test_a_truncated_shard_is_rejected(tmp_path):
-    train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "full", checkpoint={"interval": 2},
-          training={**TRAINING, "steps": 2})
-    shard = next(step_dir(tmp_path / "ckpt", 2).glob("*.distcp"))
+def test_a_truncated_shard_is_rejected(tmp_path, four_steps):
+    _, written = four_steps
+    checkpoints = only_step(written, 2, tmp_path / "ckpt")
+    shard = next(step_dir(checkpoints, 2).glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    after, out = train(tmp_path, (1, 1, 1), tmp_path / "ckpt", "resumed", checkpoint={"interval": 2},
+    after, out = train(tmp_path, (1, 1, 1), checkpoints, "resumed", checkpoint={"interval": 2},
                        training={**TRAINING, "steps": 3})
     assert "has 100 bytes, the manifest says" in out
     assert "from the start" in out and len(after) == 3

@@ -51,6 +51,10 @@ def write_spec(directory: Path, **sections) -> Path:
 def start_rank(spec_file: Path, run_dir: Path, rank: int = 0, world_size: int = 1, port: int = 29500,
                server: str | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROUNDHOUSE_", "RH_"))}
+    # One OpenMP thread per rank (a test may ask otherwise): the trainer sets one thread itself only when it has
+    # peers, and a lone rank's second thread spins against the other processes on a two-core machine (a
+    # 20-step single-rank run took four times the CPU time with it).
+    env["OMP_NUM_THREADS"] = "1"
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ROUNDHOUSE_SPEC_FILE": str(spec_file),
                 "ROUNDHOUSE_JOB": "jobs/trainer-test", "ROUNDHOUSE_ATTEMPT": "2", "ROUNDHOUSE_JOB_TOKEN": TOKEN,
