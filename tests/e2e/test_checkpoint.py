@@ -55,14 +55,14 @@ def only_step(source: Path, step: int, target: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("written", "resumed"), [
-    # Written at full 3D, resumed reshaped to fewer ranks; the bit-for-bit resume at the same layout is checked
-    # from 1x1x4 (eight ranks twice more would add minutes on two cores and check nothing new).
+    # Written at full 3D, and with the optimizer state split four ways by ZeRO-1 alone; resumed reshaped to
+    # fewer ranks. Bit for bit at the same layout is checked below (the corrupt-checkpoint test's fallback,
+    # the async snapshot, the earlier format) and by the offload tests: at 1x1x4 it cost four more ranks.
     pytest.param((2, 2, 2), [(1, 2, 2), (2, 1, 1)], id="from-2x2x2"),
-    pytest.param((1, 1, 4), [(1, 1, 4), (2, 2, 1)], id="from-1x1x4"),
+    pytest.param((1, 1, 4), [(2, 2, 1)], id="from-1x1x4"),
 ])
 def test_resume_repeats_the_uninterrupted_run(tmp_path, written, resumed):
-    """Bit for bit at the layout it was written at; to a relative 1e-5 at another (tensor parallelism sums
-    in another order)."""
+    """To a relative 1e-5 at another layout (tensor parallelism sums in another order)."""
     uninterrupted, _ = train(tmp_path, written, tmp_path / "full", "full")
     assert len(uninterrupted) == TRAINING["steps"]
     manifest = Manifest.read(step_dir(tmp_path / "full", SAVED_AT))
@@ -73,12 +73,8 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, written, resumed):
         checkpoints = only_step(tmp_path / "full", SAVED_AT, tmp_path / f"{name}-ckpt")
         after, out = train(tmp_path, layout, checkpoints, name)
         assert f"resuming after step {SAVED_AT}" in out
-        if layout == written:
-            assert after == uninterrupted[SAVED_AT:], "same layout: bit for bit"
-            assert "(same layout)" in out
-        else:
-            assert after == pytest.approx(uninterrupted[SAVED_AT:], rel=1e-5), layout
-            assert "(reshaped)" in out
+        assert after == pytest.approx(uninterrupted[SAVED_AT:], rel=1e-5), layout
+        assert "(reshaped)" in out
 
 
 FOUR_STEPS = {**TRAINING, "steps": 4}
@@ -136,8 +132,8 @@ def test_an_async_snapshot_slower_than_the_next_step_still_holds_its_own_step(tm
     assert blocked > 1.0, "the next step's optimizer waited for the slow copy"
     checkpoints = only_step(tmp_path / "full", SAVED_AT, tmp_path / "resume-ckpt")
     after, out = train(tmp_path, layout, checkpoints, "resume")
-    assert f"resuming after step {SAVED_AT}" in out
-    assert after == uninterrupted[SAVED_AT:]
+    assert f"resuming after step {SAVED_AT}" in out and "(same layout)" in out
+    assert after == uninterrupted[SAVED_AT:], "same layout: bit for bit"
 
 
 @pytest.mark.slow
