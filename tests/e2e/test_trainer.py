@@ -243,46 +243,6 @@ def test_heartbeats_and_metrics_reach_the_control_plane(tmp_path, control_plane)
     assert points[-1].loss < points[0].loss - 1.0
 
 
-MUP_TINY = {**TINY_MODEL, "mup": {"base_hidden_size": 16, "sigma_every_steps": 2}}  # m = 2
-
-
-@pytest.mark.slow
-def test_mup_ranks_report_sigma_max_at_global_shapes_and_change_nothing(tmp_path, control_plane):
-    """Under µP rank 0 reports each matrix's σ_max every model.mup.sigma_every_steps steps and at the last one:
-    the same values at (1,1,1) and at tp=2 pp=2 (each stage's tensor-parallel group computes its own matrices
-    from shards, rank 0 gathers them), and the losses of a run that never computes them, bit for bit."""
-    from trainers.model import GPTConfig, parameter_table
-
-    training = {"steps": 5, "global_batch_size": 4, "micro_batch_size": 2, "learning_rate": 0.01, "seed": 7,
-                "weight_decay": 0.1}
-    matrices = [name for name, row in parameter_table(GPTConfig.from_spec(parse_spec(
-        {"name": "m", "model": MUP_TINY}).model)).items() if len(row.shape) == 2]
-    runs = {}
-    for name, model, (tp, pp) in [("reference", MUP_TINY, (1, 1)), ("tp2-pp2", MUP_TINY, (2, 2)),
-                                  ("never", {**MUP_TINY, "mup": {"base_hidden_size": 16, "sigma_every_steps": 0}},
-                                   (1, 1))]:
-        plane, address = control_plane()
-        spec = write_spec(tmp_path, model=model, training=training, parallelism={"tp": tp, "pp": pp})
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        for code, _, err in run_ranks(spec, run_dir, world_size=tp * pp, server=address):
-            assert code == 0, f"{name}: {err[-3000:]}"
-        runs[name] = plane.points()
-
-    reference = runs["reference"]
-    assert [p.step for p in reference if p.sigma_max] == [2, 4, 5]
-    for point in reference:
-        if point.sigma_max:
-            assert sorted(point.sigma_max) == sorted(matrices)  # every matrix (a proto map keeps no order)
-            assert all(value > 0 for value in point.sigma_max.values())
-    for ours, theirs in zip(reference, runs["tp2-pp2"], strict=True):
-        assert sorted(theirs.sigma_max) == sorted(ours.sigma_max)
-        for matrix, value in ours.sigma_max.items():
-            assert theirs.sigma_max[matrix] == pytest.approx(value, rel=1e-4), (ours.step, matrix)
-    assert [p.loss for p in runs["never"]] == [p.loss for p in reference]
-    assert not any(p.sigma_max for p in runs["never"])
-
-
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_stop_from_the_control_plane_exits_3(tmp_path, control_plane, world_size):
     plane, address = control_plane(stop_after=2)
