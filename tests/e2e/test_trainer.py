@@ -170,12 +170,14 @@ def test_fault_hook_hits_only_its_rank_and_the_peer_fails(tmp_path):
 # -- reporting to the control plane ------------------------------------------------------------------------
 
 class FakeControlPlane(trainer_service_pb2_grpc.TrainerServiceServicer):
-    """Records every call with its metadata; answers stop=True from the `stop_after`-th heartbeat on."""
+    """Records every call (heartbeats and metrics with their metadata); answers stop=True from the
+    `stop_after`-th heartbeat on."""
 
     def __init__(self, stop_after: int | None = None):
         self.stop_after = stop_after
         self.heartbeats: list[tuple[ts.HeartbeatRequest, dict]] = []
         self.reports: list[tuple[ts.ReportMetricsRequest, dict]] = []
+        self.checkpoints: list[ts.ReportCheckpointRequest] = []
         self.lock = threading.Lock()
 
     def Heartbeat(self, request, context):
@@ -188,6 +190,12 @@ class FakeControlPlane(trainer_service_pb2_grpc.TrainerServiceServicer):
         with self.lock:
             self.reports.append((request, dict(context.invocation_metadata())))
         return ts.ReportMetricsResponse()
+
+    def ReportCheckpoint(self, request, context):
+        # Accepted and recorded: a rank that checkpoints sends its metrics only after its checkpoint reports.
+        with self.lock:
+            self.checkpoints.append(request)
+        return ts.ReportCheckpointResponse()
 
     def points(self):
         with self.lock:
