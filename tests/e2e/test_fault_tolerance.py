@@ -241,15 +241,8 @@ def test_sigterm_to_every_rank_is_a_preemption_that_resumes_from_its_checkpoint(
     assert float32(done.last_loss) == float32(reference_loss)
 
 
-def test_a_restart_with_half_the_ranks_resumes_reshaped(plane):
+def test_a_restart_with_half_the_ranks_resumes_reshaped(plane, reference_loss):
     spec = fault_spec("shrink", dp=4, resources={"ranks": 4, "min_ranks": 2})
-    # The uninterrupted run at the job's own layout.
-    reference = plane.home.parent / "reference"
-    reference.mkdir()
-    outcomes = run_ranks(write_spec(reference, model=TINY_MODEL, parallelism={"dp": 4}, training=TRAINING),
-                         reference, world_size=4)
-    expected = losses(outcomes[0][1])[-1]
-
     job = plane.submit(spec)
     wait_for(plane.client, job, lambda j: j.checkpoint_step >= 4)
     plane.control.launcher.max_ranks = 2  # two of the four "nodes" are gone
@@ -262,4 +255,6 @@ def test_a_restart_with_half_the_ranks_resumes_reshaped(plane):
     assert done.attempts[1].layout == job_pb2.Layout(tp=1, pp=1, dp=2)
     reshaped = [e for e in events(plane.client, job) if e.reason in ("Reshaped", "CheckpointRestored")]
     assert any("2 of 4" in e.message or "2 ranks" in e.message for e in reshaped), reshaped
-    assert done.last_loss == pytest.approx(expected, rel=1e-5)
+    # The uninterrupted run (at dp=2, the module's reference): every layout trains the same losses to 1e-5
+    # (tests/e2e/test_parallel.py), and this run changed layout half-way.
+    assert done.last_loss == pytest.approx(reference_loss, rel=1e-5)

@@ -66,6 +66,18 @@ def client(plane):
     c.close()
 
 
+@pytest.fixture
+def sqlite_client(tmp_path):
+    """As `client`, on the embedded SQLite alone: for what the database does not change here (the processes'
+    side of a cancel, a crash or a bad corpus). The controller's side of each runs on both databases in
+    tests/integration/test_reconciler.py, against a stand-in launcher."""
+    plane = start_plane(tmp_path / "home", None, reconcile=True, data_roots=(tmp_path,))
+    c = Client(plane.grpc_address, token_file(plane.settings.home).read_text().strip())
+    yield c
+    c.close()
+    plane.stop()
+
+
 def test_job_trains_to_succeeded_with_metrics_events_and_logs(client):
     client.jobs.CreateJob(js.CreateJobRequest(spec=tiny_spec("ok", steps=6)), metadata=client.metadata)
     job = wait_for(client, "jobs/ok", lambda j: j.state in TERMINAL)
@@ -88,27 +100,27 @@ def test_job_trains_to_succeeded_with_metrics_events_and_logs(client):
     assert processes_of("ok") == []
 
 
-def test_cancel_of_a_running_job_leaves_no_process(client):
+def test_cancel_of_a_running_job_leaves_no_process(sqlite_client):
     spec = tiny_spec("long", steps=1000, env={"RH_TEST_STEP_SLEEP": "0.05"})
-    client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=client.metadata)
-    wait_for(client, "jobs/long", lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 2)
+    sqlite_client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=sqlite_client.metadata)
+    wait_for(sqlite_client, "jobs/long", lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.current_step >= 2)
     assert len(processes_of("long")) >= 2
-    client.jobs.CancelJob(js.CancelJobRequest(name="jobs/long"), metadata=client.metadata)
-    job = wait_for(client, "jobs/long", lambda j: j.state in TERMINAL, timeout=DEADLINE)
+    sqlite_client.jobs.CancelJob(js.CancelJobRequest(name="jobs/long"), metadata=sqlite_client.metadata)
+    job = wait_for(sqlite_client, "jobs/long", lambda j: j.state in TERMINAL, timeout=DEADLINE)
     assert job.state == job_pb2.JOB_STATE_CANCELLED
     assert job.attempts[-1].state == job_pb2.ATTEMPT_STATE_CANCELLED
     assert processes_of("long") == []
 
 
-def test_rank_failure_restarts_then_fails_when_the_budget_is_spent(client):
+def test_rank_failure_restarts_then_fails_when_the_budget_is_spent(sqlite_client):
     spec = tiny_spec("crashy", steps=20, max_restarts=1, env={"RH_FAULT_EXIT_AT_STEP": "2", "RH_FAULT_RANK": "1"})
-    client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=client.metadata)
-    job = wait_for(client, "jobs/crashy", lambda j: j.state in TERMINAL)
+    sqlite_client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=sqlite_client.metadata)
+    job = wait_for(sqlite_client, "jobs/crashy", lambda j: j.state in TERMINAL)
     assert job.state == job_pb2.JOB_STATE_FAILED
     assert job.restart_count == 1
     assert [a.state for a in job.attempts] == [job_pb2.ATTEMPT_STATE_FAILED] * 2
     assert all("rank 1 exited with code 17: rank 1: RH_FAULT_EXIT_AT_STEP=2" in a.end_reason for a in job.attempts)
-    states = [e.to_state for e in events(client, "jobs/crashy") if e.type == "StateChanged"]
+    states = [e.to_state for e in events(sqlite_client, "jobs/crashy") if e.type == "StateChanged"]
     assert states == [job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_LAUNCHING, job_pb2.JOB_STATE_RUNNING,
                       job_pb2.JOB_STATE_RESTARTING, job_pb2.JOB_STATE_LAUNCHING, job_pb2.JOB_STATE_RUNNING,
                       job_pb2.JOB_STATE_FAILED]
@@ -116,12 +128,12 @@ def test_rank_failure_restarts_then_fails_when_the_budget_is_spent(client):
     assert processes_of("crashy") == []
 
 
-def test_a_failure_only_the_trainer_sees_fails_the_job_with_its_reason(client, tmp_path):
+def test_a_failure_only_the_trainer_sees_fails_the_job_with_its_reason(sqlite_client, tmp_path):
     missing = tmp_path / "no-such-corpus"
     spec = tiny_spec("no-data", steps=3, dp=1)
     spec.data.path = str(missing)
-    client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=client.metadata)
-    job = wait_for(client, "jobs/no-data", lambda j: j.state in TERMINAL)
+    sqlite_client.jobs.CreateJob(js.CreateJobRequest(spec=spec), metadata=sqlite_client.metadata)
+    job = wait_for(sqlite_client, "jobs/no-data", lambda j: j.state in TERMINAL)
     assert job.state == job_pb2.JOB_STATE_FAILED
     assert "rank 0 exited with code 1" in job.state_message and str(missing) in job.state_message
 

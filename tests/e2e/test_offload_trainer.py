@@ -64,10 +64,24 @@ def run_together(tmp_path: Path, layout: tuple[int, int, int], runs: dict[str, d
 
 # -- the trainer -------------------------------------------------------------------------------------------
 
+THREE_PLACEMENTS = {"none": NONE, "all_cpu": ALL_CPU, "mixed": MIXED}
+WRITTEN = (1, 1, 2)  # the resume test's layout: its runs are the placement test's at this layout
+
+
+@pytest.fixture(scope="module")
+def runs_at_written_layout(tmp_path_factory) -> tuple[Path, dict[str, tuple[list, str]]]:
+    """The three placements at WRITTEN, once for the module: their directory and run_together's results."""
+    directory = tmp_path_factory.mktemp("offload-written")
+    return directory, run_together(directory, WRITTEN, THREE_PLACEMENTS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "x".join(map(str, layout)))
-def test_mixed_placement_matches_all_cpu_bit_for_bit_and_no_offload_to_1e_6(tmp_path, layout):
-    runs = run_together(tmp_path, layout, {"none": NONE, "all_cpu": ALL_CPU, "mixed": MIXED})
+def test_mixed_placement_matches_all_cpu_bit_for_bit_and_no_offload_to_1e_6(tmp_path, layout, request):
+    if layout == WRITTEN:
+        directory, runs = request.getfixturevalue("runs_at_written_layout")
+    else:
+        directory, runs = tmp_path, run_together(tmp_path, layout, THREE_PLACEMENTS)
     (none, _), (all_cpu, _), (mixed, out) = runs["none"], runs["all_cpu"], runs["mixed"]
     assert len(mixed) == TRAINING["steps"]
     assert "optimizer state offloaded to host memory (mode interleaved)" in out
@@ -76,47 +90,47 @@ def test_mixed_placement_matches_all_cpu_bit_for_bit_and_no_offload_to_1e_6(tmp_
     assert mixed == pytest.approx(none, rel=1e-6, abs=1e-6)
     assert mixed[-1] < mixed[0] - 0.05 and none[-1] < none[0] - 0.05  # it learns, as without offload
 
-    manifest = Manifest.read(step_dir(tmp_path / "mixed", SAVED_AT))
+    manifest = Manifest.read(step_dir(directory / "mixed", SAVED_AT))
     assert manifest.offload is not None
     ranks = manifest.offload["ranks"]
     assert sorted(ranks, key=int) == [str(r) for r in range(layout[0] * layout[1] * layout[2])]
     for record in ranks.values():
         assert record["mode"] == "interleaved" and record["subgroup_size"] == SUBGROUP
         assert 0 < len(record["on_device"]) < record["subgroups"] and record["slots"] >= 1
-    assert Manifest.read(step_dir(tmp_path / "none", SAVED_AT)).offload is None
-    all_cpu_ranks = Manifest.read(step_dir(tmp_path / "all_cpu", SAVED_AT)).offload["ranks"]
+    assert Manifest.read(step_dir(directory / "none", SAVED_AT)).offload is None
+    all_cpu_ranks = Manifest.read(step_dir(directory / "all_cpu", SAVED_AT)).offload["ranks"]
     assert all(record["on_device"] == [] for record in all_cpu_ranks.values())
 
 
 @pytest.mark.slow
-def test_resumes_same_layout_reshaped_and_with_offload_switched(tmp_path):
+def test_resumes_same_layout_reshaped_and_with_offload_switched(tmp_path, runs_at_written_layout):
     """Written at (1,1,2) with a mixed placement; resumed there (bit for bit, the recorded placement reused),
     at (2,1,1) (reshaped: to 1e-5), under mode cpu (bit for bit: the same CPU arithmetic) and with offload off
     (to 1e-6); and a checkpoint written without offload resumed with it."""
-    written = (1, 1, 2)
-    runs = run_together(tmp_path, written, {"mixed": MIXED, "none": NONE})
+    written = WRITTEN
+    written_dir, runs = runs_at_written_layout
     uninterrupted, plain = runs["mixed"][0], runs["none"][0]
 
-    same, out = train(tmp_path, written, only_step(tmp_path / "mixed", SAVED_AT, tmp_path / "same-ckpt"), "same",
+    same, out = train(tmp_path, written, only_step(written_dir / "mixed", SAVED_AT, tmp_path / "same-ckpt"), "same",
                       training=with_offload(MIXED))
     assert f"resuming after step {SAVED_AT}" in out and "(same layout)" in out
     assert "not reused" not in out
     assert same == uninterrupted[SAVED_AT:]
 
-    reshaped, out = train(tmp_path, (2, 1, 1), only_step(tmp_path / "mixed", SAVED_AT, tmp_path / "re-ckpt"),
+    reshaped, out = train(tmp_path, (2, 1, 1), only_step(written_dir / "mixed", SAVED_AT, tmp_path / "re-ckpt"),
                           "reshaped", training=with_offload(MIXED))
     assert "(reshaped)" in out
     assert reshaped == pytest.approx(uninterrupted[SAVED_AT:], rel=1e-5)
 
-    as_cpu, _ = train(tmp_path, written, only_step(tmp_path / "mixed", SAVED_AT, tmp_path / "cpu-ckpt"), "as-cpu",
+    as_cpu, _ = train(tmp_path, written, only_step(written_dir / "mixed", SAVED_AT, tmp_path / "cpu-ckpt"), "as-cpu",
                       training=with_offload(CPU))
     assert as_cpu == uninterrupted[SAVED_AT:]
 
-    off, _ = train(tmp_path, written, only_step(tmp_path / "mixed", SAVED_AT, tmp_path / "off-ckpt"), "off",
+    off, _ = train(tmp_path, written, only_step(written_dir / "mixed", SAVED_AT, tmp_path / "off-ckpt"), "off",
                    training=with_offload(NONE))
     assert off == pytest.approx(uninterrupted[SAVED_AT:], rel=1e-6, abs=1e-6)
 
-    on, _ = train(tmp_path, written, only_step(tmp_path / "none", SAVED_AT, tmp_path / "on-ckpt"), "on",
+    on, _ = train(tmp_path, written, only_step(written_dir / "none", SAVED_AT, tmp_path / "on-ckpt"), "on",
                   training=with_offload(MIXED))
     assert on == pytest.approx(plain[SAVED_AT:], rel=1e-6, abs=1e-6)
 

@@ -18,8 +18,9 @@ from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
-# Each axis alone, then two together; all three together are the variant's (2, 2, 2) below (and the golden
-# losses' 2x2x2), so the eight-rank run is made once.
+# Each axis alone, then two together. All three together: the golden losses' 2x2x2 (bit for bit the recorded
+# values, which are those of 1x1x1 to 1e-6), so no eight-rank run here. The variant's layers differ from the
+# default ones under tensor and pipeline parallelism; data parallelism only splits the batch.
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
 PARITY_STEPS = 4
 
@@ -49,7 +50,7 @@ VARIANT = {**MODEL, "norm": "rmsnorm", "mlp": "swiglu", "positions": "rotary"}
 
 @pytest.mark.parametrize(("model", "layouts"), [
     pytest.param(MODEL, LAYOUTS, id="layernorm-gelu-learned"),
-    pytest.param(VARIANT, [(1, 1, 1), (2, 2, 2)], id="rmsnorm-swiglu-rotary"),
+    pytest.param(VARIANT, [(1, 1, 1), (2, 2, 1)], id="rmsnorm-swiglu-rotary"),
 ])
 def test_every_layout_trains_the_same_losses(tmp_path, model, layouts):
     """Same seed, data and global batch: the loss of each step agrees across layouts to 1e-5 (fp32)."""

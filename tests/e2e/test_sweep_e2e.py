@@ -25,10 +25,13 @@ pytestmark = pytest.mark.slow
 TINY = {"layers": 1, "hidden_size": 32, "heads": 2, "seq_length": 32, "mup": {"base_hidden_size": 32}}
 TRAINING = {"steps": 12, "global_batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "lr_schedule": "constant",
             "eval_interval": 4}
+# One OpenMP thread per rank: a lone rank's second thread only spins against the other processes on two cores.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SWEEP = {
     "name": "e2e",
-    "proxy": {"model": TINY, "parallelism": {"dp": 1}, "training": TRAINING},
-    "target": {"model": {**TINY, "hidden_size": 64}, "parallelism": {"dp": 1}, "training": {**TRAINING, "steps": 8}},
+    "proxy": {"model": TINY, "parallelism": {"dp": 1}, "training": TRAINING, "env": ONE_THREAD},
+    "target": {"model": {**TINY, "hidden_size": 64}, "parallelism": {"dp": 1}, "training": {**TRAINING, "steps": 8},
+               "env": ONE_THREAD},
     "grid": {"learning_rates": [0.01, 0.002]},
     "max_parallel": 1,
     "objective": {"eval_windows": 2},

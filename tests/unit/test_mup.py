@@ -2,8 +2,8 @@
 learning-rate, eps and weight-decay multipliers), the same optimizer groups at tp = 1, 2 and 4; the attention
 and logit scales; σ_max by power iteration on tensor-parallel shards, which matrices a metric point reports,
 and that computing it changes no weight and no random state; checkpoints that record the
-parametrization and refuse to resume under another. The multi-rank runs (layout parity with µP on, resumes)
-are marked slow."""
+parametrization and refuse to resume under another. The trainer's ranks under µP (layout parity, resumes) are
+tests/e2e/test_mup_trainer.py."""
 
 from __future__ import annotations
 
@@ -226,67 +226,3 @@ def test_top_singular_value_on_tensor_parallel_shards_is_the_global_one():
     assert len(values) == 4
     for key, value in values.items():  # row-split and column-split alike, on both ranks
         assert value == pytest.approx(expected, rel=1e-4), key
-
-
-# -- training for real (multi-rank, slow) ----------------------------------------------------------------------
-
-MUP_MODEL = {"layers": 4, "hidden_size": 64, "heads": 4, "seq_length": 32, "mup": {"base_hidden_size": 32}}  # m = 2
-MUP_TRAINING = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "learning_rate": 3e-3, "seed": 7,
-                "weight_decay": 0.1, "warmup_steps": 2}
-SAVED_AT = 3
-
-
-def train(tmp_path, layout: tuple[int, int, int], name: str, model: dict = MUP_MODEL, checkpoints=None,
-          expect_code: int = 0) -> tuple[list[float], str, str]:
-    from tests.e2e.test_trainer import losses, run_ranks, write_spec
-
-    tp, pp, dp = layout
-    spec = write_spec(tmp_path, model=model, parallelism={"tp": tp, "pp": pp, "dp": dp}, training=MUP_TRAINING,
-                      checkpoint={"interval": SAVED_AT})
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    env = {"ROUNDHOUSE_CHECKPOINT_DIR": str(checkpoints)} if checkpoints else {}
-    outcomes = run_ranks(spec, run_dir, world_size=tp * pp * dp, extra_env=env)
-    for code, _, err in outcomes:
-        assert code == expect_code, f"{name} at {layout}: {err[-3000:]}"
-    return losses(outcomes[0][1]), outcomes[0][1], outcomes[0][2]
-
-
-@pytest.mark.slow
-def test_mup_trains_the_same_losses_at_another_layout(tmp_path):
-    """The parity test of tests/e2e/test_parallel.py with µP on: tensor parallelism splits the logits' vocabulary
-    and the matrices, yet every rank's multipliers come from global shapes."""
-    reference, _, _ = train(tmp_path, (1, 1, 1), "reference")
-    assert len(reference) == MUP_TRAINING["steps"] and reference[-1] < reference[0]
-    other, _, _ = train(tmp_path, (2, 2, 1), "tp2-pp2")
-    assert other == pytest.approx(reference, rel=1e-5)
-    standard, _, _ = train(tmp_path, (1, 1, 1), "standard", model={**MUP_MODEL, "mup": None})
-    assert standard != pytest.approx(reference, rel=1e-5)  # µP does change the run
-
-
-@pytest.mark.slow
-def test_a_checkpoint_records_its_parametrization_and_resumes_only_under_it(tmp_path):
-    from trainers.checkpoint_format import Manifest, step_dir
-
-    from tests.e2e.test_checkpoint import only_step
-
-    uninterrupted, _, _ = train(tmp_path, (1, 1, 1), "full", checkpoints=tmp_path / "full-ckpt")
-    manifest = Manifest.read(step_dir(tmp_path / "full-ckpt", SAVED_AT))
-    assert manifest.parametrization == {"mup": {"base_hidden_size": 32, "base_head_dim": 8, "output_multiplier": 1.0,
-                                                "attention_multiplier": 1.0, "zero_init_readout": False,
-                                                "weight_decay_exponent": 1.0}}
-    # Reshaped (tp=2, pp=2): µP intact, the run goes on as if uninterrupted.
-    checkpoints = only_step(tmp_path / "full-ckpt", SAVED_AT, tmp_path / "reshaped-ckpt")
-    after, out, _ = train(tmp_path, (2, 2, 1), "reshaped", checkpoints=checkpoints)
-    assert f"resuming after step {SAVED_AT}" in out and "(reshaped)" in out
-    assert after == pytest.approx(uninterrupted[SAVED_AT:], rel=1e-5)
-    # Another base width, or no µP at all: refused, naming the field.
-    for name, model, field in [
-            ("other-base", {**MUP_MODEL, "mup": {"base_hidden_size": 16}}, "model.mup.base_hidden_size: the "
-                                                                           "checkpoint was written with 32, this "
-                                                                           "job has 16"),
-            ("standard", {**MUP_MODEL, "mup": None}, "model.mup: the checkpoint was written under µP")]:
-        checkpoints = only_step(tmp_path / "full-ckpt", SAVED_AT, tmp_path / f"{name}-ckpt")
-        _, out, err = train(tmp_path, (1, 1, 1), name, model=model, checkpoints=checkpoints, expect_code=1)
-        assert field in err and "resuming under a different parametrization is refused" in err
-        assert "step 4/" not in out
