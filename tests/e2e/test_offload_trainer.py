@@ -23,7 +23,7 @@ from contract.spec import offload_host_bytes, parse_spec, spec_from_proto, spec_
 from trainers.checkpoint_format import Manifest, step_dir
 
 from tests.e2e.test_checkpoint import SAVED_AT, TRAINING, only_step, train
-from tests.e2e.test_trainer import finish, losses, start_rank, write_spec
+from tests.e2e.test_trainer import STEP_LINE, finish, start_rank, write_spec
 from orchestrator.launcher.local import free_port
 
 LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1)]
@@ -58,8 +58,19 @@ def run_together(tmp_path: Path, layout: tuple[int, int, int], runs: dict[str, d
         outcomes = [finish(p) for p in procs]
         for code, _, err in outcomes:
             assert code == 0, f"{name} at {layout}: {err[-3000:]}"
-        results[name] = (losses(outcomes[0][1]), outcomes[0][1])
+        results[name] = (losses_by_step(outcomes[0][1], name), outcomes[0][1])
     return results
+
+
+def losses_by_step(stdout: str, name: str) -> list[float]:
+    """Rank 0's loss at each step, in step order. Once in a full-suite run a run's output held a step line
+    twice (not reproduced alone): a line printed twice with the same loss is the same step; a step with two
+    different losses fails here, with the lines."""
+    seen: dict[int, float] = {}
+    for match in STEP_LINE.finditer(stdout):
+        step, loss = int(match.group(1)), float(match.group(3))
+        assert seen.setdefault(step, loss) == loss, f"{name}: step {step} twice, two losses:\n{stdout[-3000:]}"
+    return [seen[step] for step in sorted(seen)]
 
 
 # -- the trainer -------------------------------------------------------------------------------------------
