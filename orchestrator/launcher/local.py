@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contract import job_dirs
-from orchestrator import config
 from contract.errors import FieldViolation
 from contract.rank_env import DATA_ROOTS_SEPARATOR, RankEnv
 from contract.spec import JobSpec
+from orchestrator import config
 from orchestrator.launcher import PREEMPTED, PREEMPTED_EXIT_CODE, AttemptRef, AttemptStatus, LaunchRequest, Phase
 from orchestrator.launcher.logs import LogRange, LogRead, read_log_file
 
