@@ -6,8 +6,8 @@ The control plane runs in its own process with an in-memory launcher (no rank pr
 ranks, start and end throughout. `--clients` client threads (one user and token each) call back to back, each
 call drawn at random: CreateJob (one or two ranks), ListJobs, GetJob, StreamLogs and CancelJob of their own
 jobs. `--watches` WatchJob streams stay open on a few jobs that run all run long (one rank each, on top of
-the capacity), spread over the users. A probe calls the gRPC health check every 50 ms; the server's RSS is read
-every 2 s. With `--database postgresql` and `pg_ctl` on the PATH, a private PostgreSQL instance is made for
+the capacity), spread over the users. A probe in a process of its own (as a kubelet's) calls the gRPC health
+check every 50 ms; the server's RSS is read every 2 s. With `--database postgresql` and `pg_ctl` on the PATH, a private PostgreSQL instance is made for
 the run and restarted once at half time (`--no-restart`: the shared server at `--postgres`, not restarted).
 
 Reported: calls by status code per method (a refusal the call may get by design, such as CancelJob of a job
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -147,6 +148,7 @@ def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float,
     server.create_launcher = lambda settings: launcher  # in place of the registry's launchers
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=port, http_port=0))
     plane.start()
+    server.tune_garbage_collector()  # as `roundhouse serve` does
     # Count the job controller's passes (a fact, where its lag is a time on a shared machine).
     runtime = plane.job_controller.runtime
     reconcile = runtime._reconcile
@@ -338,20 +340,24 @@ def hold_watch(address: str, token: str, job: str, stop: threading.Event, record
         channel.close()
 
 
-def health_probe(address: str, stop: threading.Event, samples: list[tuple[float, float, str]]) -> None:
+def health_probe(address: str, stop, samples) -> None:
+    """Runs in a process of its own, as a kubelet's probe would: the load generator's threads must not delay
+    the probe's own reading of the answer. Sends its (began, took, code) samples when `stop` is set."""
     channel = grpc.insecure_channel(address)
     health = health_pb2_grpc.HealthStub(channel)
+    taken = []
     try:
         while not stop.wait(HEALTH_EVERY_SECONDS):
-            began = time.monotonic()
+            began = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
             try:
                 health.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 code = "OK"
             except grpc.RpcError as error:
                 code = error.code().name
-            samples.append((began, time.monotonic() - began, code))
+            taken.append((began, time.monotonic() - began, code))
     finally:
         channel.close()
+        samples.put(taken)
 
 
 def rss_mib(pid: int) -> float:
@@ -421,12 +427,14 @@ def load(args, home: Path, db_url: str, address: str, server_pid: int, postgres:
 
     record = Record()
     stop = threading.Event()
-    health: list[tuple[float, float, str]] = []
     rss: list[tuple[float, float]] = []
     created: list[str] = []
     refused: list[str] = []
-    threads = [threading.Thread(target=health_probe, args=(address, stop, health), daemon=True),
-               threading.Thread(target=rss_probe, args=(server_pid, stop, rss), daemon=True)]
+    spawn = multiprocessing.get_context("spawn")
+    probe_stop, probe_samples = spawn.Event(), spawn.Queue()
+    probe = spawn.Process(target=health_probe, args=(address, probe_stop, probe_samples), daemon=True)
+    probe.start()
+    threads = [threading.Thread(target=rss_probe, args=(server_pid, stop, rss), daemon=True)]
     opened = threading.Semaphore(0)
     for i in range(args.watches):  # spread over the users, round robin (each within the per-user limit)
         threads.append(threading.Thread(target=hold_watch, daemon=True, args=(
@@ -450,7 +458,10 @@ def load(args, home: Path, db_url: str, address: str, server_pid: int, postgres:
         restart_window = (restart_began, time.monotonic())
     stop.wait(max(0.0, began + args.seconds - time.monotonic()))
     stop.set()
+    probe_stop.set()
     ended = time.monotonic()
+    health = probe_samples.get(timeout=60)
+    probe.join(timeout=60)
     for thread in clients + threads:
         thread.join(timeout=60)
     time.sleep(max(5.0, 3 * args.run_seconds))  # let the controller finish what the last calls asked

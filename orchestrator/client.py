@@ -6,6 +6,7 @@ Every failure surfaces as `ClientError`, whose text is meant to be shown as it i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass
@@ -27,8 +28,20 @@ UNARY_TIMEOUT_SECONDS = 30.0
 WATCH_EVENT_BATCH = 1000
 # gRPC's own reconnect backoff grows to two minutes; a CLI waiting out a control-plane restart should notice
 # the new server within a few seconds.
+# A call answered UNAVAILABLE is tried again a few times (about 4 s at most) before the CLI gives up: on a
+# heavily loaded host the server can miss gRPC's connect handshake, and the call then fails at once without
+# ever reaching it. The server answers UNAVAILABLE itself only when it could not reach its database, so
+# nothing was written and a CreateJob may be sent again (were the database lost after a commit, the second
+# try would answer ALREADY_EXISTS for a job that exists).
+RETRY_ATTEMPTS = 5
+SERVICE_CONFIG = {"methodConfig": [{
+    "name": [{"service": "roundhouse.v1.JobService"}, {"service": "roundhouse.v1.SweepService"}],
+    "retryPolicy": {"maxAttempts": RETRY_ATTEMPTS, "initialBackoff": "0.25s", "maxBackoff": "2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}]}
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-                   ("grpc.max_reconnect_backoff_ms", 2000))
+                   ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG)))
 
 
 class ClientError(Exception):

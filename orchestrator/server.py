@@ -4,6 +4,7 @@ job and sweep controllers, all over one database."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -43,8 +44,15 @@ log = logging.getLogger(__name__)
 SERVICES = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
             sweep_service_pb2.DESCRIPTOR.services_by_name["SweepService"].full_name,
             trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name)
-# Threads of the gRPC server's pool, where unary calls run (streams do not: they are coroutines).
-UNARY_THREADS = 64
+# Threads of the gRPC server's pool, where unary calls run (streams do not: they are coroutines). Few: every
+# one competes for the GIL with the event loop (health, streams) and the job controller's workers, and a call
+# waits as well in gRPC's queue as on a thread. Under 64 clients (benchmarks/load.py) 64 threads left a new
+# job 17 s (p50) before the controller's first pass; 8 threads, 0.1 s.
+UNARY_THREADS = 8
+# The server's garbage collector: what start-up made is frozen out of it, and full collections are rarer.
+# Full collections of a busy server's heap paused every thread for up to ~100 ms, the health check's p99 under
+# load; with these, 36 ms (docs/benchmarks.md, "Load").
+GC_THRESHOLDS = (50_000, 20, 20)
 # Threads where streams' database reads run, and where logs are read (apart: a Kubernetes log follow waits
 # in its stream). Every stream of every user shares them; none holds one while it waits for news.
 STREAM_THREADS = 8
@@ -277,11 +285,18 @@ async def _cancel_tasks() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def tune_garbage_collector() -> None:
+    """For a long-running server process, once it has started (see GC_THRESHOLDS)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_server(settings: ServerSettings) -> None:
     """Runs the control plane until SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plane = ControlPlane(settings)
     plane.start()
+    tune_garbage_collector()
     print(f"Roundhouse control plane: gRPC on {plane.grpc_address}, dashboard at {plane.dashboard_url}", flush=True)
     print(f"Database: {plane.db.url.split('@')[-1]}; admin token in {config.token_file(settings.home)}", flush=True)
     done = threading.Event()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,7 @@ from orchestrator.cli import jobs as cli
 from orchestrator.cli.jobs import parse_labels, parse_state
 from orchestrator.client import ClientError, JobClient, connect, describe, job_name, short_name
 from orchestrator.process import wait_healthy
-from roundhouse.v1 import job_pb2, job_service_pb2 as js
+from roundhouse.v1 import job_pb2, job_service_pb2 as js, job_service_pb2_grpc
 
 from tests.conftest import processes_of
 from tests.support.waiting import DEADLINE
@@ -681,6 +682,34 @@ def test_the_real_client_turns_stream_errors_into_client_errors():
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         client.close()
+
+
+class _UnavailableTwice(job_service_pb2_grpc.JobServiceServicer):
+    """A JobService whose GetJob answers UNAVAILABLE twice, then the job: a server that was busy for a moment."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def GetJob(self, request, context):
+        self.calls += 1
+        if self.calls <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+        return job_pb2.Job(name=request.name)
+
+
+def test_the_real_client_tries_again_when_the_server_is_unavailable_for_a_moment():
+    servicer = _UnavailableTwice()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = JobClient(f"127.0.0.1:{port}", "t")
+    try:
+        assert client.get_job("tiny").name == "jobs/tiny"
+        assert servicer.calls == 3
+    finally:
+        client.close()
+        server.stop(None)
 
 
 # -- end to end: `roundhouse serve` in its own process -----------------------------------------------------
