@@ -351,6 +351,25 @@ def test_ranks_are_gone_only_once_every_pod_is_and_waiting_costs_no_list(kube, l
     assert pod_lists(kube) == lists + 1  # the one listing that confirms what the watch showed
 
 
+def test_the_pods_of_a_job_deleted_by_hand_still_run_until_the_garbage_collector_and_their_kubelets_end_them(
+        kube, launcher):
+    """A cluster's garbage collector deletes a Job's pods behind the Job's deletion (paused here): the ranks run
+    on meanwhile, and no new attempt may start beside them."""
+    ref, pods = running_gang(kube, launcher)
+    kube.pause_garbage_collector()
+    kube.delete("jobs", NS, "gpt-a1", propagation="Background")
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "Preempted"
+    eventually(lambda: "gpt-a1" not in launcher.cache.objects["jobs"])
+    assert not launcher.ranks_gone(ref)  # the Job is gone, its pods are not
+    kube.resume_garbage_collector()
+    eventually(lambda: all("deletionTimestamp" in p["metadata"] for p in kube.pods(NS)))
+    assert not launcher.ranks_gone(ref)  # terminating: their kubelets have yet to stop them
+    for pod in pods.values():
+        kubelet_removes(kube, pod)
+    eventually(lambda: launcher.ranks_gone(ref))
+
+
 def test_a_pod_whose_node_never_confirms_the_stop_is_removed_by_force_long_after_its_grace(kube, launcher):
     ref = launched(launcher, kube)
     pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
