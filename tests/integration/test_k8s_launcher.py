@@ -525,6 +525,19 @@ def test_a_lost_node_is_a_preemption_when_its_peers_then_time_out(kube, launcher
     assert "deletionTimestamp" in kube.get("pods", NS, lost)["metadata"]
 
 
+def test_the_ranks_collective_timeout_falls_between_a_lost_node_s_not_ready_and_the_hang_timeout():
+    """The timings the lost-node classification relies on (docs/architecture.md): the node lifecycle
+    controller marks a silent node's pods not ready after its grace (40 s; 50 s from 1.32), before the
+    survivors' collective timeout ends them; the hang timeout and the pods' toleration (300 s) come later."""
+    from trainers.parallel import PROCESS_GROUP_TIMEOUT  # here: it imports torch
+
+    node_monitor_grace = 50
+    collective = PROCESS_GROUP_TIMEOUT.total_seconds()
+    hang = parse_spec({"name": "t"}).restart_policy.hang_timeout_seconds
+    toleration = 300  # the API server's default for not-ready/unreachable (the stand-in gives pods the same)
+    assert node_monitor_grace < collective < hang and collective < toleration
+
+
 def test_a_pod_evicted_from_a_lost_node_is_a_preemption(kube, launcher):
     ref, pods = running_gang(kube, launcher)
     lost = pods[0]["metadata"]["name"]
