@@ -351,6 +351,25 @@ def test_ranks_are_gone_only_once_every_pod_is_and_waiting_costs_no_list(kube, l
     assert pod_lists(kube) == lists + 1  # the one listing that confirms what the watch showed
 
 
+def test_the_pods_of_a_job_deleted_by_hand_still_run_until_the_garbage_collector_and_their_kubelets_end_them(
+        kube, launcher):
+    """A cluster's garbage collector deletes a Job's pods behind the Job's deletion (paused here): the ranks run
+    on meanwhile, and no new attempt may start beside them."""
+    ref, pods = running_gang(kube, launcher)
+    kube.pause_garbage_collector()
+    kube.delete("jobs", NS, "gpt-a1", propagation="Background")
+    status = status_becomes(launcher, ref, Phase.FAILED)
+    assert status.reason == "Preempted"
+    eventually(lambda: "gpt-a1" not in launcher.cache.objects["jobs"])
+    assert not launcher.ranks_gone(ref)  # the Job is gone, its pods are not
+    kube.resume_garbage_collector()
+    eventually(lambda: all("deletionTimestamp" in p["metadata"] for p in kube.pods(NS)))
+    assert not launcher.ranks_gone(ref)  # terminating: their kubelets have yet to stop them
+    for pod in pods.values():
+        kubelet_removes(kube, pod)
+    eventually(lambda: launcher.ranks_gone(ref))
+
+
 def test_a_pod_whose_node_never_confirms_the_stop_is_removed_by_force_long_after_its_grace(kube, launcher):
     ref = launched(launcher, kube)
     pods = eventually(lambda: len(p := pods_by_rank(kube)) == 2 and p)
@@ -504,6 +523,19 @@ def test_a_lost_node_is_a_preemption_when_its_peers_then_time_out(kube, launcher
     assert status.message.startswith(f"rank 1 (pod {lost}) was lost with its node")
     # The Job controller deleted the lost pod; no kubelet will confirm it: still there, terminating.
     assert "deletionTimestamp" in kube.get("pods", NS, lost)["metadata"]
+
+
+def test_the_ranks_collective_timeout_falls_between_a_lost_node_s_not_ready_and_the_hang_timeout():
+    """The timings the lost-node classification relies on (docs/architecture.md): the node lifecycle
+    controller marks a silent node's pods not ready after its grace (40 s; 50 s from 1.32), before the
+    survivors' collective timeout ends them; the hang timeout and the pods' toleration (300 s) come later."""
+    from trainers.parallel import PROCESS_GROUP_TIMEOUT  # here: it imports torch
+
+    node_monitor_grace = 50
+    collective = PROCESS_GROUP_TIMEOUT.total_seconds()
+    hang = parse_spec({"name": "t"}).restart_policy.hang_timeout_seconds
+    toleration = 300  # the API server's default for not-ready/unreachable (the stand-in gives pods the same)
+    assert node_monitor_grace < collective < hang and collective < toleration
 
 
 def test_a_pod_evicted_from_a_lost_node_is_a_preemption(kube, launcher):

@@ -2,17 +2,21 @@
 `readOnlyRootFilesystem` (issue 17): torch's extension loader would take a lock file and rewrite its build
 file there, an OSError; the rank loads a copy from its temporary directory and only reads the prebuilt one.
 
-The last test is the image's case end to end (k8s/Dockerfile): the op built into a fresh directory, made
+The last two tests are the image's case end to end (k8s/Dockerfile): the op built into a fresh directory, made
 read-only, and a one-rank job run through the control plane to SUCCEEDED from it, with HOME and TMPDIR on a
 fresh directory and no compiler on the rank's PATH (the runtime image has none): only the ninja that built the
-op, which then rebuilds nothing. A ninja of another version would rebuild (its logs differ) and fail there."""
+op, which then rebuilds nothing. A ninja of another version would rebuild (its logs differ) and fail there.
+And a rank run as a pod runs it: as the image's user (uid 1000), its spec in ROUNDHOUSE_SPEC_JSON, from the
+installed ops read-only to it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -168,3 +172,94 @@ def test_a_job_runs_to_the_end_from_a_freshly_built_read_only_op_directory_witho
     assert "deepspeed_shm_comm_op built successfully" in log  # DeepSpeed's words for a load, built or not
     assert "c++: not found" not in log and "Read-only file system" not in log
 
+
+IMAGE_UID = 1000  # the image's user (k8s/Dockerfile `USER 1000`, runAsUser in k8s/manifests.py)
+AS_IMAGE_USER = ["setpriv", f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups"]
+
+
+def interpreter_reachable(held: Path) -> list[str]:
+    """A command prefix under which other uids can reach this interpreter, or [] where they already can.
+
+    The image's interpreter is readable by every uid; a machine's may live in a directory other users cannot
+    enter (pyenv in root's 0700 home). Then, in a private mount namespace, that directory is covered by an
+    empty 0755 tmpfs with only the way down to the interpreter bound back (through `held`, an empty
+    directory): nothing else of it is visible, and nothing changes outside the namespace."""
+    base = Path(sys.base_prefix).resolve()
+    blocked = next((d for d in reversed(base.parents) if not d.stat().st_mode & 0o001), None)
+    if blocked is None:
+        return []
+    keep = base.relative_to(blocked).parts[0]
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+            'mount --bind "$1/$2" "$0" && mount -t tmpfs -o mode=755 tmpfs "$1" && mkdir "$1/$2" && '
+            'mount --bind "$0" "$1/$2" && shift 2 && exec "$@"', str(held), str(blocked), keep]
+
+
+@pytest.mark.slow
+def test_a_rank_runs_as_the_image_s_user_from_the_read_only_installed_ops():
+    """As a pod's container runs a rank: uid 1000, HOME and TMPDIR on a directory only it may write (the pod's
+    emptyDir on /tmp), the op directory owned by root and writable by nobody (the image's, under
+    readOnlyRootFilesystem), the spec in ROUNDHOUSE_SPEC_JSON (from the attempt's Secret), no control plane
+    to report to. The interpreter and the code must be readable by that uid, as the image's are."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can start a process as another uid")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    code = os.environ.get("PYTHONPATH")  # the code under test
+    # pytest's tmp_path (/tmp/pytest-of-root/...) is 0700: another uid could not reach anything in it.
+    root = Path(tempfile.mkdtemp(prefix="rh-uid1000-"))
+    proc = None
+    try:
+        root.chmod(0o755)
+        (root / "held").mkdir()
+        # The image's PATH: its venv's bin (ninja, no compiler), then the system's.
+        minimal = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LANG": "C.UTF-8",
+                   **({"PYTHONPATH": code} if code else {})}
+        # The uid's own exec of the interpreter (setpriv's exec may still be privileged), which must load this
+        # very Python (not fall back to another libpython) and find the venv's packages and the code.
+        as_image_user = [*interpreter_reachable(root / "held"), *AS_IMAGE_USER, "/bin/sh", "-c"]
+        probe = subprocess.run(
+            [*as_image_user, 'exec "$@"', "probe", sys.executable, "-c",
+             "import importlib.util, sys; missing = [m for m in ('torch', 'deepspeed', 'trainers')"
+             " if importlib.util.find_spec(m) is None]; print(sys.version);"
+             " sys.exit(f'cannot import {missing}' if missing else 0)"],
+            env={**minimal, "HOME": str(root)}, cwd=root, capture_output=True, text=True, timeout=DEADLINE)
+        if probe.returncode != 0 or probe.stdout.strip() != sys.version:
+            pytest.skip(f"this interpreter, its venv or the code is not readable by uid {IMAGE_UID}: "
+                        f"{(probe.stderr + probe.stdout).strip()[-500:]}")
+
+        ops = copy_of_the_built_ops(root)  # owned by root
+        for path in [root / "image", *(root / "image").rglob("*")]:
+            path.chmod((path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0)) & ~0o222)
+        before = files(ops)
+        scratch = root / "scratch"  # the pod's emptyDir: the rank's own
+        scratch.mkdir(mode=0o700)
+        os.chown(scratch, IMAGE_UID, IMAGE_UID)
+        spec = parse_spec({"name": "image-user", "model": {"layers": 2, "hidden_size": 32, "heads": 2,
+                                                           "seq_length": 32},
+                           "training": {"steps": 3, "global_batch_size": 2, "micro_batch_size": 2}})
+        env = {**minimal, "HOME": str(scratch), "TMPDIR": str(scratch), "TORCH_EXTENSIONS_DIR": str(ops),
+               "PYTHONUNBUFFERED": "1", "ROUNDHOUSE_SPEC_JSON": spec.model_dump_json(),
+               "MASTER_PORT": str(free_port())}
+        log_path = root / "rank.log"  # a file, not a pipe: a lingering child cannot hold the test
+        with open(log_path, "wb") as log:
+            # The uid the rank runs as, written by the shell that then becomes the rank.
+            proc = subprocess.Popen([*as_image_user, 'id -u > "$TMPDIR/uid" && exec "$@"', "rank",
+                                     sys.executable, "-m", "trainers"], env=env, cwd=scratch,
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            code_returned = proc.wait(timeout=DEADLINE)
+        log_text = log_path.read_text(errors="replace")
+        assert code_returned == 0, log_text[-3000:]
+        assert "step 3/3" in log_text
+        assert "deepspeed_shm_comm_op built successfully" in log_text  # DeepSpeed's words for a load
+        assert "Read-only file system" not in log_text and f"Permission denied: '{ops}" not in log_text
+        assert files(ops) == before  # the installed ops were only read
+        assert (scratch / "uid").read_text().strip() == str(IMAGE_UID)
+    finally:
+        if proc is not None:
+            try:  # the rank and anything it started (its group), whatever the outcome
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,38 +1,43 @@
 """A small, honest stand-in for a Kubernetes API server, served over HTTP to the official client.
 
 It serves the real paths the client uses for batch/v1 jobs, networking.k8s.io/v1 network policies (stored, not
-enforced) and v1 pods, services, secrets and events in namespaces: create (POST), get, list and watch (GET with labelSelector, equality fieldSelector,
-`watch=true&resourceVersion=`, timeoutSeconds, allowWatchBookmarks: an idle watch gets BOOKMARK events),
-merge patches (PATCH, also on `/status`), delete (DELETE with gracePeriodSeconds and propagationPolicy), the
-Eviction API (POST `/eviction`: DisruptionTarget, then a graceful delete) and pod logs (`/log`, with follow;
-500 for a pod whose node is gone). Every write bumps one resourceVersion counter; watches replay the history
-after the version asked for, and a version older than the retained history gets the ERROR event with code
-410 (Gone) a real server sends, so clients must re-list. `compact()` forgets the history, as etcd does.
+enforced) and v1 pods, services, secrets and events in namespaces: create (POST), get, list and watch (GET
+with labelSelector, equality fieldSelector, `watch=true&resourceVersion=`, timeoutSeconds,
+allowWatchBookmarks: an idle watch gets BOOKMARK events), merge patches (PATCH, also on `/status`), delete
+(DELETE with gracePeriodSeconds and propagationPolicy), the Eviction API (POST `/eviction`: DisruptionTarget,
+then a graceful delete) and pod logs (`/log`, with follow; 500 for a pod whose node is gone). Every write
+bumps one resourceVersion counter; watches replay the history after the version asked for, and a version
+older than the retained history gets the ERROR event with code 410 (Gone) a real server sends, so clients
+must re-list. `compact()` forgets the history, as etcd does.
 
 Admission refuses a pod naming a PriorityClass that does not exist, or past the namespace's pod quota, with
 the API server's 403 message. Pods get the API's defaults (service account, the not-ready/unreachable
-tolerations of 300 s).
+tolerations of 300 s, the QoS class).
 
-Two controllers run inline after every write, as the cluster would run them:
+Two controllers run inline after every write, as the cluster would run them (each may be paused, so that a
+test sees what happens while a cluster's lags behind the API server):
 - a Job controller for Indexed Jobs (see `_sync_job`): `Suspended`/`JobResumed`, one pod per completion index
-  (the index annotation and label, hostname `<job>-<index>`, the template's subdomain), a FailedCreate event
-  on the Job when admission refuses a pod, the counts (active, ready, terminating, succeeded, failed,
-  completedIndexes), `FailureTarget` once a pod fails or is deleted (its remaining pods are deleted) and
-  `Failed` once none is left, `SuccessCriteriaMet` and `Complete` once every index succeeded;
-- a garbage collector: removing an object removes the objects whose ownerReferences name its uid.
+  (the index annotation and label, JOB_COMPLETION_INDEX from the label, hostname `<job>-<index>`, the
+  template's subdomain, its finalizer), a FailedCreate event on the Job when admission refuses a pod, the
+  counts (active, ready, terminating, succeeded, failed, completedIndexes), `FailureTarget` once a pod fails
+  or is deleted (its remaining pods are deleted) and `Failed` once none is left, `SuccessCriteriaMet` and
+  `Complete` once every index succeeded; its finalizer comes off a pod once the pod is counted;
+- a garbage collector: removing an object deletes the objects whose ownerReferences name its uid.
 
 Pod deletion is graceful as on a real node: a running pod asked to stop with a grace gets a
 deletionTimestamp (a later delete may shorten it) and is removed only once its kubelet
 (tests/support/fake_kubelet.py) has stopped the container; a pod that is not running, or a grace of 0 (a
-force delete), is removed at once, its deletionTimestamp in the DELETED event. A lost node is played step by
-step (`lose_node`, `mark_not_ready`, `evict_from_lost_node`), the times the test's to choose.
+force delete), is removed at once, its deletionTimestamp in the DELETED event, unless a finalizer still holds
+it. A lost node is played step by step (`lose_node`, `mark_not_ready`, `evict_from_lost_node`), the times the
+test's to choose.
 
 Requests over HTTP may be held to a bearer token (401) and to the rules of a Role (403, as RBAC: the tests
 use the shipped one), and `rbac_ready = False` forbids everything, as a restarting API server does at first.
 
-Not modelled: the Job controller's pod finalizer (a deleted pod goes without waiting for it), a scheduler
-(a pod has no PodScheduled condition until the kubelet starts it; a test writes Unschedulable), QoS classes,
-garbage collection in the background (it runs inline), Foreground propagation (treated as Background),
+Not modelled (tests/integration/test_fake_kube.py::test_what_the_stand_in_does_not_model): enforcement of
+NetworkPolicies, LimitRanges (not served), Pod Security and webhooks; a scheduler (a pod has no PodScheduled
+condition until the kubelet starts it; a test writes Unschedulable); real time (controllers run inline unless
+paused, a lost node's steps when a test plays them); Foreground propagation (treated as Background),
 set-based selectors, resourceVersion "0" semantics beyond "from the start"."""
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ _PATH = re.compile(r"^/(?:api/v1|apis/batch/v1|apis/networking\.k8s\.io/v1)/name
                    r"(pods|services|secrets|events|jobs|networkpolicies)"
                    r"(?:/([^/]+))?(?:/(status|log|eviction))?$")
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+JOB_FINALIZER = "batch.kubernetes.io/job-tracking"  # the Job controller's, on every pod it makes
 SHIPPED_ROLE = Path(__file__).parents[2] / "k8s" / "deploy" / "role.yaml"
 
 
@@ -94,6 +100,20 @@ def _intervals(indexes: list[int]) -> str:
 
 def _parse(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def qos_class(spec: dict[str, Any]) -> str:
+    """The QoS class the API server gives a pod: Guaranteed when every container's cpu and memory limits are
+    set and its requests equal them, BestEffort when no container asks for anything, else Burstable."""
+    containers = [*spec.get("initContainers", []), *spec["containers"]]
+    resources = [c.get("resources") or {} for c in containers]
+    if not any(r.get("requests") or r.get("limits") for r in resources):
+        return "BestEffort"
+    for r in resources:
+        limits, requests = r.get("limits") or {}, {**(r.get("limits") or {}), **(r.get("requests") or {})}
+        if any(kind not in limits or requests[kind] != limits[kind] for kind in ("cpu", "memory")):
+            return "Burstable"
+    return "Guaranteed"
 
 
 def now_iso() -> str:
@@ -167,6 +187,11 @@ class FakeKube:
         self.events_kept = True  # False: events are gone at once (a cluster keeps them an hour, --event-ttl)
         self.bookmark_seconds = 0.5  # how often an idle watch that asked for bookmarks gets one
         self.bookmarks_sent = 0
+        # The controllers run inline after every write unless paused (pause_job_controller,
+        # pause_garbage_collector), as a cluster's run behind the API server.
+        self.job_controller_paused = False
+        self.garbage_collector_paused = False
+        self._owners_gone: list[tuple[str, str]] = []  # (namespace, uid) whose dependents are yet to be deleted
 
     # -- serving -------------------------------------------------------------------------------------------
 
@@ -262,8 +287,17 @@ class FakeKube:
             patch.get("metadata", {}).pop("resourceVersion", None)
             merge(obj, patch)
             self._record(kind, "MODIFIED", obj)
+            if self._deleted_and_released(obj):
+                self._remove(kind, namespace, name)
             self._run_controllers()
             return copy.deepcopy(obj)
+
+    @staticmethod
+    def _deleted_and_released(obj: dict[str, Any]) -> bool:
+        """Deleted with no grace left (or none asked) and no finalizer holding it: the API server removes it."""
+        meta = obj["metadata"]
+        return "deletionTimestamp" in meta and meta.get("deletionGracePeriodSeconds") == 0 and \
+            not meta.get("finalizers")
 
     def delete(self, kind: str, namespace: str, name: str, grace: int | None = None,
                propagation: str | None = None) -> dict[str, Any]:
@@ -281,11 +315,17 @@ class FakeKube:
                         meta["deletionTimestamp"] = ends.strftime("%Y-%m-%dT%H:%M:%SZ")
                         meta["deletionGracePeriodSeconds"] = grace
                         self._record(kind, "MODIFIED", obj)
-                    return copy.deepcopy(obj)
-            # Removed at once (grace 0 is a force delete: the pod goes whether or not its container stopped).
+                        self._run_controllers()  # the Job counts it terminating
+                    return copy.deepcopy(self.objects[kind].get((namespace, name), obj))
+            # Removed at once (grace 0 is a force delete: the pod goes whether or not its container stopped),
+            # unless finalizers hold it: then it stays, marked deleted, until the last one is removed.
             meta = obj["metadata"]
             meta.setdefault("deletionTimestamp", now_iso())
             meta["deletionGracePeriodSeconds"] = 0
+            if meta.get("finalizers"):
+                self._record(kind, "MODIFIED", obj)
+                self._run_controllers()  # the Job controller may let it go now
+                return copy.deepcopy(self.objects[kind].get((namespace, name), obj))
             self._remove(kind, namespace, name, orphan=propagation == "Orphan")
             self._run_controllers()
             return {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}
@@ -306,17 +346,43 @@ class FakeKube:
     def _remove(self, kind: str, namespace: str, name: str, orphan: bool = False) -> None:
         obj = self.objects[kind].pop((namespace, name))
         self._record(kind, "DELETED", obj)
-        if orphan:
-            return
-        uid = obj["metadata"]["uid"]
-        for dependent_kind in KINDS:  # the garbage collector
-            for (ns, dependent), dep in list(self.objects[dependent_kind].items()):
-                owners = dep["metadata"].get("ownerReferences") or []
-                if ns == namespace and any(o.get("uid") == uid for o in owners):
-                    if dependent_kind == "pods" and dep["status"].get("phase") == "Running":
-                        self.delete("pods", ns, dependent)  # graceful, through the kubelet
-                    else:
-                        self._remove(dependent_kind, ns, dependent)
+        if not orphan:
+            self._owners_gone.append((namespace, obj["metadata"]["uid"]))
+            self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """The garbage collector: deletes the objects whose ownerReferences name an owner that is gone (a
+        running pod gracefully, through its kubelet; one held by finalizers stays until they are removed)."""
+        while self._owners_gone and not self.garbage_collector_paused:
+            namespace, uid = self._owners_gone.pop(0)
+            for dependent_kind in KINDS:
+                for (ns, dependent), dep in list(self.objects[dependent_kind].items()):
+                    owners = dep["metadata"].get("ownerReferences") or []
+                    if ns == namespace and any(o.get("uid") == uid for o in owners) and \
+                            (ns, dependent) in self.objects[dependent_kind]:
+                        self.delete(dependent_kind, ns, dependent)
+
+    def pause_garbage_collector(self) -> None:
+        """The garbage collector runs behind the API server's writes, as a cluster's does, until resumed:
+        an owner's dependents outlive it meanwhile."""
+        with self.changed:
+            self.garbage_collector_paused = True
+
+    def resume_garbage_collector(self) -> None:
+        with self.changed:
+            self.garbage_collector_paused = False
+            self._collect_garbage()
+
+    def pause_job_controller(self) -> None:
+        """The Job controller does nothing (a slow or restarting controller manager) until resumed: no pods
+        made, no status, and its finalizer holds every pod of a Job, deleted or not."""
+        with self.changed:
+            self.job_controller_paused = True
+
+    def resume_job_controller(self) -> None:
+        with self.changed:
+            self.job_controller_paused = False
+            self._run_controllers()
 
     def watch_events(self, kind: str, namespace: str, selector: str | None, since: int):
         """(rv, type, object) after `since`, for as long as the caller iterates, and (rv, None, None) when
@@ -376,8 +442,36 @@ class FakeKube:
     # -- the Job controller ----------------------------------------------------------------------------------
 
     def _run_controllers(self) -> None:
-        for (namespace, name), job in list(self.objects["jobs"].items()):
-            self._sync_job(namespace, name, job)
+        if self.job_controller_paused:
+            return
+        for _ in range(2):  # again once pods it let go are removed: their Jobs' counts change
+            for (namespace, name), job in list(self.objects["jobs"].items()):
+                self._sync_job(namespace, name, job)
+            if not self._release_counted_pods():
+                return
+
+    def _release_counted_pods(self) -> bool:
+        """The Job controller's finalizer comes off a pod once the pod is counted in its Job's status (it
+        ended, or it is being deleted: a failure) or its Job is gone; a deleted pod is then removed, unless
+        its kubelet has yet to stop it (a graceful deletion)."""
+        jobs = {job["metadata"]["uid"] for job in self.objects["jobs"].values()}
+        removed = False
+        for (namespace, name), pod in list(self.objects["pods"].items()):
+            meta = pod["metadata"]
+            if JOB_FINALIZER not in (meta.get("finalizers") or []):
+                continue
+            owner = (meta.get("ownerReferences") or [{}])[0].get("uid")
+            counted = pod["status"].get("phase") in ("Succeeded", "Failed") or "deletionTimestamp" in meta
+            if owner in jobs and not counted:
+                continue
+            meta["finalizers"] = [f for f in meta["finalizers"] if f != JOB_FINALIZER]
+            if not meta["finalizers"]:
+                del meta["finalizers"]
+            self._record("pods", "MODIFIED", pod)
+            if self._deleted_and_released(pod):
+                self._remove("pods", namespace, name)
+                removed = True
+        return removed
 
     def _sync_job(self, namespace: str, name: str, job: dict[str, Any]) -> None:
         """As the Job controller (1.31+) does for an Indexed Job: `Suspended` while suspended (`JobResumed` once
@@ -432,8 +526,10 @@ class FakeKube:
                                 "Job has reached the specified backoff limit")
             self._record("jobs", "MODIFIED", job)
             for pod in pods.values():  # a failing Job's running pods are terminated
-                if pod["status"].get("phase") in ("Pending", "Running"):
-                    self.delete("pods", namespace, pod["metadata"]["name"])
+                key = (namespace, pod["metadata"]["name"])
+                if key in self.objects["pods"] and pod["status"].get("phase") in ("Pending", "Running") and \
+                        "deletionTimestamp" not in pod["metadata"]:  # (not yet removed by a nested sync)
+                    self.delete("pods", *key)
             return
         if failing and not counts["active"] and not counts["terminating"]:
             self._set_condition(job, "Failed", "True", "BackoffLimitExceeded",
@@ -468,8 +564,14 @@ class FakeKube:
                     uid=str(uuid.uuid4()), creationTimestamp=now_iso())
         meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
                                     "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+        meta["finalizers"] = [*meta.get("finalizers", []), JOB_FINALIZER]
         spec = template["spec"]
         spec["hostname"] = f"{job_name}-{index}"  # with the template's subdomain: <job>-<index>.<subdomain>
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            env = container.setdefault("env", [])
+            if not any(e["name"] == "JOB_COMPLETION_INDEX" for e in env):  # the controller's, from the index label
+                env.append({"name": "JOB_COMPLETION_INDEX",
+                            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{INDEX_KEY}']"}}})
         # What the API server's defaults and admission add to every pod.
         spec.setdefault("serviceAccountName", "default")
         spec.setdefault("tolerations", []).extend([
@@ -478,7 +580,8 @@ class FakeKube:
         self._admit_pod(namespace, {"metadata": meta, "spec": spec})
         # No PodScheduled condition until a node takes it (the simulated kubelet sets it when it starts the
         # pod; a test writes Unschedulable, as a scheduler would).
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": {"phase": "Pending"}}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec,
+               "status": {"phase": "Pending", "qosClass": qos_class(spec)}}
         self.objects["pods"][(namespace, meta["name"])] = pod
         self._record("pods", "ADDED", pod)
 

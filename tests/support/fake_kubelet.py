@@ -33,7 +33,7 @@ from orchestrator.launcher.local import free_port
 
 from tests.support.fake_kube import ApiError, FakeKube, now_iso
 
-_FIELD = re.compile(r"^metadata\.annotations\['(.+)'\]$")
+_FIELD = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
 
 
 @dataclass
@@ -192,9 +192,9 @@ class FakeKubelet:
         source = item["valueFrom"]
         if "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
-            annotation = _FIELD.match(path)
-            if annotation:
-                return pod["metadata"]["annotations"][annotation.group(1)]
+            field = _FIELD.match(path)
+            if field:
+                return pod["metadata"][field.group(1)][field.group(2)]
             return {"metadata.name": pod["metadata"]["name"], "metadata.namespace": self.namespace}[path]
         ref = source["secretKeyRef"]
         try:
