@@ -2,11 +2,12 @@
 filesystem as uid 1000, /tmp a writable tmpfs (the pod's emptyDir), no capabilities, no network but loopback,
 the spec in ROUNDHOUSE_SPEC_JSON (from the attempt's Secret), no control plane to report to.
 
-Skipped where no Docker engine answers (the machine these tests were written on has the client only): there,
+Run with ROUNDHOUSE_TEST_IMAGE=1; skipped where no Docker engine answers (the machine these tests were written on has the client only): there,
 tests/integration/test_prebuilt_ops.py runs a rank as uid 1000 from read-only ops, the nearest check."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
@@ -26,6 +27,9 @@ BUILD_SECONDS = 3600  # torch and DeepSpeed downloaded, the op compiled: a build
 
 
 def test_the_image_runs_a_rank_read_only_as_uid_1000():
+    # Asked for: a build downloads torch and DeepSpeed and compiles the op, longer than the suite's budget.
+    if os.environ.get("ROUNDHOUSE_TEST_IMAGE") != "1":
+        pytest.skip("the image build runs only with ROUNDHOUSE_TEST_IMAGE=1 (and a Docker engine)")
     if shutil.which("docker") is None:
         pytest.skip("no docker client")
     engine = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
