@@ -1,5 +1,7 @@
-"""CreateJob throughput and latency under 16 concurrent clients, against a bare gRPC unary echo server
-measured the same way in the same run.
+"""CreateJob throughput and latency under 16 concurrent clients, against bare gRPC unary echo servers
+measured the same way in the same run: gRPC's threaded server (the issue's baseline) and grpc.aio with a
+blocking handler on a small pool (the control plane's own stack since issue 16, so that streams hold no
+thread), which tells the cost of the stack apart from the cost of CreateJob's own work.
 
 Every CreateJob is durably committed (SQLite in WAL mode with synchronous=FULL; PostgreSQL with its
 default synchronous_commit) before it returns. The reconciler is off so the figures are the API's alone.
@@ -10,6 +12,7 @@ default synchronous_commit) before it returns. The reconciler is off so the figu
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import statistics
@@ -28,21 +31,35 @@ from sqlalchemy import create_engine, text
 from orchestrator.config import token_file
 from orchestrator.launcher.local import free_port
 from orchestrator.process import spawn_server
+from orchestrator.server import UNARY_THREADS
 from contract.spec import parse_spec, spec_to_proto
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
 ECHO_METHOD = "/bench.Echo/Echo"
 
 
-def echo_server_main(port: int) -> None:
-    """A bare unary echo: the same gRPC stack and thread pool size as the control plane, no work."""
+def echo_server_main(port: int, stack: str) -> None:
+    """A bare unary echo, no work. `sync`: gRPC's threaded server with 64 threads (the control plane before
+    issue 16, and the issue's baseline). `aio`: the control plane's stack since (grpc.aio, a blocking handler
+    on a pool of orchestrator.server.UNARY_THREADS threads)."""
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    server.wait_for_termination()
+    if stack == "sync":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        server.wait_for_termination()
+        return
+
+    async def serve() -> None:
+        server = grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS))
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -92,9 +109,10 @@ def run_load(call, clients: int, seconds: float, server_pid: int) -> dict:
     }
 
 
-def bench_echo(clients: int, seconds: float, payload: bytes) -> dict:
+def bench_echo(clients: int, seconds: float, payload: bytes, stack: str) -> dict:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)])
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.create_job", "--echo-server", str(port), stack],
+                            cwd=Path(__file__).resolve().parents[1])
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -148,14 +166,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--postgres", default="postgresql+psycopg://root@127.0.0.1:5432/test",
                         help="PostgreSQL URL ('' to skip)")
-    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        echo_server_main(args.echo_server)
+        echo_server_main(int(args.echo_server[0]), args.echo_server[1])
         return
 
     payload = js.CreateJobRequest(spec=spec_to_proto(parse_spec({"name": "b-0-0"}))).SerializeToString()
-    results = {"echo (baseline)": bench_echo(args.clients, args.seconds, payload)}
+    results = {"echo (baseline)": bench_echo(args.clients, args.seconds, payload, "sync"),
+               "echo, grpc.aio as the control plane": bench_echo(args.clients, args.seconds, payload, "aio")}
     results["CreateJob, SQLite"] = bench_create_job(None, args.clients, args.seconds)
     if args.postgres:
         url, drop = postgres_schema_url(args.postgres)
@@ -167,11 +186,13 @@ def main() -> None:
     echo = results["echo (baseline)"]["throughput"]
     print(f"CreateJob benchmark: {args.clients} concurrent clients, {args.seconds:.0f} s each, "
           f"{platform.node()} ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
-    print("| server | requests | req/s | vs echo | p50 ms | p99 ms | server CPU ms/request |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    same_stack = results["echo, grpc.aio as the control plane"]["throughput"]
+    print("| server | requests | req/s | vs echo | vs grpc.aio echo | p50 ms | p99 ms | server CPU ms/request |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['requests']} | {r['throughput']:.0f} | {r['throughput'] / echo:.2f}x | "
-              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} |")
+              f"{r['throughput'] / same_stack:.2f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['server_cpu_ms']:.3f} |")
 
 
 if __name__ == "__main__":
