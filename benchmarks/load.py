@@ -7,8 +7,9 @@ ranks, start and end throughout. `--clients` client threads (one user and token 
 call drawn at random: CreateJob (one or two ranks), ListJobs, GetJob, StreamLogs and CancelJob of their own
 jobs. `--watches` WatchJob streams stay open on a few jobs that run all run long (one rank each, on top of
 the capacity), spread over the users. A probe in a process of its own (as a kubelet's) calls the gRPC health
-check every 50 ms; the server's RSS is read every 2 s. With `--database postgresql` and `pg_ctl` on the PATH, a private PostgreSQL instance is made for
-the run and restarted once at half time (`--no-restart`: the shared server at `--postgres`, not restarted).
+check every 50 ms; the server's RSS is read every 2 s. With `--database postgresql` and `pg_ctl` on the PATH,
+a private PostgreSQL instance is made for the run and restarted once at half time (`--no-restart`: the shared
+server at `--postgres`, not restarted).
 
 Reported: calls by status code per method (a refusal the call may get by design, such as CancelJob of a job
 that already ended, is counted apart from errors; UNAVAILABLE while the database restarts is counted apart

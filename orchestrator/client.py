@@ -26,8 +26,6 @@ SWEEP_PREFIX = "sweeps/"
 UNARY_TIMEOUT_SECONDS = 30.0
 # The most events the server sends in one WatchJob update; a shorter batch is the end of the history.
 WATCH_EVENT_BATCH = 1000
-# gRPC's own reconnect backoff grows to two minutes; a CLI waiting out a control-plane restart should notice
-# the new server within a few seconds.
 # A call answered UNAVAILABLE is tried again a few times (about 4 s at most) before the CLI gives up: on a
 # heavily loaded host the server can miss gRPC's connect handshake, and the call then fails at once without
 # ever reaching it. The server answers UNAVAILABLE itself only when it could not reach its database, so
@@ -35,10 +33,13 @@ WATCH_EVENT_BATCH = 1000
 # try would answer ALREADY_EXISTS for a job that exists).
 RETRY_ATTEMPTS = 5
 SERVICE_CONFIG = {"methodConfig": [{
-    "name": [{"service": "roundhouse.v1.JobService"}, {"service": "roundhouse.v1.SweepService"}],
+    "name": [{"service": js.DESCRIPTOR.services_by_name["JobService"].full_name},
+             {"service": ss.DESCRIPTOR.services_by_name["SweepService"].full_name}],
     "retryPolicy": {"maxAttempts": RETRY_ATTEMPTS, "initialBackoff": "0.25s", "maxBackoff": "2s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
 }]}
+# gRPC's own reconnect backoff grows to two minutes; a CLI waiting out a control-plane restart should notice
+# the new server within a few seconds.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
                    ("grpc.max_reconnect_backoff_ms", 2000),
                    ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG)))
