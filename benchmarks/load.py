@@ -22,11 +22,13 @@ capacity, as the launcher saw them).
 
     python -m benchmarks.load [--clients 64] [--seconds 300] [--watches 200] [--database sqlite|postgresql]
                               [--capacity 8] [--run-seconds 3] [--no-restart] [--postgres URL]
+                              [--unary-threads N] [--gc tuned|freeze|default]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -58,6 +60,7 @@ from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phas
 from orchestrator.launcher.local import free_port
 from orchestrator.launcher.logs import LogRange, LogRead
 from orchestrator.process import wait_healthy
+from orchestrator.server import UNARY_THREADS
 from orchestrator.store import Database, Event, Job
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
@@ -140,16 +143,22 @@ class FinishingLauncher(CappedLauncher):
         self._stats_path.write_text(json.dumps(dict(self.stats)))
 
 
-def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float, stats_path: Path) -> None:
-    """The control plane with the finishing launcher, until SIGTERM; then the launcher's counts to a file."""
+def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float, stats_path: Path,
+          unary_threads: int, gc_mode: str) -> None:
+    """The control plane with the finishing launcher, until SIGTERM; then the launcher's counts to a file.
+    `unary_threads` and `gc_mode` are for comparing the server's settings (the defaults are `roundhouse serve`'s)."""
     from orchestrator import server
     from orchestrator.server import ControlPlane, ServerSettings
 
+    server.UNARY_THREADS = unary_threads
     launcher = FinishingLauncher(capacity, run_seconds, stats_path)
     server.create_launcher = lambda settings: launcher  # in place of the registry's launchers
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=port, http_port=0))
     plane.start()
-    server.tune_garbage_collector()  # as `roundhouse serve` does
+    if gc_mode == "tuned":
+        server.tune_garbage_collector()  # as `roundhouse serve` does
+    elif gc_mode == "freeze":
+        gc.freeze()
     # Count the job controller's passes (a fact, where its lag is a time on a shared machine).
     runtime = plane.job_controller.runtime
     reconcile = runtime._reconcile
@@ -391,7 +400,7 @@ def run(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
         with open(server_log, "wb") as out:
             server = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--serve", str(home), db_url,
                                        str(port), str(args.capacity + ANCHORS), str(args.run_seconds),
-                                       str(stats_path)],
+                                       str(stats_path), str(args.unary_threads), args.gc],
                                       cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_healthy(address, timeout=120, process=server)
@@ -611,11 +620,17 @@ def main() -> None:
                         help="PostgreSQL: the shared server at --postgres, not restarted")
     parser.add_argument("--postgres", default="postgresql+psycopg://root@127.0.0.1:5432/test",
                         help="the shared PostgreSQL (with --no-restart, or when pg_ctl is missing)")
-    parser.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--unary-threads", type=int, default=UNARY_THREADS,
+                        help="the server's pool for unary calls (default: the server's own)")
+    parser.add_argument("--gc", choices=("tuned", "freeze", "default"), default="tuned",
+                        help="the server's garbage collector: tuned as `roundhouse serve` does, start-up frozen "
+                             "out of it only, or Python's defaults")
+    parser.add_argument("--serve", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        home, url, port, capacity, run_seconds, stats = args.serve
-        serve(Path(home), url, int(port), int(capacity), float(run_seconds), Path(stats))
+        home, url, port, capacity, run_seconds, stats, unary_threads, gc_mode = args.serve
+        serve(Path(home), url, int(port), int(capacity), float(run_seconds), Path(stats), int(unary_threads),
+              gc_mode)
         return
     if args.watches and -(-args.watches // args.clients) > 32:
         parser.error("more than 32 watches a user (the server's default limit): add --clients")
