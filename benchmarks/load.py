@@ -13,8 +13,9 @@ server at `--postgres`, not restarted).
 
 Reported: calls by status code per method (a refusal the call may get by design, such as CancelJob of a job
 that already ended, is counted apart from errors; UNAVAILABLE while the database restarts is counted apart
-too), p50/p99 of each method's successful calls, the health check's p99 (overall and its worst 10 s window),
-the server's RSS over time and its growth over the last 80 % of the run, the controller's lag (a new job's
+too), p50/p99 of each method's successful calls, the health check's p99 (overall and its worst 10 s window,
+and where that window was: negative seconds are while the watches open), the server's garbage collections
+(count, total and longest pause by generation), the server's RSS over time and its growth over the last 80 % of the run, the controller's lag (a new job's
 first pass: from its Created event to the next; a cancel: from the request to CANCELLED), and jobs lost (a
 CreateJob answered OK without its row), created although refused (a CreateJob answered with an error whose
 row exists), or run twice (two attempts of one job running at once, or more ranks running than the
@@ -22,7 +23,7 @@ capacity, as the launcher saw them).
 
     python -m benchmarks.load [--clients 64] [--seconds 300] [--watches 200] [--database sqlite|postgresql]
                               [--capacity 8] [--run-seconds 3] [--no-restart] [--postgres URL]
-                              [--unary-threads N] [--gc tuned|freeze|default]
+                              [--unary-threads N] [--gc tuned|freeze|default] [--gc-young N]
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from orchestrator.launcher import AttemptRef, AttemptStatus, LaunchRequest, Phas
 from orchestrator.launcher.local import free_port
 from orchestrator.launcher.logs import LogRange, LogRead
 from orchestrator.process import wait_healthy
-from orchestrator.server import UNARY_THREADS
+from orchestrator.server import GC_THRESHOLDS, UNARY_THREADS
 from orchestrator.store import Database, Event, Job
 from roundhouse.v1 import job_service_pb2 as js, job_service_pb2_grpc
 
@@ -144,13 +145,15 @@ class FinishingLauncher(CappedLauncher):
 
 
 def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float, stats_path: Path,
-          unary_threads: int, gc_mode: str) -> None:
+          unary_threads: int, gc_mode: str, gc_young: int) -> None:
     """The control plane with the finishing launcher, until SIGTERM; then the launcher's counts to a file.
-    `unary_threads` and `gc_mode` are for comparing the server's settings (the defaults are `roundhouse serve`'s)."""
+    `unary_threads`, `gc_mode` and `gc_young` are for comparing the server's settings (the defaults are
+    `roundhouse serve`'s)."""
     from orchestrator import server
     from orchestrator.server import ControlPlane, ServerSettings
 
     server.UNARY_THREADS = unary_threads
+    server.GC_THRESHOLDS = (gc_young, *server.GC_THRESHOLDS[1:])
     launcher = FinishingLauncher(capacity, run_seconds, stats_path)
     server.create_launcher = lambda settings: launcher  # in place of the registry's launchers
     plane = ControlPlane(ServerSettings(home=home, db_url=db_url, grpc_port=port, http_port=0))
@@ -177,6 +180,22 @@ def serve(home: Path, db_url: str, port: int, capacity: int, run_seconds: float,
         return woken
 
     plane.job_controller._wake_admissible = counted_wake
+
+    # The garbage collector's pauses, by generation (a collection stops every thread, the loop's health check
+    # among them): how many, their total and the longest, in milliseconds.
+    collection_began = [0.0]
+
+    def time_collections(phase: str, info: dict) -> None:
+        if phase == "start":
+            collection_began[0] = time.perf_counter()
+            return
+        took = 1000 * (time.perf_counter() - collection_began[0])
+        generation = info["generation"]
+        launcher.stats[f"gc{generation}_count"] += 1
+        launcher.stats[f"gc{generation}_ms"] += took
+        launcher.stats[f"gc{generation}_max_ms"] = max(launcher.stats[f"gc{generation}_max_ms"], took)
+
+    gc.callbacks.append(time_collections)
 
     def sample_queue() -> None:  # how many jobs wait for a worker: the controller's backlog
         while not done.wait(1.0):
@@ -400,7 +419,8 @@ def run(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
         with open(server_log, "wb") as out:
             server = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--serve", str(home), db_url,
                                        str(port), str(args.capacity + ANCHORS), str(args.run_seconds),
-                                       str(stats_path), str(args.unary_threads), args.gc],
+                                       str(stats_path), str(args.unary_threads), args.gc,
+                                       str(args.gc_young)],
                                       cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_healthy(address, timeout=120, process=server)
@@ -571,10 +591,11 @@ def report(args, database: str, result: dict) -> None:
     windows = defaultdict(list)
     for t, took, code in health:
         windows[int((t - began) // 10)].append(took)
-    worst = max((summary(sorted(v))["p99_ms"] for v in windows.values() if v), default=0.0)
+    worst, worst_at = max(((summary(sorted(v))["p99_ms"], k) for k, v in windows.items() if v), default=(0.0, 0))
     failed_health = sum(1 for _, _, code in health if code != "OK")
     print(f"health check: {len(health)} probes, {failed_health} failed; {quantiles(ok_health)}; "
-          f"worst 10 s window p99 {worst:.1f} ms")
+          f"worst 10 s window p99 {worst:.1f} ms ({worst_at * 10}-{worst_at * 10 + 10} s, "
+          f"{len(windows[worst_at])} probes)")
     rss = result["rss"]
     if rss:
         def at(fraction: float) -> float:
@@ -605,6 +626,9 @@ def report(args, database: str, result: dict) -> None:
           f"a worker, sampled every second: mean {launcher.get('queue_depth_sum', 0) / samples:.0f}, "
           f"max {launcher.get('queue_depth_max', 0)}; {launcher.get('admission_passes', 0)} admission passes woke "
           f"{launcher.get('admission_woken', 0)} jobs")
+    print("server's garbage collections: " + "; ".join(
+        f"generation {g} {launcher.get(f'gc{g}_count', 0)}, {launcher.get(f'gc{g}_ms', 0):.0f} ms in all, "
+        f"longest {launcher.get(f'gc{g}_max_ms', 0):.1f} ms" for g in range(3)))
     print()
 
 
@@ -625,12 +649,14 @@ def main() -> None:
     parser.add_argument("--gc", choices=("tuned", "freeze", "default"), default="tuned",
                         help="the server's garbage collector: tuned as `roundhouse serve` does, start-up frozen "
                              "out of it only, or Python's defaults")
-    parser.add_argument("--serve", nargs=8, help=argparse.SUPPRESS)
+    parser.add_argument("--gc-young", type=int, default=GC_THRESHOLDS[0],
+                        help="with --gc tuned: the youngest generation's threshold (default: the server's own)")
+    parser.add_argument("--serve", nargs=9, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        home, url, port, capacity, run_seconds, stats, unary_threads, gc_mode = args.serve
+        home, url, port, capacity, run_seconds, stats, unary_threads, gc_mode, gc_young = args.serve
         serve(Path(home), url, int(port), int(capacity), float(run_seconds), Path(stats), int(unary_threads),
-              gc_mode)
+              gc_mode, int(gc_young))
         return
     if args.watches and -(-args.watches // args.clients) > 32:
         parser.error("more than 32 watches a user (the server's default limit): add --clients")

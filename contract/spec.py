@@ -7,6 +7,7 @@ callers can reject a request before anything is written.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
@@ -326,9 +327,8 @@ def load_spec_file(path: str) -> JobSpec:
 
 
 def spec_from_proto(message: job_pb2.JobSpec) -> JobSpec:
-    unknown = _unknown_field_paths(message, "")
-    if unknown:
-        raise SpecError([FieldViolation(p, "unknown field") for p in unknown])
+    if _has_unknown_fields(message):
+        raise SpecError([FieldViolation(p, "unknown field") for p in _unknown_field_paths(message, "")])
     return parse_spec(_message_to_dict(message))
 
 
@@ -343,15 +343,16 @@ def dict_to_message(data: dict[str, Any], message):
     fields = message.DESCRIPTOR.fields_by_name
     for key, value in data.items():
         field = fields[key]
-        if _is_message_map(field):
+        kind = _kind(field)
+        if kind is _MESSAGE_MAP:
             for map_key, item in value.items():
                 dict_to_message(item, getattr(message, key)[map_key])
-        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+        elif kind is _SCALAR_MAP:
             getattr(message, key).update(value)
-        elif field.message_type is not None and _is_repeated(field):
+        elif kind is _MESSAGES:
             for item in value:
                 dict_to_message(item, getattr(message, key).add())
-        elif field.message_type is not None:
+        elif kind is _MESSAGE:
             dict_to_message(value, getattr(message, key))
         else:
             setattr(message, key, value)
@@ -362,13 +363,14 @@ def _message_to_dict(message) -> dict[str, Any]:
     """The fields a client set, by name; unset optional scalars are left out so defaults apply."""
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        if _is_message_map(field):
+        kind = _kind(field)
+        if kind is _MESSAGE_MAP:
             out[field.name] = {map_key: _message_to_dict(item) for map_key, item in value.items()}
-        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+        elif kind is _SCALAR_MAP:
             out[field.name] = dict(value)
-        elif field.message_type is not None and _is_repeated(field):
+        elif kind is _MESSAGES:
             out[field.name] = [_message_to_dict(item) for item in value]
-        elif field.message_type is not None:
+        elif kind is _MESSAGE:
             out[field.name] = _message_to_dict(value)
         else:
             out[field.name] = value
@@ -575,28 +577,44 @@ def label_problem(key: str, value: str) -> str | None:
     return None
 
 
+def _has_unknown_fields(message: Any) -> bool:
+    """Whether anything in `message` is a field this server does not know (one copy in protobuf's own code,
+    rather than a walk in Python on every call)."""
+    known = type(message)()
+    known.CopyFrom(message)
+    known.DiscardUnknownFields()
+    return known.ByteSize() != message.ByteSize()
+
+
 def _unknown_field_paths(message: Any, prefix: str) -> list[str]:
     """Fields a newer client sent that this server does not know: rejected rather than silently dropped."""
     from google.protobuf.unknown_fields import UnknownFieldSet
 
     paths = [f"{prefix}#{field.field_number}" for field in UnknownFieldSet(message)]
     for descriptor, value in message.ListFields():
-        if _is_message_map(descriptor):
+        kind = _kind(descriptor)
+        if kind is _MESSAGE_MAP:
             for map_key, item in value.items():
                 paths += _unknown_field_paths(item, f"{prefix}{descriptor.name}.{map_key}.")
-        elif descriptor.message_type is not None and not descriptor.message_type.GetOptions().map_entry:
-            items = enumerate(value) if _is_repeated(descriptor) else [(None, value)]
+        elif kind is _MESSAGE or kind is _MESSAGES:
+            items = enumerate(value) if kind is _MESSAGES else [(None, value)]
             for index, item in items:
                 where = descriptor.name if index is None else f"{descriptor.name}.{index}"
                 paths += _unknown_field_paths(item, f"{prefix}{where}.")
     return paths
 
 
-def _is_repeated(field) -> bool:
-    return field.is_repeated
+# What a message's field holds, as the walks above treat it: a scalar (a repeated one too), a message, repeated
+# messages, a map of scalars, or a map of messages (kubernetes.env_from_secrets). Cached per field: the walks
+# run on every CreateJob and GetJob, and reading a descriptor's options is not free.
+_SCALAR, _MESSAGE, _MESSAGES, _SCALAR_MAP, _MESSAGE_MAP = "scalar", "message", "messages", "scalar map", "message map"
 
 
-def _is_message_map(field) -> bool:
-    """A map whose values are messages (kubernetes.env_from_secrets)."""
-    return (field.message_type is not None and field.message_type.GetOptions().map_entry
-            and field.message_type.fields_by_name["value"].message_type is not None)
+@functools.cache
+def _kind(field) -> str:
+    message = field.message_type
+    if message is None:
+        return _SCALAR
+    if message.GetOptions().map_entry:
+        return _MESSAGE_MAP if message.fields_by_name["value"].message_type is not None else _SCALAR_MAP
+    return _MESSAGES if field.is_repeated else _MESSAGE

@@ -49,10 +49,11 @@ SERVICES = (job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
 # waits as well in gRPC's queue as on a thread. Under 64 clients (benchmarks/load.py) 64 threads left a new
 # job 17 s (p50) before the controller's first pass; 8 threads, 0.1 s.
 UNARY_THREADS = 8
-# The server's garbage collector: what start-up made is frozen out of it, and full collections are rarer.
-# Full collections of a busy server's heap paused every thread for up to ~100 ms, the health check's p99 under
-# load; with these, 36 ms (docs/benchmarks.md, "Load").
-GC_THRESHOLDS = (50_000, 20, 20)
+# The server's garbage collector: what start-up made is frozen out of it, and older generations are collected
+# rarer. Every collection stops every thread, the loop that answers the health check among them: full
+# collections of a busy server's heap were its tail under load, and a young generation of 50,000 objects took
+# up to ~140 ms to collect where 10,000 took ~45 ms for the same total (docs/benchmarks.md, "Load").
+GC_THRESHOLDS = (10_000, 20, 20)
 # Threads where streams' database reads run, and where logs are read (apart: a Kubernetes log follow waits
 # in its stream). Every stream of every user shares them; none holds one while it waits for news.
 STREAM_THREADS = 8

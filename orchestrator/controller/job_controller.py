@@ -42,7 +42,10 @@ from orchestrator.store import Attempt, AttemptState, Database, Job, JobState, u
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.LAUNCHING, JobState.RUNNING, JobState.RESTARTING)
-SPECS_CACHED = 4096  # parsed specs kept, by job uid (a spec never changes)
+# Parsed specs kept, by job uid (a spec never changes): enough for the jobs a controller looks at again and again
+# (running ones, every 0.5 s); a job waiting for ranks needs its spec about once. A parsed spec is some
+# kilobytes of objects: 4,096 of them were most of the server's memory growth under load (docs/benchmarks.md).
+SPECS_CACHED = 512
 
 # What a pass reads of a job and of its current attempt: plain columns, not ORM objects, in statements built
 # once (a pass over a waiting job is the hot path when thousands wait).

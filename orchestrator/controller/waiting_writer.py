@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +24,9 @@ from orchestrator.store import Database, Event, Job
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
+# A batch that fails (the database not answering) is tried again this often, this many times.
+RETRY_SECONDS = 1.0
+MAX_TRIES = 30
 WAITING_FOR_RANKS = "WaitingForRanks"
 
 
@@ -70,10 +74,24 @@ class WaitingWriter:
                     self._queue.put(None)  # commit this batch first, then stop
                     break
                 batch.append(note)
+            self._commit_until_done(batch)
+
+    def _commit_until_done(self, batch: list[WaitingNote]) -> None:
+        """Commits the batch, trying again while the database does not answer (a PostgreSQL restarting): a job
+        waiting for ranks may get no other pass for a long time, and until its note is written it looks as if
+        no pass had seen it. After MAX_TRIES the notes are dropped; the jobs' next passes make them again."""
+        for tries in range(1, MAX_TRIES + 1):
             try:
                 self._commit(batch)
+                return
             except Exception:
-                log.exception("writing %d waiting notes failed; the jobs' next passes make them again", len(batch))
+                if tries == MAX_TRIES:
+                    log.exception("writing %d waiting notes failed %d times; the jobs' next passes make them again",
+                                  len(batch), tries)
+                    return
+                log.warning("writing %d waiting notes failed; trying again in %g s", len(batch), RETRY_SECONDS,
+                            exc_info=True)
+                time.sleep(RETRY_SECONDS)
 
     def _commit(self, notes: list[WaitingNote]) -> None:
         with self._db.connection() as conn:  # Core: one transaction for the batch

@@ -123,6 +123,8 @@ class LocalLauncher:
                 "Kubernetes Secrets are only read by the kubernetes launcher; this server runs ranks as local "
                 "processes (set the values in env, or submit to a server with --launcher kubernetes)"))]
         job_directory = self.job_dir(spec.name)
+        if not os.path.lexists(job_directory):
+            return []  # a new job's (the usual case): nothing in it can lead anywhere yet; one lstat, no realpath
         try:
             job_dirs.resolve_inside(self.runs_dir, job_directory)
             job_dirs.resolve_inside(job_directory, job_dirs.checkpoint_dir(job_directory, spec.checkpoint))

@@ -8,22 +8,16 @@ import threading
 import time
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
-from orchestrator.controller import ControllerRuntime, JobController, ReconcilerSettings, WorkQueue
+from orchestrator.controller import ControllerRuntime, JobController, ReconcilerSettings, WorkQueue, waiting_writer
+from orchestrator.controller.waiting_writer import WAITING_FOR_RANKS, WaitingNote, WaitingWriter
 from orchestrator.launcher import AttemptStatus, Phase
 from orchestrator.store import Database, Job, JobState, migrate
+from orchestrator.store.models import utcnow
 
 from tests.integration.test_reconciler import SETTINGS, FakeLauncher, add_job, job
-from tests.support.waiting import DEADLINE
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout:g} s")
+from tests.support.waiting import DEADLINE, wait_until
 
 
 def test_a_key_is_queued_once_and_one_being_worked_is_queued_again_after():
@@ -77,7 +71,7 @@ def test_workers_never_reconcile_one_key_at_once_and_see_the_last_notification()
             time.sleep(0.002)
         last_notify = time.monotonic()
         runtime.notify("x")
-        wait_until(lambda: any(k == "x" and t >= last_notify for k, t in passes), DEADLINE,
+        wait_until(lambda: any(k == "x" and t >= last_notify for k, t in passes),
                    "a pass after the last notify")
     finally:
         runtime.stop()
@@ -113,7 +107,7 @@ def test_a_stop_that_takes_30_s_delays_no_other_jobs_launch(db):
     try:
         add_job(db, "first")
         controller.wake("first")
-        wait_until(lambda: job(db, "first").state == JobState.RUNNING, DEADLINE, "the first job runs")
+        wait_until(lambda: job(db, "first").state == JobState.RUNNING, "the first job runs")
         with db.session() as session:
             session.get(Job, "first").cancel_requested = True  # what CancelJob records
         controller.wake("first")
@@ -126,7 +120,7 @@ def test_a_stop_that_takes_30_s_delays_no_other_jobs_launch(db):
             controller.wake(name)
         # The fact: each is launched while the first job's stop is still blocked in the launcher, which stays
         # blocked until released below, so no worker waits on it.
-        wait_until(lambda: all(n in launcher.launch_times for n in created), DEADLINE, "the other jobs launch")
+        wait_until(lambda: all(n in launcher.launch_times for n in created), "the other jobs launch")
         assert not launcher.release.is_set()
         assert job(db, "first").state == JobState.RUNNING  # cancelled only once its ranks are gone
     finally:
@@ -304,3 +298,26 @@ def test_a_job_whose_spec_no_longer_parses_stops_no_admission(db):
     with db.session() as session:
         session.get(Job, "broken").spec = {"name": "broken", "no_such_section": 1}  # an older version's row
     assert controller._resync_keys() == ["broken", "fine"] and queued(controller) == ["fine"]
+
+
+def test_a_waiting_note_that_failed_to_commit_is_written_once_the_database_answers(db, monkeypatch):
+    """A job waiting for ranks may get no other pass for long: its note is tried again, not dropped, when the
+    database did not answer (a PostgreSQL restarting)."""
+    add_job(db, "waits")
+    refusals = [OperationalError("INSERT ...", {}, Exception("the database system is shutting down"))]
+
+    class RestartingDatabase:  # the first transaction fails, as during a restart
+        def connection(self):
+            if refusals:
+                raise refusals.pop()
+            return db.connection()
+
+    monkeypatch.setattr(waiting_writer, "RETRY_SECONDS", 0.05)
+    writer = WaitingWriter(RestartingDatabase())
+    writer.start()
+    try:
+        writer.note(WaitingNote("waits", JobState.QUEUED.value, None, "waiting for 2 ranks", utcnow()))
+        wait_until(lambda: job(db, "waits").state_reason == WAITING_FOR_RANKS, "the note is written")
+    finally:
+        writer.close()
+    assert not refusals and job(db, "waits").state_message == "waiting for 2 ranks"

@@ -18,7 +18,7 @@ from orchestrator.launcher import AttemptRef, LaunchRequest, Phase
 from orchestrator.launcher.local import LocalLauncher, minimum_environ
 from orchestrator.planner import spec_at_layout
 from contract.spec import parse_spec
-from tests.support.waiting import DEADLINE
+from tests.support.waiting import DEADLINE, wait_until
 
 # Behaves like the trainer where it matters here: SIGTERM -> exit 4 ("preempted"); RH_CHILD_CRASH_RANK exits 17.
 RANK_SCRIPT = """\
@@ -54,16 +54,6 @@ def request(job: str = "j", tp: int = 1, pp: int = 1, dp: int = 2, **sections) -
                        "training": {"global_batch_size": 8, "micro_batch_size": 2}, **sections})
     return LaunchRequest(job=job, job_uid="uid", attempt=1, spec=spec_at_layout(spec, tp, pp, dp), tp=tp, pp=pp,
                          dp=dp, start_step=7, job_token="token", server_address="127.0.0.1:1")
-
-
-def wait_until(predicate, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def stop(launcher: LocalLauncher, ref: AttemptRef, grace_seconds: float) -> None:
