@@ -303,5 +303,8 @@ def run_server(settings: ServerSettings) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    # With a timeout: Python runs a signal's handler only in the main thread, and a main thread blocked on a
+    # lock without one never wakes for a signal the kernel delivered to another of the server's threads.
+    while not done.wait(1.0):
+        pass
     plane.stop()
