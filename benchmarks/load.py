@@ -15,8 +15,9 @@ Reported: calls by status code per method (a refusal the call may get by design,
 that already ended, is counted apart from errors; UNAVAILABLE while the database restarts is counted apart
 too), p50/p99 of each method's successful calls, the health check's p99 (overall and its worst 10 s window,
 and where that window was: negative seconds are while the watches open), the server's garbage collections
-(count, total and longest pause by generation), the server's RSS over time and its growth over the last 80 % of the run, the controller's lag (a new job's
-first pass: from its Created event to the next; a cancel: from the request to CANCELLED), and jobs lost (a
+(count, total and longest pause by generation), the server's RSS over time and its growth over the last 80 %
+of the run, the controller's lag (a new job's first pass: from its Created event to the next; a cancel: from
+the request to CANCELLED), and jobs lost (a
 CreateJob answered OK without its row), created although refused (a CreateJob answered with an error whose
 row exists), or run twice (two attempts of one job running at once, or more ranks running than the
 capacity, as the launcher saw them).
