@@ -52,6 +52,7 @@ from trainers.model import ParameterInfo
 from trainers.mup import parametrization_mismatch
 from trainers.optimizer_state import KINDS, MASTER, Fragment, OptimizerState
 from trainers.parallel import ParallelDims
+from trainers.say import say
 
 # Kept importable from here, where they were before the split.
 __all__ = ["MANIFEST", "CheckpointError", "Checkpointer", "Manifest", "committed_steps", "retained",
@@ -161,7 +162,7 @@ class Checkpointer:
 
     def _print_blocked(self, step: int, seconds: float) -> None:
         if self.rank == 0:  # a fixed form: benchmarks/checkpoint.py reads it
-            print(f"checkpoint step {step} blocked training {seconds:.3f} s", flush=True)
+            say(f"checkpoint step {step} blocked training {seconds:.3f} s")
 
     def _own_data_parallel_group(self, mine: list[int]):
         """A gloo group over the ranks `mine` (those ZeRO partitions this rank's state over). new_group is
@@ -231,9 +232,9 @@ class Checkpointer:
             manifest.write(directory)
             done = time.perf_counter()
             # One line per commit, in a fixed form: benchmarks/checkpoint.py reads it.
-            print(f"checkpoint step {step} committed: {manifest.size_bytes} bytes in {done - started:.3f} s "
+            say(f"checkpoint step {step} committed: {manifest.size_bytes} bytes in {done - started:.3f} s "
                   f"(snapshot+wait {writing - started:.3f} s, write {hashing - writing:.3f} s, checksums "
-                  f"{done - hashing:.3f} s)", flush=True)
+                  f"{done - hashing:.3f} s)")
             self.report("COMMITTED", step, manifest, str(directory), "")
             keep, removed = apply_retention(self.root, step, self.keep_last, self.keep_every)
             for old_step, old_manifest, old_directory in removed:
@@ -267,8 +268,8 @@ class Checkpointer:
                                 f" s (checksums {loading - started:.3f} s, load {time.perf_counter() - loading:.3f} s)")
                 return step
             if self.rank == 0:
-                print(f"roundhouse trainer: checkpoint {directory} rejected: {problem}; trying an older one",
-                      file=sys.stderr, flush=True)
+                say(f"roundhouse trainer: checkpoint {directory} rejected: {problem}; trying an older one",
+                      file=sys.stderr)
                 try:
                     manifest = Manifest.read(directory)
                 except CheckpointError:
@@ -312,8 +313,8 @@ class Checkpointer:
         if same_layout and recorded is not None and self.placement is not None:
             problem = self.placement.restore(recorded)
             if problem is not None:
-                print(f"rank {self.rank}: offload placement of {directory} not reused ({problem}); planning "
-                      "afresh", flush=True)
+                say(f"rank {self.rank}: offload placement of {directory} not reused ({problem}); planning "
+                      "afresh")
         if f"rng.rank{self.rank}" in state:
             torch.set_rng_state(state[f"rng.rank{self.rank}"])
         if f"rng.cuda.rank{self.rank}" in state:

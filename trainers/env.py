@@ -31,6 +31,7 @@ from contract import job_dirs
 from contract.rank_env import RankEnv, RankEnvError
 from contract.reach import DataPathError, resolve_data_path
 from contract.spec import JobSpec, SpecError, is_test_hook, spec_from_json
+from trainers.say import say
 
 __all__ = ["ConfigError", "RankEnv", "TestHooks", "checkpoint_root", "data_path", "load_spec", "read_rank_env"]
 
@@ -64,8 +65,8 @@ class TestHooks:
         if not enabled:
             ignored = sorted(name for name in environ if is_test_hook(name))
             if ignored:
-                print(f"roundhouse trainer: test hooks off (ROUNDHOUSE_TEST_HOOKS is not 1): ignoring "
-                      f"{', '.join(ignored)}", file=sys.stderr, flush=True)
+                say(f"roundhouse trainer: test hooks off (ROUNDHOUSE_TEST_HOOKS is not 1): ignoring "
+                      f"{', '.join(ignored)}", file=sys.stderr)
             return cls()
 
         def optional(name: str) -> int | None:

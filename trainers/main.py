@@ -52,6 +52,7 @@ from trainers.optim import set_lr
 from trainers.pipeline import (OffloadPlacement, build_engine, forward_backward, micro_batches, offloaded_optimizer,
                                optimizer_step, prefetch_optimizer_state)
 from trainers.reporting import ReporterLike, make_reporter, metric_point
+from trainers.say import say
 from trainers.schedule import lr_at
 
 EXIT_OK = 0
@@ -73,7 +74,7 @@ def main() -> int:
         root = checkpoint_root(spec, env)
         env = dataclasses.replace(env, checkpoint_dir=str(root) if root else None)
     except ConfigError as exc:
-        print(f"roundhouse trainer: {exc}", file=sys.stderr, flush=True)
+        say(f"roundhouse trainer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         return train(spec, env, hooks)
@@ -112,11 +113,11 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
         tokens_per_step = t.global_batch_size * spec.model.seq_length
         parameters = count_parameters(engine, dims)  # a collective: every rank takes part
         if rank0:
-            print(f"roundhouse trainer: {env.job or spec.name} attempt {env.attempt}, {env.world_size} rank(s), "
+            say(f"roundhouse trainer: {env.job or spec.name} attempt {env.attempt}, {env.world_size} rank(s), "
                   f"layout tp={p.tp} pp={p.pp} dp={p.dp}, {parameters:,} parameters, corpus "
                   f"{len(data.train) + len(data.val):,} tokens ({spec.data.path or 'built-in'}), "
                   f"{engine.gradient_accumulation_steps()} micro-batch(es) of {t.micro_batch_size} per rank "
-                  f"per step, {f'resuming after step {start}' if start else 'from the start'}", flush=True)
+                  f"per step, {f'resuming after step {start}' if start else 'from the start'}")
         describe_offload(engine, t.offload.mode, rank0)
         reporter.set_step(start)
         sigma_every = spec.model.mup.sigma_every_steps if spec.model.mup is not None else 0
@@ -124,11 +125,11 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
 
         for step in range(start + 1, t.steps + 1):
             if hooks.should_crash(env.rank, step, env.attempt):
-                print(f"rank {env.rank}: RH_FAULT_EXIT_AT_STEP={step}: exiting with code {EXIT_FAULT}", flush=True)
+                say(f"rank {env.rank}: RH_FAULT_EXIT_AT_STEP={step}: exiting with code {EXIT_FAULT}")
                 sys.stderr.flush()
                 os._exit(EXIT_FAULT)
             if hooks.should_hang(env.rank, step, env.attempt):
-                print(f"rank {env.rank}: RH_FAULT_HANG_AT_STEP={step}: no more heartbeats, blocking", flush=True)
+                say(f"rank {env.rank}: RH_FAULT_HANG_AT_STEP={step}: no more heartbeats, blocking")
                 reporter.stop_heartbeats()
                 while True:
                     time.sleep(3600)
@@ -152,14 +153,13 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
             if sigma_every and (step % sigma_every == 0 or step == t.steps):
                 sigma_max = top_singular_values_of_model(engine, spec, dims)  # reads the weights, changes nothing
             if rank0:
-                print(f"step {step}/{t.steps} loss {loss:.9g} lr {lr:.1e} tok/s {tokens_per_second:.0f}",
-                      flush=True)
+                say(f"step {step}/{t.steps} loss {loss:.9g} lr {lr:.1e} tok/s {tokens_per_second:.0f}")
                 if val_loss is not None:
-                    print(f"step {step}/{t.steps} val_loss {val_loss:.6f}", flush=True)
+                    say(f"step {step}/{t.steps} val_loss {val_loss:.6f}")
                 if sigma_max:
                     largest = max(sigma_max, key=sigma_max.get)
-                    print(f"step {step}/{t.steps} sigma_max of {len(sigma_max)} matrices: largest {largest} "
-                          f"{sigma_max[largest]:.4g}", flush=True)
+                    say(f"step {step}/{t.steps} sigma_max of {len(sigma_max)} matrices: largest {largest} "
+                          f"{sigma_max[largest]:.4g}")
                 reporter.add_point(metric_point(step, env.attempt, env.rank, loss=loss, val_loss=val_loss,
                                                 tokens_per_second=tokens_per_second, learning_rate=lr,
                                                 sigma_max=sigma_max))
@@ -169,12 +169,12 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
                 if preempted or (interval and (step % interval == 0 or last)):
                     checkpointer.save(step, blocking=preempted or last or not spec.checkpoint.async_save)
             if preempted:
-                print(f"rank {env.rank}: SIGTERM: stopped after step {step}"
-                      f"{', checkpoint committed' if checkpointer else ' (no checkpoint directory)'}", flush=True)
+                say(f"rank {env.rank}: SIGTERM: stopped after step {step}"
+                      f"{', checkpoint committed' if checkpointer else ' (no checkpoint directory)'}")
                 return EXIT_PREEMPTED
             if stop:
                 reason = reporter.stop_reason or "another rank was told to stop"
-                print(f"rank {env.rank}: stopping after step {step}: {reason}", flush=True)
+                say(f"rank {env.rank}: stopping after step {step}: {reason}")
                 if checkpointer is not None:
                     checkpointer.wait()
                 return EXIT_STOPPED
@@ -183,10 +183,10 @@ def train(spec: JobSpec, env: RankEnv, hooks: TestHooks) -> int:
         if checkpointer is not None:
             checkpointer.wait()
         if rank0:
-            print(f"roundhouse trainer: trained steps {start + 1}-{t.steps} in "
-                  f"{time.perf_counter() - training_started:.3f} s", flush=True)
+            say(f"roundhouse trainer: trained steps {start + 1}-{t.steps} in "
+                  f"{time.perf_counter() - training_started:.3f} s")
             if torch.cuda.is_available():  # benchmarks/mfu.py reads this line
-                print(f"roundhouse trainer: peak GPU memory {torch.cuda.max_memory_allocated()} bytes", flush=True)
+                say(f"roundhouse trainer: peak GPU memory {torch.cuda.max_memory_allocated()} bytes")
         return EXIT_OK
     finally:
         parallel.teardown()
@@ -205,12 +205,12 @@ def make_checkpointer(spec: JobSpec, env: RankEnv, hooks: TestHooks, engine, dim
             event=ts.CheckpointEvent.Value(f"CHECKPOINT_EVENT_{event}"), step=step, layout=layout, path=path,
             size_bytes=manifest.size_bytes if manifest else 0, message=message))
         if event != "COMMITTED":
-            print(f"roundhouse trainer: checkpoint {event.lower()}: step {step} ({path}) {message}", flush=True)
+            say(f"roundhouse trainer: checkpoint {event.lower()}: step {step} ({path}) {message}")
 
     def crash_in_save(step: int) -> None:
         if hooks.should_crash_in_save(env.rank, step, env.attempt):
-            print(f"rank {env.rank}: RH_FAULT_EXIT_IN_SAVE_AT_STEP={step}: exiting with code {EXIT_FAULT} "
-                  "before the manifest", flush=True)
+            say(f"rank {env.rank}: RH_FAULT_EXIT_IN_SAVE_AT_STEP={step}: exiting with code {EXIT_FAULT} "
+                  "before the manifest")
             os._exit(EXIT_FAULT)
 
     config = GPTConfig.from_spec(spec.model)
@@ -234,8 +234,7 @@ def describe_offload(engine, mode: str, rank0: bool) -> None:
         where = (f"{len(placement.on_device)} of {len(optimizer.table)} subgroups on the device "
                  f"({type(optimizer.device).__name__}, {placement.slots} slots), the rest on "
                  f"{optimizer.cpu_threads} CPU thread(s)")
-    print(f"roundhouse trainer: optimizer state offloaded to host memory (mode {mode}): rank 0 updates {where}",
-          flush=True)
+    say(f"roundhouse trainer: optimizer state offloaded to host memory (mode {mode}): rank 0 updates {where}")
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:

@@ -28,6 +28,7 @@ import grpc
 
 from roundhouse.v1 import job_pb2, trainer_service_pb2 as ts, trainer_service_pb2_grpc
 from trainers.env import RankEnv
+from trainers.say import say
 
 HEARTBEAT_INTERVAL = 1.0
 METRICS_INTERVAL = 0.5
@@ -99,7 +100,7 @@ class Reporter:
         self.heartbeat_interval = heartbeat_interval
         self.metrics_interval = metrics_interval
         self.rpc_timeout = rpc_timeout
-        self._log = log or (lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True))
+        self._log = log or (lambda msg: say(f"[rank {rank}] {msg}", file=sys.stderr))
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._channel = _channel(server, server_ca, client_cert, client_key)
         self._stub = trainer_service_pb2_grpc.TrainerServiceStub(self._channel)
