@@ -63,9 +63,9 @@ def run_together(tmp_path: Path, layout: tuple[int, int, int], runs: dict[str, d
 
 
 def losses_by_step(stdout: str, name: str) -> list[float]:
-    """Rank 0's loss at each step, in step order. Once in a full-suite run a run's output held a step line
-    twice (not reproduced alone): a line printed twice with the same loss is the same step; a step with two
-    different losses fails here, with the lines."""
+    """Rank 0's loss at each step, in step order. A step line printed twice with the same loss is the same
+    step (seen once in a full-suite run, when the checkpoint writer's thread and the loop printed at once, before
+    trainers/say.py); a step with two different losses fails here, with the lines."""
     seen: dict[int, float] = {}
     for match in STEP_LINE.finditer(stdout):
         step, loss = int(match.group(1)), float(match.group(3))
