@@ -7,9 +7,9 @@ ranks, start and end throughout. `--clients` client threads (one user and token 
 call drawn at random: CreateJob (one or two ranks), ListJobs, GetJob, StreamLogs and CancelJob of their own
 jobs. `--watches` WatchJob streams stay open on a few jobs that run all run long (one rank each, on top of
 the capacity), spread over the users. A probe in a process of its own (as a kubelet's) calls the gRPC health
-check every 50 ms; the server's RSS is read every 2 s. With `--database postgresql` and `pg_ctl` on the PATH,
-a private PostgreSQL instance is made for the run and restarted once at half time (`--no-restart`: the shared
-server at `--postgres`, not restarted).
+check every 50 ms while the load lasts (it stops before the clients do); the server's RSS is read every 2 s.
+With `--database postgresql` and `pg_ctl` on the PATH, a private PostgreSQL instance is made for the run and
+restarted once at half time (`--no-restart`: the shared server at `--postgres`, not restarted).
 
 Reported: calls by status code per method (a refusal the call may get by design, such as CancelJob of a job
 that already ended, is counted apart from errors; UNAVAILABLE while the database restarts is counted apart
@@ -488,11 +488,13 @@ def load(args, home: Path, db_url: str, address: str, server_pid: int, postgres:
         postgres.restart()
         restart_window = (restart_began, time.monotonic())
     stop.wait(max(0.0, began + args.seconds - time.monotonic()))
-    stop.set()
+    # The probe stops first, under the full load: what follows, every client and stream ending at once, is the
+    # load generator's teardown, not the load the probe measures.
     probe_stop.set()
-    ended = time.monotonic()
     health = probe_samples.get(timeout=60)
     probe.join(timeout=60)
+    ended = time.monotonic()
+    stop.set()
     for thread in clients + threads:
         thread.join(timeout=60)
     time.sleep(max(5.0, 3 * args.run_seconds))  # let the controller finish what the last calls asked

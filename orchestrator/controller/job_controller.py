@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, exists, func, or_, select
+from sqlalchemy import and_, bindparam, exists, func, or_, select, tuple_
 
 from contract.spec import JobSpec, parse_spec
 from orchestrator.auth import job_token
@@ -68,15 +68,25 @@ _RANKS_HELD = select(func.coalesce(func.sum(_ATTEMPTS.c.world_size), 0)).where(_
 # The jobs an admission may start, oldest first: queued ones (they hold no ranks), and restarting ones whose
 # backoff is over and whose last attempt has ended (its ranks are gone). Not by their "waiting" note: that is
 # group-committed a moment after the pass that made it, and a job whose note is not in yet still waits.
-_ADMISSIBLE = select(_JOBS.c.name, _JOBS.c.uid, _JOBS.c.state_reason).where(
+# Read a page at a time, after the last row of the page before (keyset), so a pass reads only as far down the
+# line as the free ranks go, and holds one page in memory however many jobs wait.
+_ADMISSIBLE = select(_JOBS.c.name, _JOBS.c.uid, _JOBS.c.state_reason, _JOBS.c.create_time).where(
     _JOBS.c.cancel_requested.is_(False),
     or_(_JOBS.c.state == JobState.QUEUED.value,
         and_(_JOBS.c.state == JobState.RESTARTING.value,
              or_(_JOBS.c.next_attempt_time.is_(None), _JOBS.c.next_attempt_time <= bindparam("now")),
              ~exists().where(_ATTEMPTS.c.job_name == _JOBS.c.name, _UNFINISHED_ATTEMPT)))) \
     .order_by(_JOBS.c.create_time, _JOBS.c.name)
+ADMISSION_PAGE = 200  # admissible jobs read at a time
+_ADMISSIBLE_FIRST = _ADMISSIBLE.limit(bindparam("page"))
+_ADMISSIBLE_AFTER = _ADMISSIBLE.where(
+    tuple_(_JOBS.c.create_time, _JOBS.c.name) > tuple_(bindparam("after_time", type_=_JOBS.c.create_time.type),
+                                                          bindparam("after_name", type_=_JOBS.c.name.type))) \
+    .limit(bindparam("page"))
 _SPECS = select(_JOBS.c.uid, _JOBS.c.spec).where(_JOBS.c.uid.in_(bindparam("uids", expanding=True)))
-SPECS_PER_READ = 500  # uids in one IN (...) when reading the specs of jobs not seen yet
+# The fewest ranks of jobs admission passes have looked at, by uid: enough for every job a pass reads when
+# none fits the free ranks, so those passes read no spec twice (a float each, where a parsed spec is kilobytes).
+FEWEST_CACHED = 16_384
 
 
 @dataclass(frozen=True)
@@ -161,10 +171,10 @@ class JobController:
         # changes that sum, always under the admission lock: a new attempt adds to it; an attempt that ended
         # (after its commit) voids it. So it can be too high for a moment, never too low.
         self._held: int | None = None
-        # Admission's memory, under the admission lock, rebuilt from the database by every admission pass (see
-        # `_wake_admissible`): the fewest ranks each admissible job can start with (by uid), and the jobs an
-        # admission pass woke whose own pass has not planned them yet.
-        self._fewest: dict[str, float] = {}
+        # Admission's memory, under the admission lock (see `_wake_admissible`): the fewest ranks a job can start
+        # with, by uid (a bounded cache: a spec never changes), and the jobs an admission pass woke whose own
+        # pass has not come yet (that pass takes the name out, whatever it finds).
+        self._fewest: OrderedDict[str, float] = OrderedDict()
         self._woken: set[str] = set()
         self._specs: OrderedDict[str, JobSpec] = OrderedDict()
         self._specs_lock = threading.Lock()
@@ -217,6 +227,7 @@ class JobController:
 
     def reconcile(self, name: str) -> Requeue:
         """One pass over one job; returns when to look again (see runtime.Requeue)."""
+        woken = self._take_wake(name)
         job = self._read(name)
         if job is None:
             return None
@@ -227,12 +238,12 @@ class JobController:
         if state.terminal:
             return None
         if job.cancel_requested:
-            return self._cancel(job, attempt)
+            return self._cancel(job, attempt, woken)
         if state is JobState.QUEUED:
-            return self._admit(job)
+            return self._admit(job, woken)
         if state is JobState.RESTARTING:
             until_due = (job.next_attempt_time - utcnow()).total_seconds() if job.next_attempt_time else 0
-            return until_due if until_due > 0 else self._admit(job)
+            return until_due if until_due > 0 else self._admit(job, woken)
         if not attempt.launch_info:
             return self._launch(job, attempt)
         return self._observe(job, attempt)
@@ -249,15 +260,22 @@ class JobController:
 
     # -- starting an attempt -----------------------------------------------------------------------------
 
-    def _admit(self, job: JobView) -> Requeue:
+    def _take_wake(self, name: str) -> bool:
+        """Whether an admission pass woke job `name` since its last pass; forgets it, so every name woken leaves
+        with the pass its wake queued, whatever that pass finds."""
+        with self._admission:
+            if name not in self._woken:
+                return False
+            self._woken.discard(name)
+            return True
+
+    def _admit(self, job: JobView, woken: bool) -> Requeue:
         """Plans and records a new attempt (the launch follows in the next pass, so a crash in between is
-        safe). With too few ranks for any valid layout, records why the job waits."""
+        safe). With too few ranks for any valid layout, records why the job waits. `woken`: an admission pass
+        woke this job for ranks it found free; if they are gone by now (a new job came first), that pass is made
+        again below, so the ranks left go to the next job that fits them."""
         spec = self._spec(job)
         with self._admission:
-            # An admission pass woke this job for ranks it found free: if they are gone by now (a new job came
-            # first), that pass is made again below, so the ranks left go to the next job that fits them.
-            woken = job.name in self._woken
-            self._woken.discard(job.name)
             available = self.launcher.capacity()  # outside any transaction: a launcher may ask a cluster
             if available is not None:
                 # A job being admitted holds no ranks itself (its previous attempt, if any, has ended).
@@ -331,36 +349,52 @@ class JobController:
         job per ended attempt, and with hundreds waiting that delayed every other job by tens of seconds. The
         jobs' own passes admit them (under the admission lock, against the capacity as it is then), so this
         only chooses whom to wake; it is level-triggered (it reads the database each time; running it twice
-        wakes the same jobs) and what it remembers is rebuilt every time."""
-        with self.db.read_connection() as conn:
-            admissible = conn.execute(_ADMISSIBLE, {"now": utcnow()}).all()
-            unseen = [row.uid for row in admissible if row.uid not in self._fewest]
-            specs = {}
-            for start in range(0, len(unseen), SPECS_PER_READ):
-                specs.update(conn.execute(_SPECS, {"uids": unseen[start:start + SPECS_PER_READ]}).all())
-        fewest = {uid: self._fewest_ranks(uid, spec) for uid, spec in specs.items()}
+        wakes the same jobs). It reads the jobs a page at a time and stops once no ranks are left: with
+        thousands waiting, reading them all on every ended attempt made the server's memory grow with the
+        queue (docs/benchmarks.md)."""
         wake: list[str] = []
-        with self._admission:
-            # (A job another admission pass forgot meanwhile has its spec read here, once.)
-            self._fewest = {row.uid: fewest.get(row.uid) or self._fewest.get(row.uid)
-                            or self._fewest_ranks(row.uid, None) for row in admissible}
-            available = self.launcher.capacity()
-            if available is None:  # no limit: nothing waits for ranks, but a note from before may linger
-                wake = [row.name for row in admissible if row.state_reason == WAITING_FOR_RANKS]
-            else:
-                available -= self._ranks_held()
-                for row in admissible:
-                    if available <= 0:
-                        break
-                    if self._fewest[row.uid] > available:
-                        continue
-                    plan = plan_layout(self._parsed(row.uid, specs.get(row.uid)), available)
-                    available -= plan.world_size
-                    wake.append(row.name)
-            self._woken.update(wake)
-            self._woken.intersection_update(row.name for row in admissible)
-        self.runtime.queue.add_all(wake)
-        return wake
+        available: int | None = None
+        after: dict | None = None  # the last row of the page before
+        while True:
+            with self.db.read_connection() as conn:
+                params = {"now": utcnow(), "page": ADMISSION_PAGE}
+                if after is None:
+                    page = conn.execute(_ADMISSIBLE_FIRST, params).all()
+                else:
+                    page = conn.execute(_ADMISSIBLE_AFTER, {**params, **after}).all()
+                unseen = [row.uid for row in page if row.uid not in self._fewest]
+                specs = dict(conn.execute(_SPECS, {"uids": unseen}).all()) if unseen else {}
+            fewest = {uid: self._fewest_ranks(uid, spec) for uid, spec in specs.items()}
+            woken: list[str] = []
+            with self._admission:
+                for row in page:  # (a job dropped from the cache since `unseen` has its spec read here, once)
+                    if row.uid not in fewest:
+                        fewest[row.uid] = self._fewest.get(row.uid) or self._fewest_ranks(row.uid, None)
+                    self._fewest[row.uid] = fewest[row.uid]
+                    self._fewest.move_to_end(row.uid)
+                while len(self._fewest) > FEWEST_CACHED:
+                    self._fewest.popitem(last=False)
+                if after is None:  # the free ranks, once a pass: its later pages go on from what it counted
+                    available = self.launcher.capacity()
+                    if available is not None:
+                        available -= self._ranks_held()
+                if available is None:  # no limit: nothing waits for ranks, but a note from before may linger
+                    woken = [row.name for row in page if row.state_reason == WAITING_FOR_RANKS]
+                else:
+                    for row in page:
+                        if available <= 0:
+                            break
+                        if fewest[row.uid] > available:
+                            continue
+                        plan = plan_layout(self._parsed(row.uid, specs.get(row.uid)), available)
+                        available -= plan.world_size
+                        woken.append(row.name)
+                self._woken.update(woken)
+            self.runtime.queue.add_all(woken)
+            wake += woken
+            if len(page) < ADMISSION_PAGE or (available is not None and available <= 0):
+                return wake
+            after = {"after_time": page[-1].create_time, "after_name": page[-1].name}
 
     def _fewest_ranks(self, uid: str, spec: dict | None) -> float:
         """The fewest ranks job `uid` can start with; infinite for a spec that no longer parses (one bad row
@@ -454,16 +488,13 @@ class JobController:
 
     # -- stopping an attempt -----------------------------------------------------------------------------
 
-    def _cancel(self, job: JobView, attempt: AttemptView | None) -> Requeue:
+    def _cancel(self, job: JobView, attempt: AttemptView | None, woken: bool) -> Requeue:
         if attempt is None or AttemptState(attempt.state).terminal:
             with self.db.session() as session:
                 current = session.get(Job, job.name)
                 if not JobState(current.state).terminal:
                     transition(session, current, JobState.CANCELLED, "CancelRequested", "cancelled by user",
                                attempt=attempt.number if attempt else None)
-            with self._admission:
-                woken = job.name in self._woken
-                self._woken.discard(job.name)
             if woken:  # an admission pass counted ranks for it: they go to the next job that fits them
                 self._wake_admissible_or_resync()
             return None

@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
-from orchestrator.controller import ControllerRuntime, JobController, ReconcilerSettings, WorkQueue, waiting_writer
+from orchestrator.controller import (ControllerRuntime, JobController, ReconcilerSettings, WorkQueue, job_controller,
+                                     waiting_writer)
 from orchestrator.controller.waiting_writer import WAITING_FOR_RANKS, WaitingNote, WaitingWriter
 from orchestrator.launcher import AttemptStatus, Phase
 from orchestrator.store import Database, Job, JobState, migrate
@@ -251,6 +253,84 @@ def test_a_woken_job_whose_ranks_were_taken_meanwhile_passes_them_on(db):
     drain(controller, ["small"])
     assert job(db, "small").state == JobState.RUNNING and job(db, "small").current_attempt.world_size == 4
     assert ranks_in_use(db) == 8
+
+
+def add_too_big_job(db: Database, name: str) -> None:
+    """A job that needs 16 ranks at least: more than the 8 these launchers have."""
+    add_job(db, name, parallelism={"tp": 2, "pp": 2, "dp": 4}, resources={"min_ranks": 16},
+            training={"global_batch_size": 16, "micro_batch_size": 2})
+
+
+def uid_of(db: Database, name: str) -> str:
+    return job(db, name).uid
+
+
+def test_an_admission_pass_reads_a_page_at_a_time_and_stops_once_no_ranks_are_left(db, monkeypatch):
+    """With thousands waiting, every ended attempt's admission pass read them all: the server's memory grew
+    with the queue. Now it reads a page at a time, down the line only as far as the free ranks go."""
+    monkeypatch.setattr(job_controller, "ADMISSION_PAGE", 2)
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "running")
+    start_running(controller, "running")
+    too_big = [f"big{i}" for i in range(5)]
+    small = [f"s{i}" for i in range(6)]  # each takes 8 ranks when it can, and starts with 2
+    for name in too_big:
+        add_too_big_job(db, name)
+    for name in small:
+        add_job(db, name)
+    drain(controller, too_big + small)
+    assert all(waiting(db, name) for name in too_big + small)
+    assert len(controller._fewest) == 0  # no admission pass yet
+    with db.session() as session:  # created at one instant (one group commit): in the line by name
+        session.execute(update(Job).where(Job.name != "running").values(create_time=utcnow()))
+
+    launcher.succeeded.add("running")
+    controller.reconcile("running")
+    # Three pages of two: five jobs passed over, and s0, which takes the 8 ranks freed; none read after it.
+    assert queued(controller) == ["s0"]
+    assert set(controller._fewest) == {uid_of(db, name) for name in too_big + ["s0"]}
+    drain(controller, ["s0"])
+    assert job(db, "s0").state == JobState.RUNNING and ranks_in_use(db) == 8
+    assert controller._woken == set()
+
+
+def test_the_fewest_ranks_admission_remembers_are_bounded(db, monkeypatch):
+    monkeypatch.setattr(job_controller, "ADMISSION_PAGE", 2)
+    monkeypatch.setattr(job_controller, "FEWEST_CACHED", 3)
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    too_big = [f"big{i}" for i in range(7)]
+    for name in too_big:
+        add_too_big_job(db, name)
+    add_job(db, "small")
+    drain(controller, too_big + ["small"])  # small starts at once: 8 ranks
+    assert job(db, "small").state == JobState.RUNNING
+
+    launcher.succeeded.add("small")
+    controller.reconcile("small")  # 8 ranks freed, and no waiting job can use them
+    assert queued(controller) == []
+    assert list(controller._fewest) == [uid_of(db, name) for name in too_big[-3:]]  # the last ones read
+    add_job(db, "another")
+    assert controller._wake_admissible() == ["another"]  # the pass goes on as before, reading specs again
+
+
+def test_a_woken_job_is_forgotten_by_its_own_pass_whatever_it_finds(db):
+    """An admission pass reads the jobs before it takes the admission lock: a job admitted or ended in between
+    is woken all the same. Its pass (the wake queued one) forgets it, whatever state it is in."""
+    launcher = PerJobLauncher(max_ranks=8)
+    controller = JobController(db, launcher, b"k" * 32, "127.0.0.1:1", SETTINGS)
+    add_job(db, "a")
+    start_running(controller, "a")
+    add_job(db, "b")
+    drain(controller, ["b"])
+    launcher.succeeded.add("a")
+    controller.reconcile("a")
+    assert queued(controller) == ["b"] and controller._woken == {"b"}
+    with db.session() as session:  # ended meanwhile, by whatever means
+        session.get(Job, "b").state = JobState.FAILED
+    assert controller.reconcile("b") is None
+    assert controller._woken == set()
 
 
 def test_a_wake_that_fails_after_an_attempt_ended_asks_for_a_resync(db, monkeypatch):
