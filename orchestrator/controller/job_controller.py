@@ -262,11 +262,15 @@ class JobController:
 
     def _take_wake(self, name: str) -> bool:
         """Whether an admission pass woke job `name` since its last pass; forgets it, so every name woken leaves
-        with the pass its wake queued, whatever that pass finds."""
+        with the pass its wake queued, whatever that pass finds. Every pass asks, so the usual answer (no) is read
+        without the admission lock, which an admission pass may hold a while: a wake added just after is
+        followed by the pass it queues, which takes it."""
+        if name not in self._woken:
+            return False
         with self._admission:
             if name not in self._woken:
                 return False
-            self._woken.discard(name)
+            self._woken.remove(name)
             return True
 
     def _admit(self, job: JobView, woken: bool) -> Requeue:

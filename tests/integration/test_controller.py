@@ -261,10 +261,6 @@ def add_too_big_job(db: Database, name: str) -> None:
             training={"global_batch_size": 16, "micro_batch_size": 2})
 
 
-def uid_of(db: Database, name: str) -> str:
-    return job(db, name).uid
-
-
 def test_an_admission_pass_reads_a_page_at_a_time_and_stops_once_no_ranks_are_left(db, monkeypatch):
     """With thousands waiting, every ended attempt's admission pass read them all: the server's memory grew
     with the queue. Now it reads a page at a time, down the line only as far as the free ranks go."""
@@ -289,7 +285,7 @@ def test_an_admission_pass_reads_a_page_at_a_time_and_stops_once_no_ranks_are_le
     controller.reconcile("running")
     # Three pages of two: five jobs passed over, and s0, which takes the 8 ranks freed; none read after it.
     assert queued(controller) == ["s0"]
-    assert set(controller._fewest) == {uid_of(db, name) for name in too_big + ["s0"]}
+    assert set(controller._fewest) == {job(db, name).uid for name in too_big + ["s0"]}
     drain(controller, ["s0"])
     assert job(db, "s0").state == JobState.RUNNING and ranks_in_use(db) == 8
     assert controller._woken == set()
@@ -310,7 +306,7 @@ def test_the_fewest_ranks_admission_remembers_are_bounded(db, monkeypatch):
     launcher.succeeded.add("small")
     controller.reconcile("small")  # 8 ranks freed, and no waiting job can use them
     assert queued(controller) == []
-    assert list(controller._fewest) == [uid_of(db, name) for name in too_big[-3:]]  # the last ones read
+    assert list(controller._fewest) == [job(db, name).uid for name in too_big[-3:]]  # the last ones read
     add_job(db, "another")
     assert controller._wake_admissible() == ["another"]  # the pass goes on as before, reading specs again
 
