@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import Future
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
+from contract.spec import parse_spec
 from orchestrator.lifecycle import IllegalTransition, transition
+from orchestrator.service.jobs import new_job
+from orchestrator.store.job_writer import JobWriter, NameTaken
 from orchestrator.store import Database, Event, Job, JobLabel, JobState, migrate
 from orchestrator.store.models import Base
 
@@ -161,3 +165,22 @@ def test_migration_0003_makes_existing_jobs_plain_jobs_without_a_parent_and_no_a
         assert "stop_deadline" not in {c["name"] for c in inspect(database.engine).get_columns("attempts")}
     finally:
         database.dispose()
+
+
+def test_group_commit_writes_a_batch_and_refuses_names_taken_before_or_within_it(db):
+    """The job writer's one transaction for many creations (orchestrator/store/job_writer.py): every new name
+    written with its labels and event; a name already stored, or met earlier in the same batch, refused."""
+    db.create_job(new_job(parse_spec({"name": "old"}), "alice"))
+    names = ["a", "b", "old", "a", "c"]
+    batch = [(new_job(parse_spec({"name": n, "labels": {"n": n}}), "alice"), Future()) for n in names]
+    writer = JobWriter(db)
+    try:
+        writer._commit(batch)  # the step the writer's thread takes, on one batch as it would gather it
+    finally:
+        writer.close()
+    outcomes = [type(f.exception()).__name__ if f.exception() else "written" for _, f in batch]
+    assert outcomes == ["written", "written", NameTaken.__name__, NameTaken.__name__, "written"]
+    with db.read() as session:
+        assert sorted(session.scalars(select(Job.name))) == ["a", "b", "c", "old"]
+        assert sorted(session.scalars(select(JobLabel.value))) == ["a", "b", "c"]
+        assert sorted(session.scalars(select(Event.job_name))) == ["a", "b", "c", "old"]
