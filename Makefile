@@ -36,6 +36,7 @@ test-stress: install
 bench: install
 	$(PY) -m benchmarks.create_job
 	$(PY) -m benchmarks.create_job_costs
+	$(PY) -m benchmarks.create_job_ceiling
 	$(PY) -m benchmarks.time_to_first_step
 
 # The issue-16 load runs: 64 clients for 5 minutes, on SQLite, then on a private PostgreSQL restarted mid-run.

@@ -41,7 +41,8 @@ ECHO_METHOD = "/bench.Echo/Echo"
 def echo_server_main(port: int, stack: str) -> None:
     """A bare unary echo, no work. `sync`: gRPC's threaded server with 64 threads (the control plane before
     issue 16, and the issue's baseline). `aio`: the control plane's stack since (grpc.aio, a blocking handler
-    on a pool of orchestrator.server.UNARY_THREADS threads)."""
+    on a pool of orchestrator.server.UNARY_THREADS threads). `coroutine`: grpc.aio with the handler a
+    coroutine on the loop, no pool (the cheapest call that stack answers; benchmarks/create_job_ceiling.py)."""
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
     if stack == "sync":
@@ -52,9 +53,17 @@ def echo_server_main(port: int, stack: str) -> None:
         server.wait_for_termination()
         return
 
+    async def echo(request, context):
+        return request
+
     async def serve() -> None:
-        server = grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS))
-        server.add_generic_rpc_handlers((handler,))
+        if stack == "coroutine":
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        else:
+            server = grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS))
+            server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -67,8 +76,9 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_load(call, clients: int, seconds: float, server_pid: int) -> dict:
-    """`clients` threads call back-to-back for `seconds` (after a short warm-up); returns the figures."""
+def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict:
+    """`clients` threads call back-to-back for `seconds` (after a short warm-up); returns the figures: the
+    servers' CPU per request summed over `server_pids`, and this process's (the clients')."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     warmed_up = threading.Barrier(clients + 1)
     go = threading.Event()
@@ -90,14 +100,16 @@ def run_load(call, clients: int, seconds: float, server_pid: int) -> dict:
     for t in threads:
         t.start()
     warmed_up.wait()
-    server_cpu = process_cpu_seconds(server_pid)
+    server_cpu = sum(process_cpu_seconds(pid) for pid in server_pids)
+    client_cpu = time.process_time()
     began = time.perf_counter()
     stop_at[0] = began + seconds
     go.set()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
-    server_cpu = process_cpu_seconds(server_pid) - server_cpu
+    server_cpu = sum(process_cpu_seconds(pid) for pid in server_pids) - server_cpu
+    client_cpu = time.process_time() - client_cpu
     flat = sorted(x for per in latencies for x in per)
     return {
         "requests": len(flat),
@@ -106,6 +118,7 @@ def run_load(call, clients: int, seconds: float, server_pid: int) -> dict:
         "p99_ms": 1000 * flat[min(len(flat) - 1, int(len(flat) * 0.99))],
         "mean_ms": 1000 * statistics.fmean(flat),
         "server_cpu_ms": 1000 * server_cpu / len(flat),
+        "client_cpu_ms": 1000 * client_cpu / len(flat),
     }
 
 
@@ -117,7 +130,7 @@ def bench_echo(clients: int, seconds: float, payload: bytes, stack: str) -> dict
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
         echo = channel.unary_unary(ECHO_METHOD)
-        return run_load(lambda i, n: echo(payload, timeout=30), clients, seconds, proc.pid)
+        return run_load(lambda i, n: echo(payload, timeout=30), clients, seconds, [proc.pid])
     finally:
         proc.kill()
         proc.wait()
@@ -140,7 +153,7 @@ def bench_create_job(db_url: str | None, clients: int, seconds: float) -> dict:
                 spec.name = f"b{run_id}-{i}-{n + 100}"
                 stub.CreateJob(js.CreateJobRequest(spec=spec), metadata=metadata, timeout=30)
 
-            return run_load(create, clients, seconds, proc.pid)
+            return run_load(create, clients, seconds, [proc.pid])
         finally:
             proc.terminate()
             proc.wait()

@@ -23,20 +23,17 @@ Python runs on one core at a time (the GIL) and which has no clients, 1 / its CP
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import grpc
 
-from benchmarks.create_job import ECHO_METHOD, bench_echo, postgres_schema_url, process_cpu_seconds
+from benchmarks.create_job import ECHO_METHOD, bench_echo, postgres_schema_url, run_load
 from benchmarks.create_job_costs import group_commit_per_job, handler_pieces
 from contract.spec import parse_spec, spec_to_proto
 from orchestrator.api.job_service import JobService
@@ -53,58 +50,12 @@ CLIENTS = 16
 REPO = Path(__file__).resolve().parents[1]
 
 
-def coroutine_echo_main(port: int) -> None:
-    """grpc.aio with the handler a coroutine on the loop: no pool thread, no hand-off."""
-    async def echo(request, context):
-        return request
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
-
-
 def load(calls: list, seconds: float, server_pids: list[int], clients: int = CLIENTS) -> dict:
-    """`clients` threads, thread i calling `calls[i % len(calls)](i, n)` back to back for `seconds` after a
-    warm-up; calls per second and the CPU per call of the servers (summed) and of this process (the clients)."""
-    counts = [0] * clients
-    warmed_up = threading.Barrier(clients + 1)
-    go = threading.Event()
-    stop_at = [0.0]
-
-    def worker(i: int) -> None:
-        call = calls[i % len(calls)]
-        for j in range(20):
-            call(i, -j - 1)
-        warmed_up.wait()
-        go.wait()
-        n = 0
-        while time.perf_counter() < stop_at[0]:
-            call(i, n)
-            n += 1
-        counts[i] = n
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    warmed_up.wait()
-    server_cpu = sum(process_cpu_seconds(pid) for pid in server_pids)
-    client_cpu = time.process_time()
-    began = time.perf_counter()
-    stop_at[0] = began + seconds
-    go.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    calls_made = sum(counts)
-    return {"throughput": calls_made / elapsed,
-            "server_ms": 1000 * (sum(process_cpu_seconds(pid) for pid in server_pids) - server_cpu) / calls_made,
-            "client_ms": 1000 * (time.process_time() - client_cpu) / calls_made}
+    """benchmarks.create_job's load, thread i calling `calls[i % len(calls)]`: calls per second, and the CPU
+    per call of the servers (summed) and of this process (the clients)."""
+    result = run_load(lambda i, n: calls[i % len(calls)](i, n), clients, seconds, server_pids)
+    return {"throughput": result["throughput"], "server_ms": result["server_cpu_ms"],
+            "client_ms": result["client_cpu_ms"]}
 
 
 def channels(port: int, count: int) -> list[grpc.Channel]:
@@ -118,8 +69,8 @@ def channels(port: int, count: int) -> list[grpc.Channel]:
 
 def bench_echo_per_client(payload: bytes, seconds: float, server: str) -> dict:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.create_job_ceiling", "--echo-server", str(port),
-                             server], cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.create_job", "--echo-server", str(port), server],
+                            cwd=REPO)
     try:
         stubs = [channel.unary_unary(ECHO_METHOD) for channel in channels(port, CLIENTS)]
         return load([lambda i, n, stub=stub: stub(payload, timeout=30) for stub in stubs], seconds, [proc.pid])
@@ -210,22 +161,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--postgres", default="postgresql+psycopg://root@127.0.0.1:5432/test",
                         help="PostgreSQL URL ('' to skip the rows with several processes)")
-    parser.add_argument("--echo-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.echo_server:
-        port, server = int(args.echo_server[0]), args.echo_server[1]
-        if server == "coroutine":
-            coroutine_echo_main(port)
-        else:
-            from benchmarks.create_job import echo_server_main
-            echo_server_main(port, server)
-        return
 
     payload = js.CreateJobRequest(spec=spec_to_proto(parse_spec({"name": "b-0-0"}))).SerializeToString()
     rows: dict[str, dict] = {}
     shared = bench_echo(CLIENTS, args.seconds, payload, "sync")  # benchmarks/create_job.py's baseline
     rows["threaded echo, one channel (the baseline)"] = {
-        "throughput": shared["throughput"], "server_ms": shared["server_cpu_ms"], "client_ms": None}
+        "throughput": shared["throughput"], "server_ms": shared["server_cpu_ms"], "client_ms": shared["client_cpu_ms"]}
     rows["threaded echo, a channel per client"] = bench_echo_per_client(payload, args.seconds, "sync")
     rows["grpc.aio echo, handler a coroutine, a channel per client"] = bench_echo_per_client(
         payload, args.seconds, "coroutine")
@@ -253,17 +195,10 @@ def main() -> None:
           "calls/s its CPU allows | that vs threaded echo |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        if r["client_ms"] is None:
-            bound = ""
-            client = ""
-        else:
-            limit = r.get("cores", cores) / ((r["server_ms"] + r["client_ms"]) / 1000)
-            bound = f"{limit:.0f} | {limit / baseline:.2f}x"
-            client = f"{r['client_ms']:.3f}"
-        measured = "| " if r["throughput"] is None else f"{r['throughput']:.0f} | {r['throughput'] / baseline:.2f}x"
-        print(f"| {name} | {measured} | {r['server_ms']:.3f} | "
-              f"{client} | {bound or ' | '} |")
-
+        limit = r.get("cores", cores) / ((r["server_ms"] + r["client_ms"]) / 1000)
+        measured = " | " if r["throughput"] is None else f"{r['throughput']:.0f} | {r['throughput'] / baseline:.2f}x"
+        print(f"| {name} | {measured} | {r['server_ms']:.3f} | {r['client_ms']:.3f} | {limit:.0f} | "
+              f"{limit / baseline:.2f}x |")
 
 if __name__ == "__main__":
     main()
