@@ -18,8 +18,8 @@ from tests.support.waiting import DEADLINE
 
 pytestmark = pytest.mark.slow
 
-# Each axis alone, then two together. All three together: the golden losses' 2x2x2 (bit for bit the recorded
-# values, which are those of 1x1x1 to 1e-6), so no eight-rank run here. The variant's layers differ from the
+# Each axis alone, then two together. All three together: the golden losses' 2x2x2 (the recorded values to
+# one float32 unit, which are those of 1x1x1 to 1e-6), so no eight-rank run here. The variant's layers differ from the
 # default ones under tensor and pipeline parallelism; data parallelism only splits the batch.
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
 PARITY_STEPS = 4
