@@ -43,8 +43,11 @@ def echo_server_main(port: int, stack: str) -> None:
     issue 16, and the issue's baseline). `aio`: the control plane's stack since (grpc.aio, a blocking handler
     on a pool of orchestrator.server.UNARY_THREADS threads). `coroutine`: grpc.aio with the handler a
     coroutine on the loop, no pool (the cheapest call that stack answers; benchmarks/create_job_ceiling.py)."""
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
+    async def echo_coroutine(request, context):
+        return request
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(
+        echo_coroutine if stack == "coroutine" else lambda request, context: request)})
     if stack == "sync":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
         server.add_generic_rpc_handlers((handler,))
@@ -53,17 +56,10 @@ def echo_server_main(port: int, stack: str) -> None:
         server.wait_for_termination()
         return
 
-    async def echo(request, context):
-        return request
-
     async def serve() -> None:
-        if stack == "coroutine":
-            server = grpc.aio.server()
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
-        else:
-            server = grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS))
-            server.add_generic_rpc_handlers((handler,))
+        server = grpc.aio.server() if stack == "coroutine" else grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=UNARY_THREADS))
+        server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()

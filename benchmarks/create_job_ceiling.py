@@ -50,14 +50,6 @@ CLIENTS = 16
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load(calls: list, seconds: float, server_pids: list[int], clients: int = CLIENTS) -> dict:
-    """benchmarks.create_job's load, thread i calling `calls[i % len(calls)]`: calls per second, and the CPU
-    per call of the servers (summed) and of this process (the clients)."""
-    result = run_load(lambda i, n: calls[i % len(calls)](i, n), clients, seconds, server_pids)
-    return {"throughput": result["throughput"], "server_ms": result["server_cpu_ms"],
-            "client_ms": result["client_cpu_ms"]}
-
-
 def channels(port: int, count: int) -> list[grpc.Channel]:
     # A subchannel pool per channel: otherwise gRPC shares one connection among channels to one address.
     made = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -73,7 +65,7 @@ def bench_echo_per_client(payload: bytes, seconds: float, server: str) -> dict:
                             cwd=REPO)
     try:
         stubs = [channel.unary_unary(ECHO_METHOD) for channel in channels(port, CLIENTS)]
-        return load([lambda i, n, stub=stub: stub(payload, timeout=30) for stub in stubs], seconds, [proc.pid])
+        return run_load(lambda i, n: stubs[i](payload, timeout=30), CLIENTS, seconds, [proc.pid])
     finally:
         proc.kill()
         proc.wait()
@@ -106,10 +98,11 @@ def bench_handler_in_process(seconds: float) -> dict:
             service.CreateJob(request, Context())
 
         try:  # UNARY_THREADS callers, as the server's pool would run them
-            result = load([create], seconds, [], clients=UNARY_THREADS)
+            result = run_load(create, UNARY_THREADS, seconds, [])
         finally:
             db.dispose()
-        result["server_ms"], result["client_ms"] = result["client_ms"], 0.0  # this process is the server
+        # This process is the server: what run_load counts as its clients' CPU is the handler's and the writer's.
+        result["server_cpu_ms"], result["client_cpu_ms"] = result["client_cpu_ms"], 0.0
         result["cores"] = 1  # one process: its Python runs on one core at a time (the GIL)
         return result
 
@@ -141,14 +134,12 @@ def bench_create_job_processes(db_url: str, processes: int, seconds: float) -> d
             base = spec_to_proto(parse_spec({"name": "bench", "labels": {"bench": "ceiling"}}))
             run = uuid.uuid4().hex[:6]
 
-            def create(stub):
-                def call(i: int, n: int) -> None:
-                    request = js.CreateJobRequest(spec=base)
-                    request.spec.name = f"p{run}-{i}-{n + 100}"
-                    stub.CreateJob(request, metadata=metadata, timeout=30)
-                return call
+            def create(i: int, n: int) -> None:
+                request = js.CreateJobRequest(spec=base)
+                request.spec.name = f"p{run}-{i}-{n + 100}"
+                stubs[i].CreateJob(request, metadata=metadata, timeout=30)
 
-            return load([create(stub) for stub in stubs], seconds, [p.pid for p in procs])
+            return run_load(create, CLIENTS, seconds, [p.pid for p in procs])
         finally:
             for proc in procs:
                 proc.terminate()
@@ -166,8 +157,7 @@ def main() -> None:
     payload = js.CreateJobRequest(spec=spec_to_proto(parse_spec({"name": "b-0-0"}))).SerializeToString()
     rows: dict[str, dict] = {}
     shared = bench_echo(CLIENTS, args.seconds, payload, "sync")  # benchmarks/create_job.py's baseline
-    rows["threaded echo, one channel (the baseline)"] = {
-        "throughput": shared["throughput"], "server_ms": shared["server_cpu_ms"], "client_ms": shared["client_cpu_ms"]}
+    rows["threaded echo, one channel (the baseline)"] = shared
     rows["threaded echo, a channel per client"] = bench_echo_per_client(payload, args.seconds, "sync")
     rows["grpc.aio echo, handler a coroutine, a channel per client"] = bench_echo_per_client(
         payload, args.seconds, "coroutine")
@@ -176,7 +166,7 @@ def main() -> None:
         pieces += group_commit_per_job(f"sqlite:///{Path(tmp) / 'costs.db'}", 2000)
     # No clients and no concurrency: the CPU per call is the work's, and allows 1 / it calls a second.
     rows["CreateJob's pieces one at a time, one thread, SQLite"] = {
-        "throughput": None, "server_ms": pieces / 1000, "client_ms": 0.0, "cores": 1}
+        "throughput": None, "server_cpu_ms": pieces / 1000, "client_cpu_ms": 0.0, "cores": 1}
     rows[f"CreateJob's handler without gRPC, {UNARY_THREADS} threads, SQLite"] = bench_handler_in_process(args.seconds)
     if args.postgres:
         for processes in (1, 2, 3):
@@ -195,10 +185,11 @@ def main() -> None:
           "calls/s its CPU allows | that vs threaded echo |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        limit = r.get("cores", cores) / ((r["server_ms"] + r["client_ms"]) / 1000)
+        limit = r.get("cores", cores) / ((r["server_cpu_ms"] + r["client_cpu_ms"]) / 1000)
         measured = " | " if r["throughput"] is None else f"{r['throughput']:.0f} | {r['throughput'] / baseline:.2f}x"
-        print(f"| {name} | {measured} | {r['server_ms']:.3f} | {r['client_ms']:.3f} | {limit:.0f} | "
+        print(f"| {name} | {measured} | {r['server_cpu_ms']:.3f} | {r['client_cpu_ms']:.3f} | {limit:.0f} | "
               f"{limit / baseline:.2f}x |")
+
 
 if __name__ == "__main__":
     main()
