@@ -67,9 +67,34 @@ def echo_server_main(port: int, stack: str) -> None:
     asyncio.run(serve())
 
 
-def process_cpu_seconds(pid: int) -> float:
+def process_times(pid: int) -> tuple[float, float]:
+    """The process's CPU seconds so far: in its own code, in the kernel on its behalf."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return sum(process_times(pid))
+
+
+def _summed_times(pids: list[int]) -> tuple[float, float]:
+    times = [process_times(pid) for pid in pids]
+    return sum(user for user, _ in times), sum(kernel for _, kernel in times)
+
+
+def context_switches(pid: int) -> int:
+    """How often the process's threads have left the CPU so far, waiting (for the GIL, a lock, a socket) or
+    preempted: each is a trip through the scheduler (the kernel's share of a call's CPU)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                total += int(line.split()[1])
+    return total
 
 
 def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict:
@@ -96,7 +121,8 @@ def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict
     for t in threads:
         t.start()
     warmed_up.wait()
-    server_cpu = sum(process_cpu_seconds(pid) for pid in server_pids)
+    user_before, kernel_before = _summed_times(server_pids)
+    server_switches = sum(context_switches(pid) for pid in server_pids)
     client_cpu = time.process_time()
     began = time.perf_counter()
     stop_at[0] = began + seconds
@@ -104,7 +130,9 @@ def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
-    server_cpu = sum(process_cpu_seconds(pid) for pid in server_pids) - server_cpu
+    user, kernel = _summed_times(server_pids)
+    user, kernel = user - user_before, kernel - kernel_before
+    server_switches = sum(context_switches(pid) for pid in server_pids) - server_switches
     client_cpu = time.process_time() - client_cpu
     flat = sorted(x for per in latencies for x in per)
     return {
@@ -113,7 +141,9 @@ def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict
         "p50_ms": 1000 * flat[len(flat) // 2],
         "p99_ms": 1000 * flat[min(len(flat) - 1, int(len(flat) * 0.99))],
         "mean_ms": 1000 * statistics.fmean(flat),
-        "server_cpu_ms": 1000 * server_cpu / len(flat),
+        "server_cpu_ms": 1000 * (user + kernel) / len(flat),
+        "server_kernel_share": kernel / (user + kernel) if user + kernel else 0.0,
+        "server_switches": server_switches / len(flat),
         "client_cpu_ms": 1000 * client_cpu / len(flat),
     }
 
@@ -196,12 +226,13 @@ def main() -> None:
     print(f"CreateJob benchmark: {args.clients} concurrent clients, {args.seconds:.0f} s each, "
           f"{platform.node()} ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
     same_stack = results["echo, grpc.aio as the control plane"]["throughput"]
-    print("| server | requests | req/s | vs echo | vs grpc.aio echo | p50 ms | p99 ms | server CPU ms/request |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server | requests | req/s | vs echo | vs grpc.aio echo | p50 ms | p99 ms | server CPU ms/request | "
+          "of it in the kernel | server context switches/request |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['requests']} | {r['throughput']:.0f} | {r['throughput'] / echo:.2f}x | "
               f"{r['throughput'] / same_stack:.2f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['server_cpu_ms']:.3f} |")
+              f"{r['server_cpu_ms']:.3f} | {r['server_kernel_share']:.0%} | {r['server_switches']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ threaded gRPC echo at 16 clients) measured against that echo in one run.
 Every row gives the CPU per call of the server side (the server processes; for the in-process row, this
 process) and of the clients. The machine's cores are shared by both, so cores / (server + client CPU per call)
 bounds the calls per second a row could reach with the machine to itself; for the in-process row, whose
-Python runs on one core at a time (the GIL) and which has no clients, 1 / its CPU per call.
+Python runs on one core at a time (the GIL) and which has no clients, 1 / its CPU per call. The server's share
+of CPU spent in the kernel and its threads' context switches per call (voluntary: waiting for the GIL, a
+lock, the socket; or preempted) say how much of its CPU goes to handing work between threads.
 
     python -m benchmarks.create_job_ceiling [--seconds 10] [--postgres URL]
 """
@@ -97,12 +99,11 @@ def bench_handler_in_process(seconds: float) -> dict:
             request.spec.name = f"c{run}-{i}-{n + 100}"
             service.CreateJob(request, Context())
 
-        try:  # UNARY_THREADS callers, as the server's pool would run them
-            result = run_load(create, UNARY_THREADS, seconds, [])
+        try:  # UNARY_THREADS callers, as the server's pool would run them; this process is the server
+            result = run_load(create, UNARY_THREADS, seconds, [os.getpid()])
         finally:
             db.dispose()
-        # This process is the server: what run_load counts as its clients' CPU is the handler's and the writer's.
-        result["server_cpu_ms"], result["client_cpu_ms"] = result["client_cpu_ms"], 0.0
+        result["client_cpu_ms"] = 0.0  # what run_load counts as its clients' is the server's own, above
         result["cores"] = 1  # one process: its Python runs on one core at a time (the GIL)
         return result
 
@@ -166,7 +167,8 @@ def main() -> None:
         pieces += group_commit_per_job(f"sqlite:///{Path(tmp) / 'costs.db'}", 2000)
     # No clients and no concurrency: the CPU per call is the work's, and allows 1 / it calls a second.
     rows["CreateJob's pieces one at a time, one thread, SQLite"] = {
-        "throughput": None, "server_cpu_ms": pieces / 1000, "client_cpu_ms": 0.0, "cores": 1}
+        "throughput": None, "server_cpu_ms": pieces / 1000, "client_cpu_ms": 0.0, "cores": 1,
+        "server_kernel_share": None, "server_switches": None}
     rows[f"CreateJob's handler without gRPC, {UNARY_THREADS} threads, SQLite"] = bench_handler_in_process(args.seconds)
     if args.postgres:
         for processes in (1, 2, 3):
@@ -181,14 +183,16 @@ def main() -> None:
     baseline = shared["throughput"]
     print(f"CreateJob's ceiling: {CLIENTS} clients, {args.seconds:.0f} s a row, {platform.node()} "
           f"({platform.processor() or platform.machine()}, {cores} cores)")
-    print("| row | calls/s | vs threaded echo | server CPU ms/call | client CPU ms/call | "
-          "calls/s its CPU allows | that vs threaded echo |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| row | calls/s | vs threaded echo | server CPU ms/call | of it in the kernel | server context "
+          "switches/call | client CPU ms/call | calls/s its CPU allows | that vs threaded echo |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         limit = r.get("cores", cores) / ((r["server_cpu_ms"] + r["client_cpu_ms"]) / 1000)
         measured = " | " if r["throughput"] is None else f"{r['throughput']:.0f} | {r['throughput'] / baseline:.2f}x"
-        print(f"| {name} | {measured} | {r['server_cpu_ms']:.3f} | {r['client_cpu_ms']:.3f} | {limit:.0f} | "
-              f"{limit / baseline:.2f}x |")
+        switching = (" | " if r["server_switches"] is None else
+                     f"{r['server_kernel_share']:.0%} | {r['server_switches']:.1f}")
+        print(f"| {name} | {measured} | {r['server_cpu_ms']:.3f} | {switching} | {r['client_cpu_ms']:.3f} | "
+              f"{limit:.0f} | {limit / baseline:.2f}x |")
 
 
 if __name__ == "__main__":
