@@ -10,6 +10,9 @@ the capacity), spread over the users. A probe in a process of its own (as a kube
 check every 50 ms while the load lasts (it stops before the clients do); the server's RSS is read every 2 s.
 With `--database postgresql` and `pg_ctl` on the PATH, a private PostgreSQL instance is made for the run and
 restarted once at half time (`--no-restart`: the shared server at `--postgres`, not restarted).
+`--busy-processes N` runs N processes that only take CPU beside it all run long: a machine shared with other
+work (a slower hour) made on purpose, so that the health check's tail on such a machine can be compared run
+against run.
 
 Reported: calls by status code per method (a refusal the call may get by design, such as CancelJob of a job
 that already ended, is counted apart from errors; UNAVAILABLE while the database restarts is counted apart
@@ -25,6 +28,7 @@ capacity, as the launcher saw them).
     python -m benchmarks.load [--clients 64] [--seconds 300] [--watches 200] [--database sqlite|postgresql]
                               [--capacity 8] [--run-seconds 3] [--no-restart] [--postgres URL]
                               [--unary-threads N] [--gc tuned|freeze|default] [--gc-young N]
+                              [--busy-processes N]
 """
 
 from __future__ import annotations
@@ -410,7 +414,26 @@ def rss_probe(pid: int, stop: threading.Event, samples: list[tuple[float, float]
 # -- one run -----------------------------------------------------------------------------------------------
 
 
+def spin() -> None:
+    """A process that only takes CPU: `--busy-processes` of them stand for a machine shared with other work."""
+    while True:
+        pass
+
+
 def run(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
+    spawn = multiprocessing.get_context("spawn")
+    busy = [spawn.Process(target=spin, daemon=True) for _ in range(args.busy_processes)]
+    for process in busy:
+        process.start()
+    try:
+        return run_server_and_load(args, db_url, postgres)
+    finally:
+        for process in busy:
+            process.kill()
+            process.join()
+
+
+def run_server_and_load(args, db_url: str, postgres: PrivatePostgres | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         stats_path = Path(tmp) / "launcher.json"
@@ -577,7 +600,8 @@ def report(args, database: str, result: dict) -> None:
     load_avg = os.getloadavg()
     print(f"## Load: {database}, {args.clients} clients, {args.seconds:g} s, {args.watches} watches held open, "
           f"launcher capped at {args.capacity} ranks ({args.run_seconds:g} s attempts) "
-          f"+ {ANCHORS} for the watched jobs")
+          f"+ {ANCHORS} for the watched jobs" + (f"; {args.busy_processes} busy process(es) beside it"
+                                                  if args.busy_processes else ""))
     print(f"machine: {platform.node()}, {len(os.sched_getaffinity(0))} cores, load average after the run "
           f"{load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     if restart is not None:
@@ -661,6 +685,9 @@ def main() -> None:
                              "out of it only, or Python's defaults")
     parser.add_argument("--gc-young", type=int, default=GC_THRESHOLDS[0],
                         help="with --gc tuned: the youngest generation's threshold (default: the server's own)")
+    parser.add_argument("--busy-processes", type=int, default=0,
+                        help="processes that only take CPU all run long: a machine shared with other work, or "
+                             "a slower hour, made on purpose")
     parser.add_argument("--serve", nargs=9, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
