@@ -85,7 +85,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     def GetJob(self, request, context):
         with self.db.read() as session, refusals(context):
             principal = self._principal(context)
-            return convert.job_to_proto(jobs.get_job(session, principal, request.name), principal)
+            return convert.job_to_proto(jobs.get_job(session, principal, request.name, with_labels=False), principal)
 
     def ListJobs(self, request, context):
         states = [convert.job_state_name(s) for s in request.states]

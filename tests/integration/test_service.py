@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from orchestrator.auth import Principal, job_token
 from orchestrator.launcher import AttemptRef
@@ -14,7 +14,8 @@ from orchestrator.launcher.registry import create_launcher, launcher_factory, la
 from orchestrator.service import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from orchestrator.service import jobs
 from orchestrator.service.access import Action, allowed, authorize, rank_may_report
-from orchestrator.store import Attempt, AttemptState, Database, Event, Job, JobState, migrate, utcnow
+from orchestrator.store import (Attempt, AttemptState, Database, Event, Job, JobLabel, JobState, migrate,
+                                utcnow)
 
 ADMIN = Principal("root", "admin")
 ALICE = Principal("alice", "user")
@@ -135,6 +136,38 @@ def test_list_filters_pages_and_refuses_a_token_from_another_filter(db):
             with pytest.raises(InvalidArgument) as refused:
                 jobs.list_jobs(session, BOB, **bad)
             assert refused.value.field == field
+
+
+def test_a_job_is_read_with_its_attempts_in_one_statement_and_its_labels_only_when_asked(db):
+    with db.session() as session:
+        job = session.get(Job, "alices")
+        for number in (2, 1):  # stored out of order: the relationship's order must hold in the joined read
+            job.attempts.append(Attempt(job_name="alices", number=number, state=AttemptState.FAILED, tp=1, pp=1,
+                                        dp=1, world_size=1))
+        job.labels.append(JobLabel(job_name="alices", key="team", value="infra"))
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT"):  # not SQLite's BEGIN
+            statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        with db.read() as session:
+            statements.clear()
+            job = jobs.get_job(session, BOB, "jobs/alices", with_labels=False)
+            assert [a.number for a in job.attempts] == [1, 2]
+            assert len(statements) == 1, statements  # the job and its attempts together
+            assert {label.key: label.value for label in job.labels} == {"team": "infra"}  # read when asked
+        with db.read() as session:
+            statements.clear()
+            job = jobs.get_job(session, BOB, "jobs/alices")
+            assert len(statements) == 2, statements  # the job with its attempts, then its labels
+            assert [a.number for a in job.attempts] == [1, 2]
+            assert {label.key: label.value for label in job.labels} == {"team": "infra"}
+            assert len(statements) == 2
+    finally:
+        event.remove(db.engine, "before_cursor_execute", count)
 
 
 def test_a_log_is_read_from_a_launched_attempt_and_a_rank_it_has(db):
