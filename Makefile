@@ -37,6 +37,7 @@ bench: install
 	$(PY) -m benchmarks.create_job
 	$(PY) -m benchmarks.create_job_costs
 	$(PY) -m benchmarks.create_job_ceiling
+	$(PY) -m benchmarks.read_calls
 	$(PY) -m benchmarks.time_to_first_step
 
 # The issue-16 load runs: 64 clients for 5 minutes, on SQLite, then on a private PostgreSQL restarted mid-run.

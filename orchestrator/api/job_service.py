@@ -95,7 +95,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         principal = self._principal(context)
         with self.db.read() as session, refusals(context):
             page = jobs.list_jobs(session, principal, states, dict(request.labels), request.page_size,
-                                  request.page_token)
+                                  request.page_token, with_labels=False)
             return job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j, principal, full) for j in page.items],
                                                     next_page_token=page.next_page_token)
 

@@ -55,8 +55,10 @@ def get_job(session: Session, principal: Principal | None, name: str, field: str
 
 
 def list_jobs(session: Session, principal: Principal | None, states: Iterable[str] = (),
-              labels: Mapping[str, str] | None = None, page_size: int = 0, page_token: str = "") -> Page[Job]:
-    """Jobs newest first, in any of `states` and with all of `labels`, one page after `page_token`."""
+              labels: Mapping[str, str] | None = None, page_size: int = 0, page_token: str = "",
+              with_labels: bool = True) -> Page[Job]:
+    """Jobs newest first, in any of `states` and with all of `labels`, one page after `page_token`. Without
+    `with_labels` their label rows are not read (as get_job)."""
     authorize(principal, Action.READ)
     states = sorted({str(s) for s in states})
     unknown = [s for s in states if s not in JobState.__members__]
@@ -76,7 +78,8 @@ def list_jobs(session: Session, principal: Principal | None, states: Iterable[st
         after = pages.decode_job_token(page_token, filter_key)
         if after is None:
             raise InvalidArgument("page_token", "not a token from a job listing with the same filter")
-    jobs = session.scalars(_select_jobs(states, labels, after, page_size + 1)).all()
+    query = _select_jobs(states, labels, after, page_size + 1)
+    jobs = session.scalars(query if with_labels else query.options(lazyload(Job.labels))).all()
     page = Page(list(jobs[:page_size]))
     if len(jobs) > page_size:
         last = jobs[page_size - 1]

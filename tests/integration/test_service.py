@@ -139,6 +139,7 @@ def test_list_filters_pages_and_refuses_a_token_from_another_filter(db):
 
 
 def test_a_job_is_read_with_its_attempts_in_one_statement_and_its_labels_only_when_asked(db):
+    """GetJob's and ListJobs' reads: what they answer needs no label rows (the spec has the labels)."""
     with db.session() as session:
         job = session.get(Job, "alices")
         for number in (2, 1):  # stored out of order: the relationship's order must hold in the joined read
@@ -166,6 +167,11 @@ def test_a_job_is_read_with_its_attempts_in_one_statement_and_its_labels_only_wh
             assert [a.number for a in job.attempts] == [1, 2]
             assert {label.key: label.value for label in job.labels} == {"team": "infra"}
             assert len(statements) == 2
+        with db.read() as session:
+            statements.clear()
+            listed = jobs.list_jobs(session, BOB, with_labels=False).items
+            assert len(statements) == 2, statements  # the page, then its jobs' attempts
+            assert [a.number for a in next(j for j in listed if j.name == "alices").attempts] == [1, 2]
     finally:
         event.remove(db.engine, "before_cursor_execute", count)
 
