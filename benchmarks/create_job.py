@@ -77,9 +77,11 @@ def process_cpu_seconds(pid: int) -> float:
     return sum(process_times(pid))
 
 
-def _summed_times(pids: list[int]) -> tuple[float, float]:
+def _server_counters(pids: list[int]) -> tuple[float, float, int]:
+    """CPU seconds in their own code and in the kernel, and context switches, summed over `pids`."""
     times = [process_times(pid) for pid in pids]
-    return sum(user for user, _ in times), sum(kernel for _, kernel in times)
+    return (sum(user for user, _ in times), sum(kernel for _, kernel in times),
+            sum(context_switches(pid) for pid in pids))
 
 
 def context_switches(pid: int) -> int:
@@ -95,6 +97,15 @@ def context_switches(pid: int) -> int:
             if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
                 total += int(line.split()[1])
     return total
+
+
+SERVER_COLUMNS = "server CPU ms/request | of it in the kernel | server context switches/request"
+
+
+def server_cells(result: dict) -> str:
+    """A row's SERVER_COLUMNS, from run_load's figures."""
+    return (f"{result['server_cpu_ms']:.3f} | {result['server_kernel_share']:.0%} | "
+            f"{result['server_switches']:.1f}")
 
 
 def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict:
@@ -121,8 +132,7 @@ def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict
     for t in threads:
         t.start()
     warmed_up.wait()
-    user_before, kernel_before = _summed_times(server_pids)
-    server_switches = sum(context_switches(pid) for pid in server_pids)
+    server_before = _server_counters(server_pids)
     client_cpu = time.process_time()
     began = time.perf_counter()
     stop_at[0] = began + seconds
@@ -130,9 +140,7 @@ def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
-    user, kernel = _summed_times(server_pids)
-    user, kernel = user - user_before, kernel - kernel_before
-    server_switches = sum(context_switches(pid) for pid in server_pids) - server_switches
+    user, kernel, switches = (after - before for after, before in zip(_server_counters(server_pids), server_before))
     client_cpu = time.process_time() - client_cpu
     flat = sorted(x for per in latencies for x in per)
     return {
@@ -143,7 +151,7 @@ def run_load(call, clients: int, seconds: float, server_pids: list[int]) -> dict
         "mean_ms": 1000 * statistics.fmean(flat),
         "server_cpu_ms": 1000 * (user + kernel) / len(flat),
         "server_kernel_share": kernel / (user + kernel) if user + kernel else 0.0,
-        "server_switches": server_switches / len(flat),
+        "server_switches": switches / len(flat),
         "client_cpu_ms": 1000 * client_cpu / len(flat),
     }
 
@@ -226,13 +234,11 @@ def main() -> None:
     print(f"CreateJob benchmark: {args.clients} concurrent clients, {args.seconds:.0f} s each, "
           f"{platform.node()} ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
     same_stack = results["echo, grpc.aio as the control plane"]["throughput"]
-    print("| server | requests | req/s | vs echo | vs grpc.aio echo | p50 ms | p99 ms | server CPU ms/request | "
-          "of it in the kernel | server context switches/request |")
+    print(f"| server | requests | req/s | vs echo | vs grpc.aio echo | p50 ms | p99 ms | {SERVER_COLUMNS} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['requests']} | {r['throughput']:.0f} | {r['throughput'] / echo:.2f}x | "
-              f"{r['throughput'] / same_stack:.2f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['server_cpu_ms']:.3f} | {r['server_kernel_share']:.0%} | {r['server_switches']:.1f} |")
+              f"{r['throughput'] / same_stack:.2f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {server_cells(r)} |")
 
 
 if __name__ == "__main__":

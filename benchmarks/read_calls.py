@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.create_job import bench_echo, postgres_schema_url, run_load
+from benchmarks.create_job import SERVER_COLUMNS, bench_echo, postgres_schema_url, run_load, server_cells
 from contract.spec import parse_spec, spec_to_proto
 from orchestrator.auth import ensure_admin_token
 from orchestrator.config import token_file
@@ -97,13 +97,11 @@ def main() -> None:
     echo = rows["echo (baseline)"]["throughput"]
     print(f"Read calls: {args.clients} concurrent clients, {args.seconds:.0f} s each, {args.jobs} jobs stored, "
           f"{platform.node()} ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores)")
-    print("| call | req/s | vs echo | p50 ms | p99 ms | server CPU ms/request | of it in the kernel | "
-          "server context switches/request |")
+    print(f"| call | req/s | vs echo | p50 ms | p99 ms | {SERVER_COLUMNS} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['throughput']:.0f} | {r['throughput'] / echo:.2f}x | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} | {r['server_kernel_share']:.0%} | "
-              f"{r['server_switches']:.1f} |")
+              f"{r['p99_ms']:.2f} | {server_cells(r)} |")
 
 
 if __name__ == "__main__":

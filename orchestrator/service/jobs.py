@@ -230,7 +230,7 @@ def _find(session: Session, name: str, field: str, with_labels: bool = True) -> 
         raise InvalidArgument(field, f"{clip(name, 100)!r} is not a job name (\"jobs/{{job_id}}\")")
     # One query for the job and its attempts, not one each (the relationships load "selectin" by default):
     # on PostgreSQL each is a round trip, and a GetJob paid three.
-    options = [joinedload(Job.attempts)] if with_labels else [joinedload(Job.attempts), lazyload(Job.labels)]
+    options = [joinedload(Job.attempts)] + ([] if with_labels else [lazyload(Job.labels)])
     job = session.get(Job, found, options=options)
     if job is None:
         raise NotFound(f"job jobs/{found} not found")
